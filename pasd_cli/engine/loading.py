@@ -1,0 +1,78 @@
+"""Load every part the pipeline needs from a PASD checkpoint folder and an SD 1.5 base folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from ..nn.controlnet import PASDControlNet
+from ..nn.loading import load_pasd_controlnet, load_pasd_unet
+from ..nn.unet import PASDUNet
+
+BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Components:
+    unet: PASDUNet
+    controlnet: PASDControlNet
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler_config: dict
+
+
+def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
+    if not folder.is_dir():
+        raise ModelError(f"{what} folder not found: {folder}")
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise ModelError(f"{what} folder {folder} lacks {', '.join(p + '/' for p in missing)}")
+
+
+def _from_pretrained(loader, folder: Path, **kwargs):
+    try:
+        return loader.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {folder}: {first_line}") from None
+
+
+def load_base_parts(base_dir: Path) -> tuple[object, object, object, dict]:
+    """(vae, text_encoder, tokenizer, scheduler_config) from a diffusers SD 1.5 folder."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _require_dir(base_dir, "base model", BASE_PARTS)
+    vae = _from_pretrained(AutoencoderKL, base_dir / "vae", use_safetensors=True)
+    text_encoder = _from_pretrained(CLIPTextModel, base_dir / "text_encoder", use_safetensors=True)
+    tokenizer = _from_pretrained(CLIPTokenizer, base_dir / "tokenizer")
+    config_path = base_dir / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {config_path}: {exc}") from None
+    return vae, text_encoder, tokenizer, scheduler_config
+
+
+def load_components(pasd_dir: Path, base_dir: Path) -> Components:
+    """Everything in float32 on the CPU; `PASDPipeline` moves it to the chosen device and dtype."""
+    _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
+    unet = load_pasd_unet(pasd_dir / "unet")
+    controlnet = load_pasd_controlnet(pasd_dir / "controlnet")
+    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir)
+    for model in (vae, text_encoder):
+        model.eval().requires_grad_(False)
+    return Components(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config)
+
+
+def model_dtypes(device: torch.device, dtype: torch.dtype, vae) -> tuple[torch.dtype, torch.dtype]:
+    """(networks dtype, VAE dtype). The SD VAE overflows in float16, so it runs in float32 then,
+    as diffusers pipelines do for VAEs flagged `force_upcast`."""
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return dtype, torch.float32
+    return dtype, dtype

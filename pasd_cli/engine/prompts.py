@@ -1,0 +1,48 @@
+"""Prompt strings (spec section 5) and their CLIP embeddings (spec section 4, step 3)."""
+
+from __future__ import annotations
+
+import torch
+
+CLASSIFY_MIN_PROBABILITY = 0.1
+_CAPTION_CLEANUP = (("blurry", "clear"), ("noisy", "clean"))
+
+
+def clean_caption(caption: str) -> str:
+    """The released cleanup: a caption of a degraded image should not ask for degradation."""
+    for old, new in _CAPTION_CLEANUP:
+        caption = caption.replace(old, new)
+    return caption
+
+
+def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None,
+                 label: str | None = None) -> str:
+    """The released rules; note that no separator precedes the added prompt.
+
+    caption: "<caption>[ <user prompt>]"; label (a confident class): "[<user prompt>, ]<label>, ";
+    neither: "" or "<user prompt>, ".
+    """
+    if caption is not None:
+        prompt = clean_caption(caption.strip())
+        if user_prompt:
+            prompt = f"{prompt} {user_prompt}"
+    elif label is not None:
+        prompt = f"{user_prompt}, {label}, " if user_prompt else f"{label}, "
+    else:
+        prompt = f"{user_prompt}, " if user_prompt else ""
+    return prompt + added_prompt
+
+
+@torch.inference_mode()
+def encode_texts(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """CLIP last hidden states, (len(texts), 77, C): padded to the model length, truncated."""
+    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    ids = tokens.input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+def prompt_embeddings(tokenizer, text_encoder, prompt: str, negative_prompt: str, cfg: bool) -> torch.Tensor:
+    """[negative; positive] with guidance (the order CFG splits them in), else [positive]."""
+    texts = [negative_prompt, prompt] if cfg else [prompt]
+    return encode_texts(tokenizer, text_encoder, texts)

@@ -1,0 +1,49 @@
+"""Typed errors. Each carries the exit code the CLI maps it to and a hint for the user.
+
+The engine raises these too (they hold no CLI logic), so a caller of the library gets the same
+precise failures the command line reports.
+"""
+
+from __future__ import annotations
+
+
+class PasdError(Exception):
+    """Base class: a failure we can explain in one line."""
+
+    exit_code = 1
+    hint: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class UsageError(PasdError):
+    """Options that contradict each other or cannot be satisfied."""
+
+    exit_code = 2
+
+
+class InputError(PasdError):
+    """One input image cannot be read or processed; the batch goes on."""
+
+    exit_code = 1
+
+
+class ModelError(PasdError):
+    """Weights missing, unreadable, of the wrong architecture, or failing verification."""
+
+    exit_code = 3
+
+
+class DeviceError(PasdError):
+    """The device or the machine cannot do the work (missing backend, out of memory, disk full)."""
+
+    exit_code = 4
+
+
+class Interrupted(PasdError):
+    """Stopped by SIGINT or SIGTERM."""
+
+    exit_code = 130

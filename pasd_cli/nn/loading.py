@@ -1,0 +1,136 @@
+"""Build PASD networks from a released checkpoint folder and load its weights strictly.
+
+`config.json` does not say which variant a checkpoint is, so the variant is read from the
+state-dict keys (spec section 2). Models are built on the meta device and the weights assigned,
+which skips random initialisation (seconds at SD size) and any copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import ModelError
+from .controlnet import PASDControlNet
+from .unet import FULL, LIGHT, PASDUNet
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_LIGHT_MARKERS = ("attn2_plus", "norm2_plus", "proj_in_plus")
+_RRDB_KEY = re.compile(r"^controlnet_cond_embedding\.preprocesser\.(\d+)\.")
+# Keys of released configs that describe the released classes, not diffusers'.
+_PASD_CONFIG_KEYS = ("return_rgbs", "use_rrdb")
+_SHOW_KEYS = 5
+
+
+def detect_unet_variant(keys) -> str:
+    keys = list(keys)
+    full = any(".pixel_attentions." in k for k in keys)
+    light = any(marker in k for k in keys for marker in _LIGHT_MARKERS)
+    if full and light:
+        raise ModelError("UNet weights hold both full and light PACA layers; not a released PASD UNet")
+    if full:
+        return FULL
+    if light:
+        return LIGHT
+    raise ModelError("UNet weights hold no PACA layers: this is a stock Stable Diffusion UNet, "
+                     "not a PASD checkpoint")
+
+
+def detect_rrdb_blocks(keys) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := _RRDB_KEY.match(k))}
+    return len(indices)
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"missing {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    for key in _PASD_CONFIG_KEYS:
+        config.pop(key, None)
+    return config
+
+
+def weights_path(folder: Path) -> Path:
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    pickles = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+    if pickles:
+        raise ModelError(f"{folder} holds only pickled weights ({pickles[0]}); "
+                         "PASD loads safetensors only", hint="convert the file to .safetensors")
+    raise ModelError(f"missing {path}")
+
+
+def read_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise ModelError(f"cannot read {path}: {exc}") from None
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Fail with the first offending keys when the file does not match the architecture."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [f"{k} {tuple(state[k].shape)} != {expected[k]}"
+                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    problems = [(name, items) for name, items in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if items]
+    if problems:
+        text = "; ".join(f"{len(items)} {name}: {', '.join(items[:_SHOW_KEYS])}"
+                         + (", ..." if len(items) > _SHOW_KEYS else "") for name, items in problems)
+        raise ModelError(f"{source} does not match {type(model).__name__}: {text}")
+
+
+def _load(model: nn.Module, path: Path, dtype: torch.dtype | None) -> nn.Module:
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    check_state_dict(model, state, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def build_pasd_unet(config: dict, variant: str) -> PASDUNet:
+    unet = PASDUNet.from_config(config)
+    unet.add_pixel_attention(variant)
+    return unet
+
+
+def build_pasd_controlnet(config: dict, rrdb_blocks: int) -> PASDControlNet:
+    controlnet = PASDControlNet.from_config(config)
+    controlnet.use_degradation_removal(rrdb_blocks)
+    return controlnet
+
+
+def load_pasd_unet(folder: Path, dtype: torch.dtype | None = None) -> PASDUNet:
+    path = weights_path(folder)
+    variant = detect_unet_variant(read_keys(path))
+    config = read_config(folder)
+    with torch.device("meta"):
+        unet = build_pasd_unet(config, variant)
+    return _load(unet, path, dtype)
+
+
+def load_pasd_controlnet(folder: Path, dtype: torch.dtype | None = None) -> PASDControlNet:
+    path = weights_path(folder)
+    rrdb_blocks = detect_rrdb_blocks(read_keys(path))
+    config = read_config(folder)
+    with torch.device("meta"):
+        controlnet = build_pasd_controlnet(config, rrdb_blocks)
+    return _load(controlnet, path, dtype)
