@@ -22,6 +22,13 @@ from .vae import VaeCodec
 
 # progress(stage, done, total): stage is "step" or "tile".
 Progress = Callable[[str, int, int], None]
+# trace(name, value): sees each intermediate named as in the reference bundle, for debugging
+# and parity tests.
+Trace = Callable[[str, object], None]
+
+
+def _no_trace(name: str, value: object) -> None:
+    pass
 
 
 @dataclass
@@ -89,36 +96,47 @@ class PASDPipeline:
 
     @torch.inference_mode()
     def upscale(self, lr_image: Image.Image, settings: UpscaleSettings, caption: str | None = None,
-                progress: Progress | None = None) -> UpscaleResult:
+                progress: Progress | None = None, trace: Trace = _no_trace) -> UpscaleResult:
         # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8.
         lr_image = lr_image.convert("RGB")
         hint_image = make_hint(lr_image, settings.scale, settings.process_size)
         hint_uint8 = image_to_tensor(hint_image)
         hint = (hint_uint8.float() / 255.0).unsqueeze(0).to(self.device)
+        trace("upscaled_input_uint8", hint_uint8)
 
         # 2. Prompts: [negative; positive] with guidance.
         prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption)
         prompt_embeds = self.encode_prompts(prompt, settings.negative_prompt, settings.uses_cfg)
+        trace("prompt", prompt)
+        trace("prompt_embeds", prompt_embeds)
 
         # 3. Scheduler and the adjustable-noise initial latents.
         scheduler = self.new_scheduler(settings.steps)
         latents = self.initial_latents(hint, scheduler, settings)
+        trace("timesteps", scheduler.timesteps)
+        trace("initial_latents", latents)
 
         # 4. Denoising loop.
         predict = self.noise_predictor(prompt_embeds, hint, settings, progress)
         for index, t in enumerate(scheduler.timesteps):
             eps = predict(latents, t)
             latents = scheduler.step(eps, t, latents).prev_sample
+            trace("noise_pred", eps)
+            trace("latents_after_step", latents)
             if progress:
                 progress("step", index + 1, len(scheduler.timesteps))
         del predict
 
         # 5. Decode to uint8, rounding.
-        sr_uint8 = decoded_to_uint8(self.vae.decode(latents / self.vae.scaling_factor)).cpu()
+        decoded = self.vae.decode(latents / self.vae.scaling_factor)
+        trace("decoded", decoded)
+        sr_uint8 = decoded_to_uint8(decoded).cpu()
+        trace("pipeline_output_uint8", sr_uint8)
 
         # 6. Colour fix against the hint, truncating.
         if settings.color_fix != "none":
             sr_uint8 = COLOR_FIXES[settings.color_fix](sr_uint8, hint_uint8)
+            trace("color_fixed_uint8", sr_uint8)
 
         # 7. Back to the requested output size.
         image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)

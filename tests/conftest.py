@@ -1,0 +1,59 @@
+"""Shared fixtures: the tiny reference model (copied from the released implementation's parity
+bundle) and a runner for the real `pasd` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "reference"
+TINY = REFERENCE / "tiny-pasd"
+TINY_PASD = TINY / "pasd" / "checkpoint-100000"
+TINY_LIGHT = TINY / "pasd_light" / "checkpoint-120000"
+TINY_BASE = TINY / "stable-diffusion-v1-5"
+LR_INPUT = REFERENCE / "lr_input.png"
+
+# The reference pipeline run (reference README, section C).
+REFERENCE_ARGS = ["--steps", "2", "--scale", "2", "--process-size", "112", "--prompt", "a tiny test image",
+                  "--seed", "1234", "--guidance", "9", "--conditioning-scale", "1", "--dtype", "fp32",
+                  "--device", "cpu"]
+
+
+def pasd_command() -> list[str]:
+    script = Path(sys.executable).with_name("pasd")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("pasd")
+    return [found] if found else [sys.executable, "-m", "pasd_cli"]
+
+
+def run_pasd(*args: str, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*pasd_command(), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def tiny_model_args(pasd: Path = TINY_PASD, base: Path = TINY_BASE) -> list[str]:
+    return ["--pasd", str(pasd), "--base", str(base)]
+
+
+@pytest.fixture(scope="session")
+def reference():
+    import torch
+
+    return torch.load(REFERENCE / "reference_public.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    import torch
+
+    from pasd_cli.engine.pipeline import PASDPipeline
+
+    return PASDPipeline.from_folders(TINY_PASD, TINY_BASE, torch.device("cpu"), torch.float32)
