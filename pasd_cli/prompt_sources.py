@@ -12,6 +12,7 @@ the `--caption none` prompt.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,20 @@ def read_sidecar(image_path: Path) -> str | None:
         raise InputError(f"{path}: prompt sidecar is not UTF-8 text") from None
 
 
+def _csv_rows(text: str, where: str):
+    """(line number, row) for each row that is not blank."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UsageError(f"{where}, line {reader.line_num}: not valid CSV ({exc})") from None
+        if any(cell.strip() for cell in row):
+            yield reader.line_num, row
+
+
 class PromptFile:
     """`--prompt-file`: a CSV of `file,prompt` rows (an optional `file,prompt` header first).
     `file` is an image's file name ("photo.jpg", for every input of that name) or a path
@@ -83,16 +98,10 @@ class PromptFile:
         except UnicodeDecodeError:
             raise UsageError(f"--prompt-file {path}: not UTF-8 text") from None
         entries: dict[str, str] = {}
-        try:
-            rows = list(csv.reader(text.splitlines(), strict=True))
-        except csv.Error as exc:
-            raise UsageError(f"--prompt-file {path}: not valid CSV ({exc})") from None
-        for number, row in enumerate(rows, 1):
-            if not row or all(not cell.strip() for cell in row):
+        for index, (line, row) in enumerate(_csv_rows(text, f"--prompt-file {path}")):
+            if index == 0 and tuple(cell.strip().lower() for cell in row) == PROMPT_FILE_HEADER:
                 continue
-            if number == 1 and tuple(c.strip().lower() for c in row) == PROMPT_FILE_HEADER:
-                continue
-            where = f"--prompt-file {path}, line {number}"
+            where = f"--prompt-file {path}, line {line}"
             if len(row) != 2:
                 raise UsageError(f"{where}: {len(row)} fields; expected 2 (file,prompt)",
                                  hint='quote a prompt that holds commas: photo.jpg,"a dog, on grass"')

@@ -19,7 +19,8 @@ from pasd_cli.engine.prompts import build_prompt, encode_texts
 from pasd_cli.errors import ModelError
 from pasd_cli.prompt_sources import PromptResolver
 from pasd_cli.settings import ADDED_PROMPT, NEGATIVE_PROMPT, CaptionSettings, UpscaleSettings
-from tiny_captioners import IMAGENET_NAMES, build_tiny_blip, build_tiny_resnet, confident, uniform
+from tiny_captioners import (IMAGENET_NAMES, build_tiny_resnet, confident, one_torch_thread,
+                             uniform)
 from test_parity_pipeline import SETTINGS, assert_images_close
 
 CPU = torch.device("cpu")
@@ -27,6 +28,11 @@ CPU = torch.device("cpu")
 
 def blip_spec(folder, **settings) -> DescriberSpec:
     return DescriberSpec("blip", folder, "tiny/blip", "r1", CaptionSettings(**settings))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +84,6 @@ def test_blip_caption_is_deterministic(tiny_blip_dir, captioner, lr_image):
 def test_blip_generates_after_the_prefix_within_the_length_bounds(captioner, lr_image):
     """The released BLIP path primes the decoder with "a picture of " and cuts it off; lengths
     count the prefix. Checked against the library's own generate() output."""
-    from transformers import BlipForConditionalGeneration  # noqa: F401 (the model under test is one)
-
     s = captioner.settings
     pixels = captioner.image_processor(images=lr_image, return_tensors="pt").pixel_values
     prefix = captioner.tokenizer(s.blip_prefix, return_tensors="pt").input_ids

@@ -86,3 +86,12 @@ def confident(index: int, p: float = 0.5) -> list[float]:
 
 def uniform() -> list[float]:
     return [1 / len(IMAGENET_NAMES)] * len(IMAGENET_NAMES)
+
+
+def one_torch_thread():
+    """Generator for an autouse fixture: a tiny model's ops take microseconds, so a second thread
+    only adds synchronisation, which costs milliseconds per op on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
