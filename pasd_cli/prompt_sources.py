@@ -22,7 +22,7 @@ from PIL import Image
 from .caption_cache import CaptionCache, image_digest
 from .engine.captions import Describer, DescriberSpec, Description
 from .engine.prompts import build_prompt
-from .errors import InputError, UsageError
+from .errors import InputError, ModelError, UsageError
 
 SIDECAR_SUFFIX = ".txt"
 SIDECAR_MAX_BYTES = 16 * 1024
@@ -175,6 +175,15 @@ class PromptStats:
                 "none": self.none}
 
 
+def describer_missing(mode: str, model: str, reason: str) -> ModelError:
+    """The error (exit 3) when the describer's weights are not on this machine and cannot be
+    fetched (offline, or never downloaded): it names the two ways forward."""
+    what = "captioner" if mode == "blip" else "classifier"
+    return ModelError(f"the {what} for --caption {mode} ({model}) is not available: {reason}",
+                      hint=f"run `pasd download` to fetch it, or pass --caption none to upscale "
+                           f"without prompts from the image")
+
+
 class PromptResolver:
     """Resolves each image's prompt source: sidecar > prompt file > describer > none.
 
@@ -222,8 +231,8 @@ class PromptResolver:
     def _describe(self, image: Image.Image) -> tuple[Description, bool]:
         if self._identity is None:
             self._identity = self.describer.identity()
-        digest = image_digest(image) if self.cache else None
-        if self.cache:
+        digest = image_digest(image) if self.cache is not None else None
+        if digest is not None:
             description = self.cache.get(self._identity, digest)
             if description is not None:
                 self.stats.cache_hits += 1
@@ -232,7 +241,7 @@ class PromptResolver:
             self._model = self.describer.load(self.device, self.dtype)
         description = self._model.describe(image)
         self.stats.described += 1
-        if self.cache:
+        if digest is not None:
             self.cache.put(self._identity, digest, description)
         return description, False
 

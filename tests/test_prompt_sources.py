@@ -15,7 +15,8 @@ from pasd_cli.caption_cache import CaptionCache, image_digest
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.errors import InputError, UsageError
 from pasd_cli.imageio import read_rgb
-from pasd_cli.prompt_sources import ImagePrompt, PromptFile, PromptResolver, read_sidecar
+from pasd_cli.prompt_sources import (ImagePrompt, PromptFile, PromptResolver, describer_missing,
+                                     read_sidecar)
 from pasd_cli.settings import ADDED_PROMPT, CaptionSettings
 from tiny_captioners import one_torch_thread
 
@@ -284,3 +285,10 @@ def test_captioner_manifests_follow_the_model_schema():
     assert (blip["kind"], blip["default"], blip["repo_id"]) == ("captioner", True, "Salesforce/blip-image-captioning-base")
     assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(blip["files"])
     assert (resnet["kind"], resnet["default"], resnet["repo_id"]) == ("classifier", False, "microsoft/resnet-50")
+
+
+def test_missing_describer_error_names_both_ways_forward():
+    error = describer_missing("blip", "Salesforce/blip-image-captioning-base", "offline and not downloaded")
+    assert error.exit_code == 3
+    assert "Salesforce/blip-image-captioning-base" in str(error) and "offline" in str(error)
+    assert "pasd download" in error.hint and "--caption none" in error.hint
