@@ -49,3 +49,33 @@ class UpscaleSettings:
     @property
     def uses_cfg(self) -> bool:
         return self.guidance > 1.0
+
+
+# High-level information for the prompt (spec section 5): a BLIP caption (released default:
+# caption), an ImageNet class (classify) or nothing (none).
+CAPTION_MODES = ("blip", "classify", "none")
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    mode: str = "blip"
+    # BLIP as the released BLIP path runs it (LAVIS blip_caption, base_coco): the decoder is
+    # primed with "a picture of " and that prefix is cut from the caption; beam search with 3
+    # beams, 10 to 30 tokens counting the prefix. Deterministic: no sampling.
+    blip_prefix: str = "a picture of"
+    num_beams: int = 3
+    min_length: int = 10
+    max_length: int = 30
+    # The released classify rule: the top-1 ImageNet class when its probability is >= 0.1.
+    min_probability: float = 0.1
+
+    def __post_init__(self):
+        checks = [
+            (self.mode in CAPTION_MODES, f"caption must be one of {', '.join(CAPTION_MODES)}"),
+            (self.num_beams >= 1, "caption beams must be at least 1"),
+            (1 <= self.min_length <= self.max_length, "caption lengths must satisfy 1 <= min <= max"),
+            (0.0 <= self.min_probability <= 1.0, "classify probability must be in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

@@ -57,3 +57,11 @@ def tiny_pipeline():
     from pasd_cli.engine.pipeline import PASDPipeline
 
     return PASDPipeline.from_folders(TINY_PASD, TINY_BASE, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory):
+    """A tiny random BLIP captioner folder, laid out like Salesforce/blip-image-captioning-base."""
+    from tiny_captioners import build_tiny_blip
+
+    return build_tiny_blip(tmp_path_factory.mktemp("blip"))

@@ -96,7 +96,10 @@ class PASDPipeline:
 
     @torch.inference_mode()
     def upscale(self, lr_image: Image.Image, settings: UpscaleSettings, caption: str | None = None,
-                progress: Progress | None = None, trace: Trace = _no_trace) -> UpscaleResult:
+                progress: Progress | None = None, trace: Trace = _no_trace,
+                label: str | None = None) -> UpscaleResult:
+        """`caption` or `label`: the image's high-level information (spec section 5), as
+        `build_prompt` combines it with the settings' prompts."""
         # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8.
         lr_image = lr_image.convert("RGB")
         hint_image = make_hint(lr_image, settings.scale, settings.process_size)
@@ -105,7 +108,7 @@ class PASDPipeline:
         trace("upscaled_input_uint8", hint_uint8)
 
         # 2. Prompts: [negative; positive] with guidance.
-        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption)
+        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
         prompt_embeds = self.encode_prompts(prompt, settings.negative_prompt, settings.uses_cfg)
         trace("prompt", prompt)
         trace("prompt_embeds", prompt_embeds)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-CLASSIFY_MIN_PROBABILITY = 0.1
 _CAPTION_CLEANUP = (("blurry", "clear"), ("noisy", "clean"))
 
 
@@ -20,13 +19,15 @@ def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None
     """The released rules; note that no separator precedes the added prompt.
 
     caption: "<caption>[ <user prompt>]"; label (a confident class): "[<user prompt>, ]<label>, ";
-    neither: "" or "<user prompt>, ".
+    neither: "" or "<user prompt>, ". An empty caption or label counts as none.
     """
-    if caption is not None:
-        prompt = clean_caption(caption.strip())
+    caption = caption.strip() if caption else ""
+    label = label.strip() if label else ""
+    if caption:
+        prompt = clean_caption(caption)
         if user_prompt:
             prompt = f"{prompt} {user_prompt}"
-    elif label is not None:
+    elif label:
         prompt = f"{user_prompt}, {label}, " if user_prompt else f"{label}, "
     else:
         prompt = f"{user_prompt}, " if user_prompt else ""
