@@ -116,36 +116,43 @@ def import_bundle(store: Store, source: Path, say: Callable[[str], None] | None 
         tar = tarfile.open(source, _tar_mode(source, writing=False))
     except (tarfile.TarError, OSError) as exc:
         raise ModelError(f"{source}: not a readable bundle ({exc})") from None
+    try:
+        with tar:
+            return _import_models(store, tar, source, say)
+    except (tarfile.TarError, EOFError) as exc:
+        raise ModelError(f"{source}: damaged or truncated bundle ({exc})") from None
+
+
+def _import_models(store: Store, tar: tarfile.TarFile, source: Path, say: Callable[[str], None]) -> list[str]:
     imported = []
-    with tar:
-        index = _read_json_member(tar, BUNDLE_INDEX)
-        if index.get("format") != BUNDLE_FORMAT or not isinstance(index.get("models"), list):
-            raise ModelError(f"{source}: unknown bundle format {index.get('format')!r}")
-        for name in index["models"]:
-            manifest = store.manifest(str(name))
-            try:
-                record = Record.from_json(_read_json_member(tar, f"{name}/{RECORD_NAME}"))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ModelError(f"{source}: bad record for {name} ({exc})") from None
-            if record.name != name or record.repo_id != manifest.repo_id:
-                raise ModelError(f"{source}: the record for {name} describes {record.repo_id}/{record.name}")
-            unsafe = [p for p in record.files if not safe_relative(p)]
-            lacking = sorted(set(manifest.repo_paths) - set(record.files))
-            if unsafe or lacking:
-                raise ModelError(f"{source}: the bundle's {name} " +
-                                 (f"has unsafe paths {unsafe}" if unsafe else f"lacks {', '.join(lacking)}"))
-            store.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=store.root))
-            try:
-                for rel, expected in sorted(record.files.items()):
-                    _extract_checked(tar, f"{name}/{rel}", expected, staging / rel)
-                _swap_in(store, name, staging, record)
-            except OSError as exc:
-                raise ModelError(f"cannot import {name} into {store.root}: {exc}") from None
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            say(f"{name}: imported into {store.model_path(name)}")
-            imported.append(name)
+    index = _read_json_member(tar, BUNDLE_INDEX)
+    if index.get("format") != BUNDLE_FORMAT or not isinstance(index.get("models"), list):
+        raise ModelError(f"{source}: unknown bundle format {index.get('format')!r}")
+    for name in index["models"]:
+        manifest = store.manifest(str(name))
+        try:
+            record = Record.from_json(_read_json_member(tar, f"{name}/{RECORD_NAME}"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{source}: bad record for {name} ({exc})") from None
+        if record.name != name or record.repo_id != manifest.repo_id:
+            raise ModelError(f"{source}: the record for {name} describes {record.repo_id}/{record.name}")
+        unsafe = [p for p in record.files if not safe_relative(p)]
+        lacking = sorted(set(manifest.repo_paths) - set(record.files))
+        if unsafe or lacking:
+            raise ModelError(f"{source}: the bundle's {name} " +
+                             (f"has unsafe paths {unsafe}" if unsafe else f"lacks {', '.join(lacking)}"))
+        store.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=store.root))
+        try:
+            for rel, expected in sorted(record.files.items()):
+                _extract_checked(tar, f"{name}/{rel}", expected, staging / rel)
+            _swap_in(store, name, staging, record)
+        except OSError as exc:
+            raise ModelError(f"cannot import {name} into {store.root}: {exc}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        say(f"{name}: imported into {store.model_path(name)}")
+        imported.append(name)
     return imported
 
 

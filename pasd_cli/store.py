@@ -352,7 +352,7 @@ def ensure_model(name: str, **kwargs) -> Path:
 
 def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Path | None = None,
                    offline: bool = False, interactive: bool = False,
-                   say: Callable[[str], None] | None = None) -> list[Path]:
+                   say: Callable[[str], None] | None = None, endpoint: str | None = None) -> list[Path]:
     """Each (spec, option) pair to a local path: a spec is a model NAME from the manifests or a
     path. Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
     missing pair of models gives one error with one command."""
@@ -372,8 +372,8 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
             raise ModelError(f"{role} {spec}: unknown model name and no such folder",
                              hint=f"known models: {', '.join(sorted(manifests))}")
     names = [r for r in resolved if isinstance(r, str)]
-    folders = iter(ensure_models(names, models_dir=models_dir, offline=offline, interactive=interactive, say=say)
-                   if names else [])
+    folders = iter(ensure_models(names, models_dir=models_dir, offline=offline, interactive=interactive, say=say,
+                                 endpoint=endpoint) if names else [])
     return [r if isinstance(r, Path) else next(folders) for r in resolved]
 
 
