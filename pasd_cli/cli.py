@@ -83,7 +83,7 @@ def upscale(
     """Upscale images (PASD real-world super-resolution)."""
     from .batch import find_inputs, output_path
     from .devices import pick_device, pick_dtype
-    from .store import resolve_models, runs_at_terminal
+    from .store import offline_requested, resolve_models, runs_at_terminal
 
     try:
         run_settings = defaults.UpscaleSettings(
@@ -96,7 +96,7 @@ def upscale(
     inputs = find_inputs(input)
     if not inputs:
         raise UsageError(f"{input}: no images found")
-    if offline:
+    if offline_requested(offline):
         os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
     pasd_dir, base_dir = resolve_models([(pasd, "--pasd"), (base, "--base")], models_dir=models_dir,
                                         offline=offline, interactive=runs_at_terminal(), say=_say)

@@ -354,7 +354,8 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
                    offline: bool = False, interactive: bool = False,
                    say: Callable[[str], None] | None = None, endpoint: str | None = None) -> list[Path]:
     """Each (spec, option) pair to a local path: a spec is a model NAME from the manifests or a
-    path. Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
+    path (a bare word that is a model name means the model: write ./pasd for a folder of that
+    name). Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
     missing pair of models gives one error with one command."""
     manifests = load_manifests()
     resolved: list[Path | str] = []

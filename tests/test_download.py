@@ -27,6 +27,8 @@ MANIFESTS = load_manifests()
 PASD_REPO, SD_REPO = "yangtao9009/PASD", "stable-diffusion-v1-5/stable-diffusion-v1-5"
 UNET_WEIGHTS = "pasd/checkpoint-100000/unet/diffusion_pytorch_model.safetensors"
 CONTROLNET_WEIGHTS = "pasd/checkpoint-100000/controlnet/diffusion_pytorch_model.safetensors"
+# Cheap settings for runs that must be refused: if a refusal ever regressed, the run stays short.
+QUICK = ["--steps", "1", "--scale", "1", "--process-size", "64", "--device", "cpu", "--dtype", "fp32"]
 
 
 @pytest.fixture
@@ -120,7 +122,7 @@ def test_cut_connection_leaves_nothing_usable_and_the_rerun_finishes(tmp_path, h
     assert not (store / "pasd" / UNET_WEIGHTS).exists()
     assert not list(store.rglob("*.incomplete")) and not (store / "pasd" / "pasd-model.json").exists()
     requests_before = len(hub.requests)
-    refused = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", env=env)
+    refused = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", *QUICK, env=env)
     assert "'pasd' (not installed)" in one_error(refused)
     assert len(hub.requests) == requests_before
 
@@ -169,7 +171,7 @@ def test_flipped_byte_is_reported_by_verify_and_repaired_by_download(tmp_path, h
     assert "hint: repair with: pasd download pasd" in proc.stderr
     assert "sd15: ok" in proc.stdout
 
-    refused = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", env=env)
+    refused = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", *QUICK, env=env)
     assert "sha256 mismatch" in one_error(refused)
 
     hub.requests.clear()
@@ -378,8 +380,7 @@ def test_interactive_resolution_downloads_what_is_missing(tmp_path, hub):
 @pytest.mark.slow  # a full CLI run on a pseudo-terminal; the decision itself is tested in test_store.py
 def test_at_a_terminal_missing_models_download_with_a_progress_bar(tmp_path, hub):
     code, stdout, terminal = _run_at_terminal(
-        ["upscale", LR_INPUT, "-o", tmp_path / "out", "--steps", "1", "--scale", "1", "--process-size", "64",
-         "--device", "cpu", "--dtype", "fp32"], clean_env(tmp_path, hub))
+        ["upscale", LR_INPUT, "-o", tmp_path / "out", *QUICK], clean_env(tmp_path, hub))
     assert code == 0, terminal
     assert stdout.strip() == str(tmp_path / "out" / "lr_input.png")
     assert Counter(hub.downloads()) == wanted("pasd", "sd15")
