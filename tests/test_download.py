@@ -192,7 +192,7 @@ def test_flipped_byte_is_reported_by_verify_and_repaired_by_download(tmp_path, h
 def test_missing_models_offline_exit_3_naming_models_and_command(tmp_path, hub, how):
     flags = ["--offline"] if how == "--offline" else []
     extra = dict([how.split("=")]) if "=" in how else {}
-    proc = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *flags, env=clean_env(tmp_path, hub, **extra))
+    proc = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *flags, *QUICK, env=clean_env(tmp_path, hub, **extra))
     line = one_error(proc)
     assert "'pasd' (not installed)" in line and "'sd15' (not installed)" in line
     assert ("no terminal" if how == "no terminal" else "offline") in line
@@ -202,7 +202,7 @@ def test_missing_models_offline_exit_3_naming_models_and_command(tmp_path, hub, 
 
 
 def test_only_the_missing_model_is_named(tmp_path, hub):
-    proc = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", "--pasd", TINY_PASD,
+    proc = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", *QUICK, "--pasd", TINY_PASD,
                 "--models-dir", tmp_path / "elsewhere", env=clean_env(tmp_path, hub))
     assert "'sd15'" in one_error(proc) and "'pasd'" not in proc.stderr
     assert f"hint: fetch with: pasd download sd15 --models-dir {tmp_path / 'elsewhere'}" in proc.stderr
