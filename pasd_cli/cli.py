@@ -5,6 +5,7 @@ Heavy libraries (torch, diffusers) are imported inside command bodies so `pasd -
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 
 from . import settings as defaults
 from .errors import InputError, Interrupted, PasdError, UsageError
+from .models_cli import MODELS_DIR_HELP, download_command, models_app
 
 EXIT_CODES_HELP = ("Exit codes: 0 all done or skipped, 1 some inputs failed, 2 usage, "
                    "3 model or weights, 4 device or resources, 130 interrupted.")
@@ -53,8 +55,12 @@ def _quiet_libraries() -> None:
 def upscale(
     input: str = typer.Argument(..., help="An image file or a folder of images."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the results."),
-    pasd: Optional[str] = typer.Option(None, "--pasd", help="PASD checkpoint folder (with unet/ and controlnet/)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Stable Diffusion 1.5 folder (diffusers layout)."),
+    pasd: str = typer.Option(defaults.PASD_MODEL, "--pasd",
+                             help="PASD model: a name from `pasd models list`, or a checkpoint folder."),
+    base: str = typer.Option(defaults.BASE_MODEL, "--base",
+                             help="Stable Diffusion 1.5: a model name, or a folder in diffusers layout."),
+    offline: bool = typer.Option(False, "--offline", help="Never use the network; fail if a model is missing."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
     steps: int = typer.Option(_D.steps, "--steps", min=1, help="Denoising steps."),
     guidance: float = typer.Option(_D.guidance, "--guidance", help="Classifier-free guidance; <= 1 turns it off."),
     conditioning_scale: float = typer.Option(_D.conditioning_scale, "--conditioning-scale", min=0.0,
@@ -77,7 +83,7 @@ def upscale(
     """Upscale images (PASD real-world super-resolution)."""
     from .batch import find_inputs, output_path
     from .devices import pick_device, pick_dtype
-    from .store import resolve_model
+    from .store import offline_requested, resolve_models, runs_at_terminal
 
     try:
         run_settings = defaults.UpscaleSettings(
@@ -90,8 +96,10 @@ def upscale(
     inputs = find_inputs(input)
     if not inputs:
         raise UsageError(f"{input}: no images found")
-    pasd_dir = resolve_model(pasd, "--pasd")
-    base_dir = resolve_model(base, "--base")
+    if offline_requested(offline):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
+    pasd_dir, base_dir = resolve_models([(pasd, "--pasd"), (base, "--base")], models_dir=models_dir,
+                                        offline=offline, interactive=runs_at_terminal(), say=_say)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
 
@@ -115,6 +123,10 @@ def upscale(
         print(target, flush=True)
     if failed:
         raise typer.Exit(1)
+
+
+app.command("download", epilog=EXIT_CODES_HELP)(download_command)
+app.add_typer(models_app, name="models")
 
 
 def _raise_interrupted(signum, frame):

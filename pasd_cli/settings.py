@@ -9,6 +9,9 @@ ADDED_PROMPT = "clean, high-resolution, 8k"
 NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
 COLOR_FIXES = ("wavelet", "adain", "none")
 BLENDS = ("gaussian", "ramp")
+# Model names from models/*.json that `pasd upscale` uses, and `pasd download` fetches, by default.
+PASD_MODEL = "pasd"
+BASE_MODEL = "sd15"
 
 
 @dataclass(frozen=True)
