@@ -312,14 +312,16 @@ def hold_lock(path: str | None) -> Iterator[None]:
 # ---------------------------------------------------------------------------------- execution
 
 def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: BatchSettings,
-             seed: int | None = None, failures: FailureLog | None = None) -> Summary:
+             seed: int | None = None, failures: FailureLog | None = None,
+             summary: Summary | None = None) -> Summary:
     """Run `prepare()` (once, only if there is work) and its worker over the plan's jobs, in order.
+    Pass a `summary` to add counters of your own to its `extra` while the jobs run.
 
     Input errors fail one job and the batch goes on (stops with --fail-fast); any other PasdError
     (model, device, interrupt) stops the batch: the rest are recorded as cancelled, the summary
     is reported, and the error is raised for `cli.main` to turn into the exit code.
     """
-    summary = Summary()
+    summary = summary if summary is not None else Summary()
     started = time.monotonic()
     worker: Worker | None = None
     todo_total, todo_done = len(plan.todo), 0

@@ -101,17 +101,19 @@ def number_field(value: float) -> str:
 
 
 def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str], seed: int | None,
-                      prepare: Callable, output_size: Callable | None = None, reporter_factory=None) -> None:
+                      prepare: Callable, output_size: Callable | None = None, summary=None) -> None:
     """Discover, plan and run. `prepare(reporter)` loads the model once and returns the worker; it is
     not called when there is nothing to do (dry run, or every input skipped). `output_size(size)`
-    gives planned sizes for dry runs. Raises typer.Exit(1) when some input failed; fatal errors
-    propagate as PasdError."""
+    gives planned sizes for dry runs. A `batch.Summary` passed in collects the command's own
+    counters in `.extra` (they end up in the JSON summary). Raises typer.Exit(1) when some input
+    failed; fatal errors propagate as PasdError."""
     from .batch import FailureLog, hold_lock, plan_jobs, run_jobs
     from .inputs import find_inputs
     from .report import Reporter
 
-    reporter = (reporter_factory or Reporter)(verbosity=batch.verbosity, json_lines=batch.json,
-                                              paths_to_stdout=not batch.to_stdout)
+    if not batch.to_stdout and Path(batch.output).exists() and not Path(batch.output).is_dir():
+        raise UsageError(f"-o {batch.output}: exists and is not a folder")
+    reporter = Reporter(verbosity=batch.verbosity, json_lines=batch.json, paths_to_stdout=not batch.to_stdout)
     with hold_lock(batch.lock):
         discovery = find_inputs(batch.inputs, batch.recursive, stdin=sys.stdin if "-" in batch.inputs else None)
         for item in discovery.ignored:
@@ -122,11 +124,15 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
         failures = None if batch.to_stdout else FailureLog(Path(batch.output), writable=not batch.dry_run)
         plan = plan_jobs(discovery, batch, name_fields, failures, output_size)
         if plan.collisions and not batch.dry_run:
-            raise UsageError(f"{len(plan.collisions)} output name collision(s), nothing done: {plan.collisions[0]}",
-                             hint='make names unique, e.g. --name "{stem}_{ext}"')
-        summary = run_jobs(plan, lambda: prepare(reporter), reporter, batch, seed=seed, failures=failures)
-    if plan.collisions:
-        raise UsageError(f"{len(plan.collisions)} output name collision(s): {plan.collisions[0]}",
-                         hint='make names unique, e.g. --name "{stem}_{ext}"')
+            raise _collisions(plan.collisions, "nothing done")
+        summary = run_jobs(plan, lambda: prepare(reporter), reporter, batch, seed=seed, failures=failures,
+                           summary=summary)
+    if plan.collisions:  # a dry run lists them all first
+        raise _collisions(plan.collisions, "a run would refuse to start")
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
+
+
+def _collisions(collisions: list[str], consequence: str) -> UsageError:
+    return UsageError(f"{len(collisions)} output name collision(s), {consequence}: {collisions[0]}",
+                      hint='make names unique, e.g. --name "{stem}_{ext}"')

@@ -98,7 +98,7 @@ def _open(path: Path) -> Image.Image:
         raise InputError(f"{path}: not an image (content not recognised)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: unreadable image header ({exc})") from None
-    if image.format not in READ_FORMATS:
+    if image.format not in READ_FORMATS and image.format != "MPO":
         image.close()
         raise InputError(f"{path}: {image.format} images are not supported "
                          f"(only {', '.join(READ_FORMATS)})")
@@ -107,7 +107,8 @@ def _open(path: Path) -> Image.Image:
         image.close()
         raise InputError(f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
                          f"{MAX_INPUT_PIXELS / 1e6:.0f} MP input limit; not decoded")
-    if getattr(image, "n_frames", 1) > 1:
+    # Phone and camera JPEGs often carry a second, preview picture (MPO); the first is the photo.
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
         image.close()
         raise InputError(f"{path}: has {image.n_frames} frames or pages; only single images are supported")
     if image.mode == "F":
@@ -116,13 +117,17 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
+def _format(image: Image.Image) -> str:
+    return "JPEG" if image.format == "MPO" else image.format
+
+
 def probe(path: Path) -> ImageInfo:
     """Identify an input from its header; `InputError` with the reason when it is not usable."""
     with _open(Path(path)) as image:
         width, height = image.size
         if _orientation_swaps(image):
             width, height = height, width
-        return ImageInfo(image.format, (width, height), image.mode, _bits(image.mode), _has_alpha(image),
+        return ImageInfo(_format(image), (width, height), image.mode, _bits(image.mode), _has_alpha(image),
                          metadata.is_pasd_output(image.info))
 
 
@@ -156,7 +161,7 @@ def load(path: Path) -> LoadedImage:
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise InputError(f"{path}: cannot decode ({exc})") from None
         xmp = image.info.get("xmp") or image.info.get(metadata.XMP_PNG_KEY)
-        loaded = LoadedImage(rgb=image, format=opened.format, icc=image.info.get("icc_profile"),
+        loaded = LoadedImage(rgb=image, format=_format(opened), icc=image.info.get("icc_profile"),
                              exif=exif, xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
                              dpi=image.info.get("dpi"), notes=notes)
         if opened.format == "PNG":

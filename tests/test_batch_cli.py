@@ -251,6 +251,22 @@ def test_globs_stdin_lists_and_fail_fast(tmp_path):
     assert [r["status"] for r in json_lines(first_bad.stdout)[0]] == ["failed", "cancelled"]
 
 
+def test_output_folder_inside_the_input_folder(tmp_path):
+    photos = tmp_path / "in"
+    _make(photos / "a.png")
+    _make(photos / "out" / "mine.png")  # a user's file that happens to sit there
+    earlier = _make(photos / "out" / "a.png")
+    with Image.open(earlier) as image:  # what an earlier run wrote: it carries pasd's record
+        from pasd_cli.metadata import png_info
+        image.save(earlier, pnginfo=png_info({}, b"", {"command": "upscale"}))
+    proc = run_pasd("upscale", photos, "-r", "-o", photos / "out", "--dry-run", "--json", "--name", "{stem}_2")
+    statuses = {Path(r["input"]).relative_to(photos).as_posix(): (r["status"], r["reason"])
+                for r in json_lines(proc.stdout)[0]}
+    assert statuses == {"a.png": ("planned", None), "out/mine.png": ("planned", None),
+                        "out/a.png": ("skipped", "written by pasd (inside the output folder)")}
+    assert proc.returncode == 0
+
+
 def test_lock_refuses_a_second_run(tmp_path):
     photo = _make(tmp_path / "a.png")
     lock = tmp_path / "pasd.lock"
@@ -275,7 +291,8 @@ def test_single_result_to_stdout(tmp_path):
     assert two.returncode == 2 and "one image" in two.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# SIGTERM goes through the same handler as SIGINT; it costs another model load, so it runs with -m slow.
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_signal_during_an_image_leaves_no_partial_file_and_exits_130(tmp_path, sig):
     photo = _make(tmp_path / "in" / "a.png", size=(32, 32))
     before = tree_state(tmp_path)

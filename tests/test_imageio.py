@@ -134,3 +134,13 @@ def test_probe_reads_headers_only_and_refuses_with_reasons(tmp_path):
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:])
     with pytest.raises(InputError, match="2 frames"):
         imageio.probe(tmp_path / "anim.webp")
+
+
+def test_camera_jpeg_with_a_preview_picture_is_a_jpeg(tmp_path):
+    photo, preview = Image.new("RGB", (24, 16), "red"), Image.new("RGB", (6, 4), "blue")
+    photo.save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=[preview])
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    info = imageio.probe(tmp_path / "phone.jpg")
+    assert (info.format, info.size) == ("JPEG", (24, 16))
+    loaded = imageio.load(tmp_path / "phone.jpg")
+    assert loaded.rgb.size == (24, 16) and loaded.rgb.getpixel((3, 3))[0] > 200
