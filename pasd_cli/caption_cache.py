@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from .engine.captions import Description
+from .errors import DeviceError, OutputError
 from .imageio import write_atomic
 
 RECORD_FORMAT = 1
@@ -71,7 +72,7 @@ class CaptionCache:
         data = (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
         try:
             write_atomic(self.path(identity, digest), lambda handle: handle.write(data))
-        except OSError as exc:
+        except (OutputError, DeviceError) as exc:  # a cache that cannot be written costs time only
             self.write_errors += 1
             self.last_write_error = f"cannot write the caption cache in {self.directory}: {exc}"
             return

@@ -14,7 +14,8 @@ from typing import Optional
 import typer
 
 from . import settings as defaults
-from .errors import InputError, Interrupted, PasdError, UsageError
+from .batch_cli import batch_options, number_field, run_batch_command
+from .errors import Interrupted, PasdError, UsageError
 from .models_cli import MODELS_DIR_HELP, download_command, models_app
 
 EXIT_CODES_HELP = ("Exit codes: 0 all done or skipped, 1 some inputs failed, 2 usage, "
@@ -52,9 +53,9 @@ def _quiet_libraries() -> None:
 
 
 @app.command(epilog=EXIT_CODES_HELP)
+@batch_options
 def upscale(
-    input: str = typer.Argument(..., help="An image file or a folder of images."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the results."),
+    batch: defaults.BatchSettings,
     pasd: str = typer.Option(defaults.PASD_MODEL, "--pasd",
                              help="PASD model: a name from `pasd models list`, or a checkpoint folder."),
     base: str = typer.Option(defaults.BASE_MODEL, "--base",
@@ -80,11 +81,10 @@ def upscale(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
 ):
-    """Upscale images (PASD real-world super-resolution)."""
-    from .batch import find_inputs, output_path
-    from .devices import pick_device, pick_dtype
-    from .store import offline_requested, resolve_models, runs_at_terminal
+    """Upscale images (PASD real-world super-resolution).
 
+    Results are written atomically to -o; existing outputs are skipped, so a re-run only does what is left.
+    """
     try:
         run_settings = defaults.UpscaleSettings(
             steps=steps, guidance=guidance, conditioning_scale=conditioning_scale, scale=scale,
@@ -93,36 +93,34 @@ def upscale(
             latent_tile=latent_tile, latent_overlap=latent_overlap, color_fix=color_fix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    inputs = find_inputs(input)
-    if not inputs:
-        raise UsageError(f"{input}: no images found")
-    if offline_requested(offline):
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
-    pasd_dir, base_dir = resolve_models([(pasd, "--pasd"), (base, "--base")], models_dir=models_dir,
-                                        offline=offline, interactive=runs_at_terminal(), say=_say)
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
 
-    _quiet_libraries()
-    from .engine.pipeline import PASDPipeline
-    from .imageio import read_rgb, save_image
+    def load_worker(reporter):
+        """Called once, and only when some image needs the model."""
+        from .devices import pick_device, pick_dtype
+        from .store import offline_requested, resolve_models, runs_at_terminal
 
-    _say(f"loading PASD from {pasd_dir} on {torch_device} ({dtype})")
-    pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, torch_device, torch_dtype)
-    failed = 0
-    for number, source in enumerate(inputs, 1):
-        _say(f"[{number}/{len(inputs)}] {source}")
-        try:
-            result = pipeline.upscale(read_rgb(source), run_settings)
-            target = output_path(source, output)
-            save_image(result.image, target)
-        except InputError as exc:
-            failed += 1
-            _say(f"error: {exc}")
-            continue
-        print(target, flush=True)
-    if failed:
-        raise typer.Exit(1)
+        if offline_requested(offline):
+            os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
+        pasd_dir, base_dir = resolve_models([(pasd, "--pasd"), (base, "--base")], models_dir=models_dir,
+                                            offline=offline, interactive=runs_at_terminal(), say=reporter.info)
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+
+        _quiet_libraries()
+        from .engine.pipeline import PASDPipeline
+        from .image_job import image_worker
+        from .upscale_job import upscale_record, upscale_transform
+
+        reporter.info(f"loading PASD from {pasd_dir} on {torch_device} ({dtype})")
+        pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, torch_device, torch_dtype)
+        model = {"pasd": str(pasd_dir), "base": str(base_dir), "variant": pipeline.unet.paca_variant,
+                 "device": str(torch_device), "dtype": str(torch_dtype).removeprefix("torch.")}
+        return image_worker(upscale_transform(pipeline, run_settings), upscale_record(run_settings, model), batch)
+
+    from .engine.resize import output_size  # pure PIL arithmetic; imports no torch
+
+    run_batch_command(batch, name_fields={"scale": number_field(scale), "seed": str(seed), "steps": str(steps)},
+                      seed=seed, prepare=load_worker, output_size=lambda size: output_size(size, scale))
 
 
 app.command("download", epilog=EXIT_CODES_HELP)(download_command)

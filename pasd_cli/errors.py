@@ -47,3 +47,8 @@ class Interrupted(PasdError):
     """Stopped by SIGINT or SIGTERM."""
 
     exit_code = 130
+
+
+class OutputError(InputError):
+    """One output cannot be written (permissions, a folder in its place); the batch goes on.
+    Unlike other input errors it says nothing about the input, so it is not remembered."""

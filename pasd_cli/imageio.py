@@ -1,46 +1,350 @@
-"""Reading input images and writing results atomically."""
+"""Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and writing results
+atomically with their metadata.
+
+The models see 8-bit RGB only. `load` splits an input into what the model sees and what it does
+not (alpha, gray-ness, 16-bit precision, metadata); `restore` puts the model's output back into
+the input's kind of image.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
+import signal
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from . import metadata
+from .errors import DeviceError, InputError, OutputError
+from .settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
+
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """An 8-bit RGB image with its EXIF orientation applied; one-line errors for bad files."""
+@dataclass(frozen=True)
+class OutputFormat:
+    pillow: str
+    suffix: str
+    bits16: bool  # can hold 16-bit gray
+    alpha: bool
+
+
+OUTPUT_FORMATS = {
+    "png": OutputFormat("PNG", ".png", True, True),
+    "jpg": OutputFormat("JPEG", ".jpg", False, False),
+    "webp": OutputFormat("WEBP", ".webp", False, True),
+    "tiff": OutputFormat("TIFF", ".tiff", True, True),
+}
+# `--format same`: BMP can carry neither metadata nor pasd's record, so its results are PNGs.
+SAME_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "png"}
+_FULL_DISK = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, without decoding pixels."""
+
+    format: str  # one of READ_FORMATS
+    size: tuple[int, int]  # as displayed, EXIF orientation applied
+    mode: str  # Pillow's mode of the stored pixels
+    bits: int  # 8 or 16
+    alpha: bool
+    by_pasd: bool  # carries pasd's own record: an output of an earlier run
+
+
+def _orientation_swaps(image: Image.Image) -> bool:
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return image.convert("RGB")
+        return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # a damaged EXIF block must not make the image unreadable
+        return False
+
+
+def _bits(mode: str) -> int:
+    return 16 if mode.startswith("I") else 8
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily (header only) with one-line reasons for everything that is not a usable image."""
+    try:
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except Image.DecompressionBombError as exc:
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(claimed.group(1)) / 1e6:.0f} MP" if claimed else "too many pixels"
+        raise InputError(f"{path}: header claims {pixels}; not decoded (Pillow's decompression-bomb guard)") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc})") from None
+        raise InputError(f"{path}: not an image (content not recognised)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{path}: unreadable image header ({exc})") from None
+    if image.format not in READ_FORMATS and image.format != "MPO":
+        image.close()
+        raise InputError(f"{path}: {image.format} images are not supported "
+                         f"(only {', '.join(READ_FORMATS)})")
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        image.close()
+        raise InputError(f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
+                         f"{MAX_INPUT_PIXELS / 1e6:.0f} MP input limit; not decoded")
+    # Phone and camera JPEGs often carry a second, preview picture (MPO); the first is the photo.
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+        image.close()
+        raise InputError(f"{path}: has {image.n_frames} frames or pages; only single images are supported")
+    if image.mode == "F":
+        image.close()
+        raise InputError(f"{path}: 32-bit float images are not supported")
+    return image
+
+
+def _format(image: Image.Image) -> str:
+    return "JPEG" if image.format == "MPO" else image.format
+
+
+def probe(path: Path) -> ImageInfo:
+    """Identify an input from its header; `InputError` with the reason when it is not usable."""
+    with _open(Path(path)) as image:
+        width, height = image.size
+        if _orientation_swaps(image):
+            width, height = height, width
+        return ImageInfo(_format(image), (width, height), image.mode, _bits(image.mode), _has_alpha(image),
+                         metadata.is_pasd_output(image.info))
+
+
+@dataclass
+class LoadedImage:
+    rgb: Image.Image  # 8-bit RGB, orientation applied: what the model sees
+    format: str
+    gray: bool = False
+    gray16: np.ndarray | None = None  # the full-precision pixels of a 16-bit gray input
+    alpha: Image.Image | None = None  # "L"
+    icc: bytes | None = None
+    exif: Image.Exif | None = None  # orientation removed
+    xmp: bytes | None = None
+    dpi: tuple | None = None
+    png_text: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.gray16 is not None else 8
+
+
+def load(path: Path) -> LoadedImage:
+    """Decode an input fully, apply its EXIF orientation and split it into model input and the rest."""
+    path = Path(path)
+    notes: list[str] = []
+    with _open(path) as opened:
+        exif = _exif_without_orientation(opened, notes)  # a transposed copy would lose a TIFF's tags
+        try:
+            image = ImageOps.exif_transpose(opened)  # also removes the orientation from XMP
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InputError(f"{path}: cannot decode ({exc})") from None
+        xmp = image.info.get("xmp") or image.info.get(metadata.XMP_PNG_KEY)
+        loaded = LoadedImage(rgb=image, format=_format(opened), icc=image.info.get("icc_profile"),
+                             exif=exif, xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
+                             dpi=image.info.get("dpi"), notes=notes)
+        if opened.format == "PNG":
+            loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}
+    _split_channels(image, loaded)
+    return loaded
+
+
+def _exif_without_orientation(image: Image.Image, notes: list[str]) -> Image.Exif | None:
+    try:
+        exif = Image.Exif()
+        exif.load(image.getexif().tobytes())
+    except Exception:  # keep the pixels even when the EXIF block is damaged
+        notes.append("damaged EXIF dropped")
+        return None
+    exif.pop(0x0112, None)
+    return exif if len(exif) else None
+
+
+def _split_channels(image: Image.Image, loaded: LoadedImage) -> None:
+    mode = image.mode
+    if _has_alpha(image):
+        loaded.alpha = image.convert("RGBA").getchannel("A")
+        image = image.convert("L" if mode in ("L", "LA", "La") else "RGB")
+        mode = image.mode
+    if mode in ("1", "L"):
+        loaded.gray = True
+        loaded.rgb = image.convert("L").convert("RGB")
+    elif mode.startswith("I"):
+        pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
+        loaded.gray, loaded.gray16 = True, pixels
+        loaded.rgb = _gray8(pixels).convert("RGB")
+    elif mode == "CMYK":
+        loaded.rgb = _cmyk_to_rgb(image, loaded)
+    else:
+        loaded.rgb = image.convert("RGB")
+        if mode not in ("RGB", "RGBA", "RGBX", "P", "PA"):
+            loaded.icc = None  # a profile for another colour space does not describe RGB pixels
+
+
+def _cmyk_to_rgb(image: Image.Image, loaded: LoadedImage) -> Image.Image:
+    """Through the embedded CMYK profile to sRGB when there is one; Pillow's formula otherwise."""
+    if loaded.icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(loaded.icc))
+            srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+            rgb = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
+            loaded.icc = srgb.tobytes()
+            return rgb
+        except (ImageCms.PyCMSError, OSError):
+            loaded.notes.append("CMYK profile unusable; converted without it")
+    loaded.icc = None
+    return image.convert("RGB")
+
+
+def restore(result: Image.Image, loaded: LoadedImage) -> Image.Image:
+    """The model's 8-bit RGB output back into the input's kind: gray stays gray, 16-bit stays
+    16-bit, alpha (enlarged on its own, bicubic) is re-attached."""
+    size = result.size
+    if loaded.gray16 is not None:
+        image = _gray16(result.convert("L"), loaded.gray16, size)
+    elif loaded.gray:
+        image = result.convert("L")
+    else:
+        image = result.convert("RGB")
+    if loaded.alpha is not None:
+        alpha = loaded.alpha.resize(size, Image.Resampling.BICUBIC)
+        if image.mode == "I;16":  # no 16-bit gray+alpha mode in Pillow
+            image = _gray8(np.asarray(image))
+            loaded.notes.append("16-bit gray with alpha written as 8-bit")
+        image = image.convert("LA" if image.mode == "L" else "RGBA")
+        image.putalpha(alpha)
+    return image
+
+
+def _gray16(result_l: Image.Image, source: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """16-bit output from the model's 8-bit result plus the input's sub-8-bit detail, enlarged:
+    otherwise smooth 16-bit gradients would come back with 8-bit banding."""
+    fine = source.astype(np.float32) - np.round(source / 257).astype(np.float32) * 257
+    fine_big = np.asarray(Image.fromarray(fine).resize(size, Image.Resampling.BICUBIC))
+    out = np.asarray(result_l, dtype=np.float32) * 257 + fine_big
+    return Image.fromarray(np.clip(np.round(out), 0, 65535).astype(np.uint16))  # mode I;16
+
+
+def _gray8(pixels16: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.round(pixels16 / 257).astype(np.uint8))
+
+
+def output_format(name: str, info: ImageInfo | None) -> str:
+    """The `--format` value, with `same` resolved against the input's real format."""
+    if name != "same":
+        return name
+    return SAME_FORMAT[info.format] if info is not None else "png"
+
+
+def encode(image: Image.Image, handle, fmt: str, loaded: LoadedImage, record: dict,
+           quality: int | None = None) -> Image.Image:
+    """Write `image` as `fmt` with the input's metadata and pasd's `record`; returns what was written
+    (after conversions the format forces)."""
+    spec = OUTPUT_FORMATS[fmt]
+    if image.mode == "I;16" and not spec.bits16:
+        image = _gray8(np.asarray(image))
+    if image.mode in ("RGBA", "LA") and not spec.alpha:
+        background = Image.new(image.mode[:-1], image.size, "white")
+        background.paste(image.convert(image.mode[:-1]), mask=image.getchannel("A"))
+        image = background
+        loaded.notes.append(f"alpha flattened onto white ({fmt} has no alpha)")
+    exif = metadata.output_exif(loaded.exif, image.size)
+    xmp = metadata.output_xmp(loaded.xmp, image.size, record)
+    params: dict = {"exif": exif}
+    if loaded.icc:
+        params["icc_profile"] = loaded.icc
+    if loaded.dpi:
+        params["dpi"] = loaded.dpi
+    if fmt == "png":
+        params["pnginfo"] = metadata.png_info(loaded.png_text, xmp, record)
+    elif fmt == "tiff":
+        exif[metadata.XMP_TIFF_TAG] = xmp
+        # libtiff (which compresses) cannot write EXIF sub-directories; Pillow's own writer can,
+        # uncompressed. Keeping the metadata wins over the file size.
+        keeps_sub_ifds = any(tag in exif for tag in metadata.SUB_IFDS)
+        params.update(tiffinfo=params.pop("exif"), compression=None if keeps_sub_ifds else "tiff_deflate")
+    else:
+        params.update(xmp=xmp, quality=quality or DEFAULT_QUALITY[fmt])
+        if fmt == "jpg" and params["quality"] >= 90:
+            params["subsampling"] = 0  # 4:4:4: chroma subsampling would blur the restored detail
+    image.save(handle, format=spec.pillow, **params)
+    return image
 
 
 def write_atomic(path: Path, write) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then rename it into place, so
-    a crash or an interrupt never leaves a partial output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    a crash or an interrupt never leaves a partial output. A full disk or quota becomes a
+    `DeviceError` (exit 4); other write failures an `OutputError` for this one file."""
+    path = Path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        _remove_quietly(Path(tmp))
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_quietly(tmp: Path) -> None:
+    # A second Ctrl-C must not interrupt the clean-up and leave the temporary file behind.
+    blockable = hasattr(signal, "pthread_sigmask")
+    if blockable:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        tmp.unlink(missing_ok=True)
+    finally:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _write_error(path: Path, exc: OSError) -> Exception:
+    if exc.errno in _FULL_DISK:
+        return DeviceError(f"cannot write {path}: {exc.strerror or exc} (disk full or quota exceeded)",
+                           hint="free some space, or write to another disk with -o")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def save_image(image: Image.Image, path: Path, format: str = "PNG", **params) -> None:
     write_atomic(path, lambda handle: image.save(handle, format=format, **params))
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """An 8-bit RGB image with its EXIF orientation applied; one-line errors for bad files."""
+    return load(path).rgb

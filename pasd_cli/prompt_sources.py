@@ -180,8 +180,8 @@ def describer_missing(mode: str, model: str, reason: str) -> ModelError:
     fetched (offline, or never downloaded): it names the two ways forward."""
     what = "captioner" if mode == "blip" else "classifier"
     return ModelError(f"the {what} for --caption {mode} ({model}) is not available: {reason}",
-                      hint=f"run `pasd download` to fetch it, or pass --caption none to upscale "
-                           f"without prompts from the image")
+                      hint="run `pasd download` to fetch it, or pass --caption none to upscale "
+                           "without prompts from the image")
 
 
 class PromptResolver:

@@ -82,3 +82,47 @@ class CaptionSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+# Batch and output options, shared by every command that runs a model over many images.
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "same")
+ON_EXISTS = ("skip", "overwrite", "error")
+DEFAULT_QUALITY = {"jpg": 95, "webp": 95}
+# Larger inputs are refused from their header alone, before any decoding. 64 MP is far above
+# what a diffusion upscaler can enlarge usefully, and below Pillow's own decompression-bomb guard.
+MAX_INPUT_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    inputs: tuple[str, ...] = ()
+    output: str = ""  # a folder, or "-" for stdout
+    recursive: bool = False
+    name: str = "{stem}"
+    format: str = "png"
+    quality: int | None = None
+    on_exists: str = "skip"
+    retry_failed: bool = False
+    fail_fast: bool = False
+    json: bool = False
+    dry_run: bool = False
+    verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
+    lock: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.format in OUTPUT_FORMATS, f"format must be one of {', '.join(OUTPUT_FORMATS)}"),
+            (self.on_exists in ON_EXISTS, f"--on-exists must be one of {', '.join(ON_EXISTS)}"),
+            (self.quality is None or 1 <= self.quality <= 100, "quality must be in [1, 100]"),
+            (self.inputs.count("-") <= 1, "'-' (paths from stdin) may be given once"),
+            (not (self.to_stdout and self.json), "-o - writes the image to stdout; it cannot be combined with --json"),
+            (not (self.to_stdout and self.recursive), "-o - writes one image; --recursive makes no sense with it"),
+            (self.name.strip() != "", "--name must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.output == "-"

@@ -275,16 +275,16 @@ def test_an_unwritable_cache_does_not_fail_the_batch(tiny_blip_dir, batch, tmp_p
 # --- manifests --------------------------------------------------------------------------------
 
 def test_captioner_manifests_follow_the_model_schema():
-    manifests = {p.stem: json.loads(p.read_text()) for p in MODELS.glob("*.json")}
-    base_keys = set(manifests["sd15"])
+    from pasd_cli.store import load_manifests
+
+    manifests = load_manifests()  # the store's parser validates the schema
     blip, resnet = manifests["blip"], manifests["resnet-50"]
     for manifest in (blip, resnet):
-        assert set(manifest) == base_keys
-        assert "model.safetensors" in manifest["files"] and not any(f.endswith(".bin") for f in manifest["files"])
-        assert "config.json" in manifest["files"] and "preprocessor_config.json" in manifest["files"]
-    assert (blip["kind"], blip["default"], blip["repo_id"]) == ("captioner", True, "Salesforce/blip-image-captioning-base")
-    assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(blip["files"])
-    assert (resnet["kind"], resnet["default"], resnet["repo_id"]) == ("classifier", False, "microsoft/resnet-50")
+        assert "model.safetensors" in manifest.files and not any(f.endswith(".bin") for f in manifest.files)
+        assert "config.json" in manifest.files and "preprocessor_config.json" in manifest.files
+    assert (blip.kind, blip.repo_id) == ("captioner", "Salesforce/blip-image-captioning-base")
+    assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(blip.files)
+    assert (resnet.kind, resnet.repo_id) == ("classifier", "microsoft/resnet-50")
 
 
 def test_missing_describer_error_names_both_ways_forward():

@@ -1,0 +1,36 @@
+"""`pasd upscale`'s part of a batch: the model call for one image."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from PIL import Image
+
+from .batch import Job, Progress
+from .errors import DeviceError, InputError
+from .image_job import Transform
+from .settings import UpscaleSettings
+
+
+def upscale_transform(pipeline, settings: UpscaleSettings) -> Transform:
+    def transform(rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict]:
+        try:
+            result = pipeline.upscale(rgb, settings, progress=progress)
+        except torch.OutOfMemoryError:
+            raise DeviceError(f"out of memory on {pipeline.device} upscaling {job.source}",
+                              hint="use a smaller --latent-tile or --process-size") from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():  # MPS reports it this way
+                raise DeviceError(f"out of memory on {pipeline.device} upscaling {job.source}") from None
+            raise
+        except ValueError as exc:  # the engine's refusals of an image (e.g. too small to scale)
+            raise InputError(f"{job.source}: {exc}") from None
+        return result.image, {"prompt": result.prompt}
+
+    return transform
+
+
+def upscale_record(settings: UpscaleSettings, model: dict) -> dict:
+    """What every output's metadata says about how it was made."""
+    return {"command": "upscale", "settings": asdict(settings), "model": model}
