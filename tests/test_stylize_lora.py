@@ -193,3 +193,13 @@ def test_other_network_kinds_are_refused(tmp_path, extra, name):
                "lora_unet_conv_in" + extra: torch.zeros(2)}, str(path))
     with pytest.raises(ModelError, match=name):
         apply_lora(fresh_components(), path)
+
+
+def test_full_checkpoint_given_as_lora_is_refused_with_a_hint(tmp_path):
+    from tiny_bases import write_checkpoint
+
+    components = fresh_components()
+    path = write_checkpoint(tmp_path / "model.safetensors", components)
+    with pytest.raises(ModelError, match="not a LoRA") as failure:
+        apply_lora(components, path)
+    assert "--base" in failure.value.hint

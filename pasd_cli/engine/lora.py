@@ -22,7 +22,7 @@ from .weights import read_state_dict
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
 _SDXL_PREFIXES = ("lora_te2_", "text_encoder_2.")
 _UNSUPPORTED = {"dora_scale": "DoRA", "hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a mid (CP) layer",
-                ".diff": "full-weight difference"}
+                ".diff_b": "full-weight difference", ".diff": "full-weight difference"}
 _SHOW = 5
 
 
@@ -56,8 +56,11 @@ class LoraFile:
 
 
 def _refuse_unsupported(state: dict[str, torch.Tensor], source: Path) -> None:
+    if not any("lora" in k for k in state) and any(
+            k.startswith(("model.diffusion_model.", "down_blocks.", "conv_in.")) for k in state):
+        raise ModelError(f"{source} is a full model, not a LoRA", hint="pass it with --base")
     for marker, name in _UNSUPPORTED.items():
-        if any(marker in k for k in state):
+        if any(marker in k and (not marker.startswith(".") or k.endswith(marker)) for k in state):
             raise ModelError(f"{source} is a {name} network; only plain LoRA (up/down) is supported")
     if any(k.startswith(_SDXL_PREFIXES) for k in state):
         raise ModelError(f"{source} is an SDXL LoRA (it has a second text encoder); PASD uses SD 1.5")
