@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the LDM-layout writer lives with the 
 
 from ldm_layout import checkpoint_from_parts  # noqa: E402
 
-from pasd_cli.engine.bases import apply_base, sd15_config, stock_unet_keys  # noqa: E402
+from pasd_cli.engine.bases import apply_base, stock_unet_keys  # noqa: E402
 from pasd_cli.engine.loading import Components  # noqa: E402
 from pasd_cli.engine.lora import apply_lora  # noqa: E402
+from pasd_cli.engine.single_file import sd15_config  # noqa: E402
 from pasd_cli.nn.loading import build_pasd_unet  # noqa: E402
 
 

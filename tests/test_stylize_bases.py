@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_LIGHT, TINY_PASD
 from ldm_layout import checkpoint_from_parts
 from pasd_cli.engine.bases import (DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, apply_base, base_kind,
-                                   sd15_config, stock_unet_keys)
+                                   stock_unet_keys)
+from pasd_cli.engine.single_file import sd15_config
 from pasd_cli.errors import ModelError
 from tiny_bases import (fresh_components, paca_from_file, perturbed, plain_render, render, stock_state,
                         write_checkpoint, write_diffusers_folder, write_unet_folder)

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .bases import TEXT_MODEL_PREFIX, stock_unet_keys
+from .bases import stock_unet_keys
 from .loading import Components
+from .single_file import TEXT_MODEL_PREFIX
 from .weights import read_state_dict
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
