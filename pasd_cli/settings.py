@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 # The released script's defaults (spec section 4); only the output scale differs (4, not 1).
@@ -126,3 +128,47 @@ class BatchSettings:
     @property
     def to_stdout(self) -> bool:
         return self.output == "-"
+
+
+# Stylization (spec section 6): the SR model on a personalized SD 1.5 base. The authors advise
+# the light variant, conditioning scale 0.7 (smaller = more stylized) and no enlargement.
+STYLIZE_PASD = "pasd-light"
+BASE_BLEND = 1.0  # weight of a full checkpoint's stock UNet against the PASD file's (1: replace)
+# --fast: the LCM-LoRA with the LCM scheduler; its authors advise 4-8 steps and guidance 1-2.
+LCM_LORA = "lcm-lora-sdv1-5"
+FAST_STEPS = 4
+FAST_GUIDANCE = 1.0
+
+
+@dataclass(frozen=True)
+class StylizeSettings(UpscaleSettings):
+    conditioning_scale: float = 0.7
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora FILE[:WEIGHT]`."""
+
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("--lora needs a file")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"LoRA weight must be a finite number, got {self.weight}")
+
+    @classmethod
+    def parse(cls, text: str, exists=os.path.exists) -> "LoraSpec":
+        """FILE or FILE:WEIGHT. The weight is whatever follows the LAST colon, and only when it
+        reads as a number and the text as a whole is not an existing file, so Windows paths
+        (C:\\loras\\x.safetensors) and names with colons stay intact."""
+        head, sep, tail = text.rpartition(":")
+        if not sep or not head or exists(text):
+            return cls(text)
+        try:
+            weight = float(tail)
+        except ValueError:
+            return cls(text)
+        return cls(head, weight)

@@ -24,6 +24,8 @@ class Components:
     text_encoder: object
     tokenizer: object
     scheduler_config: dict
+    # None: the released UniPC. Fast mode sets the LCM scheduler (engine/schedulers.py).
+    scheduler_class: type | None = None
 
 
 def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:

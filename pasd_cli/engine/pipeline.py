@@ -18,6 +18,7 @@ from .loading import Components, load_components, model_dtypes
 from .noise import initial_latents, standard_normal_draws
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
+from .schedulers import schedule_sigmas
 from .vae import VaeCodec
 
 # progress(stage, done, total): stage is "step" or "tile".
@@ -63,17 +64,20 @@ class PASDPipeline:
         self.text_encoder = components.text_encoder.to(self.device, net_dtype)
         self.tokenizer = components.tokenizer
         self.vae = VaeCodec(components.vae.to(self.device, vae_dtype))
-        self._scheduler_config = UniPCMultistepScheduler.from_config(components.scheduler_config).config
-        self._scheduler_class = UniPCMultistepScheduler
+        scheduler_class = components.scheduler_class or UniPCMultistepScheduler
+        self._scheduler_config = scheduler_class.from_config(components.scheduler_config).config
+        self._scheduler_class = scheduler_class
 
     @classmethod
     def from_folders(cls, pasd_dir: Path, base_dir: Path, device: torch.device,
                      dtype: torch.dtype) -> "PASDPipeline":
         return cls(load_components(Path(pasd_dir), Path(base_dir)), device, dtype)
 
-    def new_scheduler(self, steps: int):
+    def new_scheduler(self, steps: int, seed: int = 0):
         scheduler = self._scheduler_class.from_config(self._scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(scheduler, "seed_step_noise"):  # schedulers that draw noise between steps (LCM)
+            scheduler.seed_step_noise(seed)
         return scheduler
 
     def encode_prompts(self, prompt: str, negative_prompt: str, cfg: bool) -> torch.Tensor:
@@ -82,7 +86,7 @@ class PASDPipeline:
     def initial_latents(self, hint: torch.Tensor, scheduler, settings: UpscaleSettings) -> torch.Tensor:
         mean, std = self.vae.encode_moments(hint)
         draws = standard_normal_draws(mean.shape, torch.Generator("cpu").manual_seed(settings.seed))
-        latents = initial_latents(mean, std, scheduler.timesteps, scheduler.sigmas,
+        latents = initial_latents(mean, std, scheduler.timesteps, schedule_sigmas(scheduler),
                                   settings.added_noise_level, self.vae.scaling_factor, draws)
         return latents * scheduler.init_noise_sigma
 
@@ -114,7 +118,7 @@ class PASDPipeline:
         trace("prompt_embeds", prompt_embeds)
 
         # 3. Scheduler and the adjustable-noise initial latents.
-        scheduler = self.new_scheduler(settings.steps)
+        scheduler = self.new_scheduler(settings.steps, settings.seed)
         latents = self.initial_latents(hint, scheduler, settings)
         trace("timesteps", scheduler.timesteps)
         trace("initial_latents", latents)

@@ -1,0 +1,202 @@
+"""Personalized Stable Diffusion 1.5 bases on a loaded PASD model (spec section 6).
+
+The PASD UNet file holds the whole stock SD UNet plus the trained PACA layers. A personalized
+base (a civitai/LDM single file, a DreamBooth UNet folder, a diffusers folder) replaces, or blends
+into, the stock UNet tensors only: the PACA tensors always stay PASD's (the released code loses
+them for folder bases). The base's VAE and text encoder replace the default ones when it has
+them. Everything is changed in place on a `Components`.
+
+Single files are converted offline in `single_file.py`, with the configs of the loaded parts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from ..nn.loading import check_state_dict
+from .loading import Components
+from .single_file import build_text_encoder, build_vae, read_single_file
+from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
+
+SINGLE_FILE = "single-file"
+UNET_FOLDER = "unet-folder"
+DIFFUSERS_FOLDER = "diffusers-folder"
+
+
+@dataclass(frozen=True)
+class BaseReport:
+    kind: str
+    source: Path
+    blend: float
+    unet_tensors: int
+    replaced: tuple[str, ...] = field(default=())
+
+
+def base_kind(path: Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        if (path / "unet").is_dir():
+            return DIFFUSERS_FOLDER
+        if (path / "config.json").is_file():
+            return UNET_FOLDER
+        raise ModelError(f"{path}: neither a diffusers model folder (with unet/) nor a UNet folder "
+                         "(with config.json)")
+    if path.is_file():
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+            return SINGLE_FILE
+        raise ModelError(f"{path}: unknown model format {path.suffix or '(no suffix)'}",
+                         hint="a base is a .safetensors checkpoint or a diffusers folder")
+    raise ModelError(f"base model not found: {path}")
+
+
+# --- the stock UNet tensors ------------------------------------------------------------------
+
+def stock_unet(unet) -> torch.nn.Module:
+    """A stock diffusers UNet of the same config, on the meta device: its keys and shapes are the
+    PASD UNet's minus PACA, found from the architecture rather than from key names."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(dict(unet.config))
+
+
+def stock_unet_keys(unet) -> list[str]:
+    return list(stock_unet(unet).state_dict())
+
+
+def blend_unet(unet, new_state: dict[str, torch.Tensor], alpha: float, source: Path) -> int:
+    """current <- alpha * new + (1 - alpha) * current for every stock tensor; PACA untouched.
+    Returns how many tensors were blended."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError("blend must be in [0, 1]")
+    reference = stock_unet(unet)
+    new_state = {k: v for k, v in new_state.items() if v is not None}
+    check_state_dict(reference, new_state, source)
+    current = unet.state_dict()
+    with torch.no_grad():
+        for key in reference.state_dict():
+            target = current[key]
+            # lerp is exact at both ends: weight 0 keeps `target`, weight 1 gives `new`.
+            target.lerp_(new_state[key].to(target.device, target.dtype), alpha)
+    return len(new_state)
+
+
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def apply_single_file(components: Components, path: Path, blend: float = 1.0,
+                      trust_pickle: bool = False) -> BaseReport:
+    parts = read_single_file(path, components.unet.config, components.vae.config,
+                             components.text_encoder.config, trust_pickle, _dtype(components.vae))
+    count = blend_unet(components.unet, parts.unet, blend, Path(path))
+    replaced = []
+    if parts.vae is not None:
+        components.vae = parts.vae
+        replaced.append("vae")
+    if parts.text_encoder is not None:
+        components.text_encoder = parts.text_encoder.to(_dtype(components.text_encoder))
+        replaced.append("text_encoder")
+    return BaseReport(SINGLE_FILE, Path(path), blend, count, tuple(replaced))
+
+
+# --- folders -----------------------------------------------------------------------------------
+
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """The weights of one diffusers/transformers part: safetensors (full, fp16, or sharded) first,
+    pickles last (they are refused later unless trusted)."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return [folder / name]
+    for index in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                raise ModelError(f"cannot read {folder / index}: {exc}") from None
+            return [folder / shard for shard in shards]
+    for name in (f"{stem}.bin", f"{stem}.fp16.bin", f"{stem}.ckpt"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise ModelError(f"{folder} holds no {stem}.safetensors")
+
+
+def read_part(folder: Path, stem: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder, stem):
+        state.update(read_state_dict(path, trust_pickle))
+    return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+
+
+def read_unet_folder(folder: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    config = _read_json(folder / "config.json")
+    kind = config.get("_class_name", "UNet2DConditionModel")
+    if kind != "UNet2DConditionModel":
+        raise ModelError(f"{folder} holds a {kind}, not a Stable Diffusion UNet")
+    return read_part(folder, "diffusion_pytorch_model", trust_pickle)
+
+
+def apply_unet_folder(components: Components, folder: Path, blend: float = 1.0,
+                      trust_pickle: bool = False) -> BaseReport:
+    folder = Path(folder)
+    count = blend_unet(components.unet, read_unet_folder(folder, trust_pickle), blend, folder)
+    return BaseReport(UNET_FOLDER, folder, blend, count)
+
+
+def apply_diffusers_folder(components: Components, folder: Path, blend: float = 1.0,
+                           trust_pickle: bool = False) -> BaseReport:
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    folder = Path(folder)
+    # Read everything before changing anything, so a broken part leaves the components intact.
+    unet_state = read_unet_folder(folder / "unet", trust_pickle)
+    vae = text_encoder = tokenizer = None
+    if (folder / "vae").is_dir():
+        vae = build_vae(read_part(folder / "vae", "diffusion_pytorch_model", trust_pickle),
+                        _read_json(folder / "vae" / "config.json"), folder / "vae", _dtype(components.vae))
+    if (folder / "text_encoder").is_dir():
+        try:
+            config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {folder / 'text_encoder'}: {exc}") from None
+        text_encoder = build_text_encoder(read_part(folder / "text_encoder", "model", trust_pickle), config,
+                                          folder / "text_encoder", _dtype(components.text_encoder))
+    if (folder / "tokenizer").is_dir():
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {folder / 'tokenizer'}: {exc}") from None
+    count = blend_unet(components.unet, unet_state, blend, folder / "unet")
+    replaced = []
+    for name, part in (("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer)):
+        if part is not None:
+            setattr(components, name, part)
+            replaced.append(name)
+    return BaseReport(DIFFUSERS_FOLDER, folder, blend, count, tuple(replaced))
+
+
+APPLY = {SINGLE_FILE: apply_single_file, UNET_FOLDER: apply_unet_folder,
+         DIFFUSERS_FOLDER: apply_diffusers_folder}
+
+
+def apply_base(components: Components, path: Path, blend: float = 1.0,
+               trust_pickle: bool = False) -> BaseReport:
+    """Put a personalized SD 1.5 base under the loaded PASD model, in place.
+
+    `blend` weighs the base's stock UNet tensors against the current ones (1: replace, 0: keep);
+    PACA tensors never change. The base's VAE, text encoder (and, for folders, tokenizer)
+    replace the current ones when it has them.
+    """
+    return APPLY[base_kind(Path(path))](components, Path(path), blend, trust_pickle)
