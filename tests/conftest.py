@@ -4,6 +4,11 @@ bundle) and a runner for the real `pasd` command."""
 from __future__ import annotations
 
 import os
+
+# Tiny models: one thread each is faster than two fighting over a busy machine, and the
+# subprocesses that tests start inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import shutil
 import subprocess
 import sys
