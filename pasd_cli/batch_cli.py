@@ -12,10 +12,7 @@ parameter in place of the shared options:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import List, Optional
@@ -24,6 +21,7 @@ import typer
 
 from . import settings as defaults
 from .errors import UsageError
+from .option_groups import option_group
 
 _B = defaults.BatchSettings()
 _FORMAT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}
@@ -58,9 +56,6 @@ _BATCH_PARAMETERS = [
     ("lock", typer.Option(_B.lock, "--lock", metavar="FILE", show_default=False,
                           help="Refuse to start while another run holds FILE (for cron)."), Optional[str]),
 ]
-_BATCH_NAMES = [name for name, _, _ in _BATCH_PARAMETERS]
-
-
 def build_batch_settings(inputs, output, recursive, name, format, quality, on_exists, retry_failed,
                          fail_fast, json_lines, dry_run, quiet, verbose, lock) -> defaults.BatchSettings:
     if quiet and verbose:
@@ -75,24 +70,8 @@ def build_batch_settings(inputs, output, recursive, name, format, quality, on_ex
         raise UsageError(str(exc)) from None
 
 
-def batch_options(command: Callable) -> Callable:
-    """Replace the command's `batch` parameter with the shared options; call it with them packed
-    into a `BatchSettings`."""
-    signature = inspect.signature(command)
-    hints = typing.get_type_hints(command)
-    own = [p.replace(annotation=hints.get(p.name, p.annotation))
-           for p in signature.parameters.values() if p.name != "batch"]
-    shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                                annotation=annotation) for name, default, annotation in _BATCH_PARAMETERS]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        batch = build_batch_settings(**{name: kwargs.pop(name) for name in _BATCH_NAMES})
-        return command(batch=batch, **kwargs)
-
-    wrapper.__signature__ = signature.replace(parameters=[*shared, *own])
-    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
-    return wrapper
+# Replaces a command's `batch` parameter with the shared options, packed into a `BatchSettings`.
+batch_options = option_group("batch", _BATCH_PARAMETERS, build_batch_settings)
 
 
 def number_field(value: float) -> str:

@@ -1,0 +1,130 @@
+"""The model and diffusion options every PASD command shares, declared once, and the steps that
+turn them into a loaded pipeline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import settings as defaults
+from .batch_cli import number_field
+from .errors import UsageError
+from .models_cli import MODELS_DIR_HELP
+from .option_groups import option_group
+
+@dataclass(frozen=True)
+class ModelChoice:
+    pasd: str
+    base: str
+    offline: bool
+    models_dir: Optional[Path]
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    settings: defaults.UpscaleSettings
+    models: ModelChoice
+
+
+def _parameters(d: defaults.UpscaleSettings, pasd_model: str) -> list:
+    return [
+        ("pasd", typer.Option(pasd_model, "--pasd", help="PASD model: a name from `pasd models list`, "
+                                                         "or a checkpoint folder."), str),
+        ("base", typer.Option(defaults.BASE_MODEL, "--base", help="Stable Diffusion 1.5: a model name, or "
+                                                                  "a folder in diffusers layout."), str),
+        ("offline", typer.Option(False, "--offline", help="Never use the network; fail if a model is "
+                                                          "missing."), bool),
+        ("models_dir", typer.Option(None, "--models-dir", help=MODELS_DIR_HELP), Optional[Path]),
+        ("steps", typer.Option(d.steps, "--steps", min=1, help="Denoising steps."), int),
+        ("guidance", typer.Option(d.guidance, "--guidance", help="Classifier-free guidance; <= 1 turns "
+                                                                 "it off."), float),
+        ("conditioning_scale", typer.Option(d.conditioning_scale, "--conditioning-scale", min=0.0,
+                                            help="Strength of the image condition."), float),
+        ("scale", typer.Option(d.scale, "--scale", min=0.01, help="Output size / input size."), float),
+        ("process_size", typer.Option(d.process_size, "--process-size", min=8,
+                                      help="Short side the model works at, at least."), int),
+        ("added_noise_level", typer.Option(d.added_noise_level, "--added-noise-level", min=0, max=999,
+                                           help="Timestep of the noise added to the initial latent."), int),
+        ("prompt", typer.Option(d.prompt, "--prompt", help="Text that describes the image."), str),
+        ("added_prompt", typer.Option(d.added_prompt, "--added-prompt", help="Appended to every prompt."), str),
+        ("negative_prompt", typer.Option(d.negative_prompt, "--negative-prompt"), str),
+        ("seed", typer.Option(d.seed, "--seed", help="Seed of each image's random draws."), int),
+        ("latent_tile", typer.Option(d.latent_tile, "--latent-tile", min=8,
+                                     help="Latent tile side (pixels / 8)."), int),
+        ("latent_overlap", typer.Option(d.latent_overlap, "--latent-overlap", min=0,
+                                        help="Latent tile overlap."), int),
+        ("color_fix", typer.Option(d.color_fix, "--color-fix", help="wavelet, adain or none."), str),
+        ("device", typer.Option("auto", "--device", help="auto, cpu, cuda or mps."), str),
+        ("dtype", typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."), str),
+    ]
+
+
+def diffusion_options(settings_class: type = defaults.UpscaleSettings,
+                      pasd_model: str = defaults.PASD_MODEL) -> callable:
+    """Replaces a command's `diffusion` parameter with the shared options, defaults taken from
+    `settings_class`, packed into `DiffusionOptions`."""
+    preset = settings_class()
+
+    def build(pasd, base, offline, models_dir, device, dtype, **values) -> DiffusionOptions:
+        try:
+            run_settings = replace(preset, **values)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return DiffusionOptions(run_settings, ModelChoice(pasd, base, offline, models_dir, device, dtype))
+
+    return option_group("diffusion", _parameters(preset, pasd_model), build)
+
+
+def resolve_model_dirs(models: ModelChoice, say) -> tuple[Path, Path]:
+    from .store import offline_requested, resolve_models, runs_at_terminal
+
+    if offline_requested(models.offline):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
+    pasd_dir, base_dir = resolve_models([(models.pasd, "--pasd"), (models.base, "--base")],
+                                        models_dir=models.models_dir, offline=models.offline,
+                                        interactive=runs_at_terminal(), say=say)
+    return pasd_dir, base_dir
+
+
+def pick_runtime(models: ModelChoice):
+    """(torch device, torch dtype) from --device and --dtype."""
+    from .devices import pick_device, pick_dtype
+
+    device = pick_device(models.device)
+    return device, pick_dtype(models.dtype, device)
+
+
+def quiet_libraries() -> None:
+    """Library logs and progress bars would drown our own stderr lines."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def model_identity(pasd_dir: Path, base_dir: Path, pipeline, device, dtype) -> dict:
+    """What every output's metadata says about the model that made it."""
+    return {"pasd": str(pasd_dir), "base": str(base_dir), "variant": pipeline.unet.paca_variant,
+            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def name_fields(run_settings: defaults.UpscaleSettings) -> dict[str, str]:
+    """Fields a --name template may use."""
+    return {"scale": number_field(run_settings.scale), "seed": str(run_settings.seed),
+            "steps": str(run_settings.steps)}
+
+
+def planned_size(run_settings: defaults.UpscaleSettings):
+    """Output size for a dry run's plan, from the input size alone (no torch import)."""
+    from .engine.resize import output_size
+
+    return lambda size: output_size(size, run_settings.scale)
