@@ -118,19 +118,19 @@ def build_pasd_controlnet(config: dict, rrdb_blocks: int) -> PASDControlNet:
     return controlnet
 
 
-def load_pasd_unet(folder: Path, dtype: torch.dtype | None = None) -> PASDUNet:
+def _load_folder(folder: Path, detect, build, dtype: torch.dtype | None):
+    """Detect the variant from the file's keys, build on the meta device, assign the weights."""
     path = weights_path(folder)
-    variant = detect_unet_variant(read_keys(path))
+    variant = detect(read_keys(path))
     config = read_config(folder)
     with torch.device("meta"):
-        unet = build_pasd_unet(config, variant)
-    return _load(unet, path, dtype)
+        model = build(config, variant)
+    return _load(model, path, dtype)
+
+
+def load_pasd_unet(folder: Path, dtype: torch.dtype | None = None) -> PASDUNet:
+    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype)
 
 
 def load_pasd_controlnet(folder: Path, dtype: torch.dtype | None = None) -> PASDControlNet:
-    path = weights_path(folder)
-    rrdb_blocks = detect_rrdb_blocks(read_keys(path))
-    config = read_config(folder)
-    with torch.device("meta"):
-        controlnet = build_pasd_controlnet(config, rrdb_blocks)
-    return _load(controlnet, path, dtype)
+    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype)
