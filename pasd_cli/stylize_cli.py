@@ -105,6 +105,8 @@ def base_source(spec: str, manifests: Mapping) -> Source:
         if kind != "base":
             raise ModelError(f"--base {spec}: '{spec}' is a {kind} model, not a base",
                              hint="pass a LoRA with --lora" if kind == "lora" else None)
+        if not {"unet/config.json", "config.json"} & set(manifests[spec].files):
+            raise ModelError(f"--base {spec}: '{spec}' has no UNet (it serves as --sd15); name a personalized base")
         return Source(spec, STORE)
     if is_repo_id(spec):
         return Source(spec, HUB)

@@ -10,7 +10,7 @@ import pytest
 from pasd_cli.engine.formats import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, check_base, check_lora_file
 from pasd_cli.errors import ModelError
 from pasd_cli.hub_bases import is_repo_id, pick_base_files, store_name
-from pasd_cli.store import load_manifests
+from pasd_cli.store import Manifest, load_manifests
 from pasd_cli.stylize_cli import HUB, PATH, STORE, base_source, lora_source
 
 TOKENIZER = ["tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
@@ -73,7 +73,11 @@ def test_base_and_lora_specs_resolve_in_order(tmp_path, monkeypatch):
     (tmp_path / "owner" / "name").mkdir()
     assert base_source("owner/name", manifests).origin == PATH  # an existing folder wins
     assert base_source("other/name", manifests).origin == HUB
-    assert base_source("sd15", manifests).origin == STORE
+    with pytest.raises(ModelError, match="'sd15' has no UNet"):
+        base_source("sd15", manifests)
+    personal = Manifest(name="toon", kind="base", description="", repo_id="a/toon", revision="main", subfolder="",
+                        files=("unet/config.json", "unet/diffusion_pytorch_model.safetensors"), license="x")
+    assert base_source("toon", {**manifests, "toon": personal}).origin == STORE
     with pytest.raises(ModelError, match="is a lora model, not a base") as refused:
         base_source("lcm-lora-sdv1-5", manifests)
     assert "--lora" in refused.value.hint
