@@ -16,6 +16,8 @@ from .diffusion_cli import (DiffusionOptions, diffusion_options, model_identity,
                             planned_size, quiet_libraries, resolve_model_dirs)
 from .errors import Interrupted, PasdError
 from .models_cli import download_command, models_app
+from .stylize_cli import (SD15_HELP, StyleChoice, fast_settings, given_on_command_line, preflight, resolve_style,
+                          style_identity, style_options, stylize_record)
 
 EXIT_CODES_HELP = ("Exit codes: 0 all done or skipped, 1 some inputs failed, 2 usage, "
                    "3 model or weights, 4 device or resources, 130 interrupted.")
@@ -61,6 +63,47 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions):
         pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, device, dtype)
         identity = model_identity(pasd_dir, base_dir, pipeline, device, dtype)
         return image_worker(upscale_transform(pipeline, run_settings), upscale_record(run_settings, identity), batch)
+
+    run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
+                      prepare=load_worker, output_size=planned_size(run_settings))
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+@style_options  # outermost, so --help lists --base and --lora first
+@batch_options
+@diffusion_options(defaults.StylizeSettings, defaults.STYLIZE_PASD, base_flag="--sd15", base_help=SD15_HELP)
+def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: DiffusionOptions, style: StyleChoice):
+    """Stylize images: PASD on a personalized Stable Diffusion 1.5 base (--base), with LoRAs.
+
+    Defaults follow the authors' advice: PASD-light, conditioning scale 0.7 (smaller is more stylized), scale 1.
+
+    The base's stock UNet weights, VAE and text encoder are used; PASD's own layers always stay.
+    """
+    run_settings, models = diffusion.settings, diffusion.models
+    if style.fast:
+        run_settings = fast_settings(run_settings, given_on_command_line(ctx))
+    preflight(style)  # a refused base stops here: nothing loaded, nothing unpickled
+
+    def load_worker(reporter):
+        """Called once, and only when some image needs the model."""
+        files = resolve_style(style, models, reporter.info)
+        device, dtype = pick_runtime(models)
+        quiet_libraries()
+        from .engine.loading import load_components
+        from .engine.pipeline import PASDPipeline
+        from .engine.stylize import personalize
+        from .image_job import image_worker
+        from .upscale_job import upscale_transform
+
+        reporter.info(f"loading PASD from {files.pasd} on {device} ({models.dtype})")
+        components = load_components(files.pasd, files.sd15)
+        # On the CPU in float32, before the move to the device: merges are exact and cost no VRAM.
+        report = personalize(components, base=files.base, blend=style.blend, loras=files.loras,
+                             lcm_lora=files.lcm_lora, trust_pickle=style.trust_pickle,
+                             on_stage=lambda what, source: reporter.info(f"applying {what} {source}"))
+        pipeline = PASDPipeline(components, device, dtype)
+        identity = style_identity(model_identity(files.pasd, files.sd15, pipeline, device, dtype), style, report)
+        return image_worker(upscale_transform(pipeline, run_settings), stylize_record(run_settings, identity), batch)
 
     run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
                       prepare=load_worker, output_size=planned_size(run_settings))

@@ -24,6 +24,7 @@ class ModelChoice:
     models_dir: Optional[Path]
     device: str
     dtype: str
+    base_flag: str = "--base"  # the option that named `base`, for messages
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,14 @@ class DiffusionOptions:
     models: ModelChoice
 
 
-def _parameters(d: defaults.UpscaleSettings, pasd_model: str) -> list:
+BASE_HELP = "Stable Diffusion 1.5: a model name, or a folder in diffusers layout."
+
+
+def _parameters(d: defaults.UpscaleSettings, pasd_model: str, base_flag: str, base_help: str) -> list:
     return [
         ("pasd", typer.Option(pasd_model, "--pasd", help="PASD model: a name from `pasd models list`, "
                                                          "or a checkpoint folder."), str),
-        ("base", typer.Option(defaults.BASE_MODEL, "--base", help="Stable Diffusion 1.5: a model name, or "
-                                                                  "a folder in diffusers layout."), str),
+        (_parameter_name(base_flag), typer.Option(defaults.BASE_MODEL, base_flag, help=base_help), str),
         ("offline", typer.Option(False, "--offline", help="Never use the network; fail if a model is "
                                                           "missing."), bool),
         ("models_dir", typer.Option(None, "--models-dir", help=MODELS_DIR_HELP), Optional[Path]),
@@ -65,31 +68,41 @@ def _parameters(d: defaults.UpscaleSettings, pasd_model: str) -> list:
     ]
 
 
-def diffusion_options(settings_class: type = defaults.UpscaleSettings,
-                      pasd_model: str = defaults.PASD_MODEL) -> callable:
-    """Replaces a command's `diffusion` parameter with the shared options, defaults taken from
-    `settings_class`, packed into `DiffusionOptions`."""
-    preset = settings_class()
+def _parameter_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
-    def build(pasd, base, offline, models_dir, device, dtype, **values) -> DiffusionOptions:
+
+def diffusion_options(settings_class: type = defaults.UpscaleSettings,
+                      pasd_model: str = defaults.PASD_MODEL, base_flag: str = "--base",
+                      base_help: str = BASE_HELP) -> callable:
+    """Replaces a command's `diffusion` parameter with the shared options, defaults taken from
+    `settings_class`, packed into `DiffusionOptions`. `base_flag` renames the SD 1.5 option for a
+    command whose own --base means something else (stylize: `--sd15`)."""
+    preset = settings_class()
+    base_name = _parameter_name(base_flag)
+
+    def build(pasd, offline, models_dir, device, dtype, **values) -> DiffusionOptions:
+        base = values.pop(base_name)
         try:
             run_settings = replace(preset, **values)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        return DiffusionOptions(run_settings, ModelChoice(pasd, base, offline, models_dir, device, dtype))
+        return DiffusionOptions(run_settings, ModelChoice(pasd, base, offline, models_dir, device, dtype,
+                                                          base_flag))
 
-    return option_group("diffusion", _parameters(preset, pasd_model), build)
+    return option_group("diffusion", _parameters(preset, pasd_model, base_flag, base_help), build)
 
 
-def resolve_model_dirs(models: ModelChoice, say) -> tuple[Path, Path]:
+def resolve_model_dirs(models: ModelChoice, say, extra: list[tuple[str, str]] = ()) -> tuple[Path, ...]:
+    """(pasd folder, SD 1.5 folder, then a path for each (spec, option) in `extra`), resolved
+    together so that every missing model is named in one error with one download command."""
     from .store import offline_requested, resolve_models, runs_at_terminal
 
     if offline_requested(models.offline):
         os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
-    pasd_dir, base_dir = resolve_models([(models.pasd, "--pasd"), (models.base, "--base")],
-                                        models_dir=models.models_dir, offline=models.offline,
-                                        interactive=runs_at_terminal(), say=say)
-    return pasd_dir, base_dir
+    return tuple(resolve_models([(models.pasd, "--pasd"), (models.base, models.base_flag), *extra],
+                                models_dir=models.models_dir, offline=models.offline,
+                                interactive=runs_at_terminal(), say=say))
 
 
 def pick_runtime(models: ModelChoice):

@@ -32,19 +32,26 @@ def _store(models_dir: Optional[Path]):
 
 
 def download_command(
-    names: Optional[List[str]] = typer.Argument(None, help="Model names (default: what `pasd upscale` uses)."),
+    names: Optional[List[str]] = typer.Argument(None, help="Model names (default: what `pasd upscale` uses), "
+                                                           "or hub repo ids (owner/name) of bases for "
+                                                           "`pasd stylize`."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Download models (and the models they need) into the store, or repair damaged ones."""
     from .hub import download
+    from .hub_bases import download_hub_base, is_repo_id
     from .store import default_models, with_needs
 
     store = _store(models_dir)
-    wanted = with_needs(names, store.manifests) if names else default_models()
+    repo_ids = [n for n in names or () if is_repo_id(n)]
+    names = [n for n in names or () if n not in repo_ids]
+    wanted = with_needs(names, store.manifests) if names else [] if repo_ids else default_models()
     show_bar = sys.stderr.isatty()  # asked for explicitly: a bar when someone watches, lines otherwise
     for name in wanted:
         download(store, name, say=_say, show_bar=show_bar)
         print(store.model_path(name), flush=True)
+    for repo_id in repo_ids:
+        print(download_hub_base(store.root, repo_id, say=_say, show_bar=show_bar), flush=True)
 
 
 @models_app.command("list")

@@ -48,6 +48,11 @@ def tiny_model_args(pasd: Path = TINY_PASD, base: Path = TINY_BASE) -> list[str]
     return ["--pasd", str(pasd), "--base", str(base)]
 
 
+def tiny_stylize_args(pasd: Path = TINY_LIGHT, sd15: Path = TINY_BASE) -> list[str]:
+    """`pasd stylize`'s model options for the tiny model (its --base is the personalized base)."""
+    return ["--pasd", str(pasd), "--sd15", str(sd15)]
+
+
 @pytest.fixture(scope="session")
 def reference():
     import torch

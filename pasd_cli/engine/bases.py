@@ -6,7 +6,8 @@ into, the stock UNet tensors only: the PACA tensors always stay PASD's (the rele
 them for folder bases). The base's VAE and text encoder replace the default ones when it has
 them. Everything is changed in place on a `Components`.
 
-Single files are converted offline in `single_file.py`, with the configs of the loaded parts.
+Single files are converted offline in `single_file.py`, with the configs of the loaded parts;
+`formats.py` tells the kinds apart without torch.
 """
 
 from __future__ import annotations
@@ -19,13 +20,10 @@ import torch
 
 from ..errors import ModelError
 from ..nn.loading import check_state_dict
+from .formats import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, base_kind, weight_files  # noqa: F401
 from .loading import Components
 from .single_file import build_text_encoder, build_vae, read_single_file
-from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
-
-SINGLE_FILE = "single-file"
-UNET_FOLDER = "unet-folder"
-DIFFUSERS_FOLDER = "diffusers-folder"
+from .weights import read_state_dict
 
 
 @dataclass(frozen=True)
@@ -35,23 +33,6 @@ class BaseReport:
     blend: float
     unet_tensors: int
     replaced: tuple[str, ...] = field(default=())
-
-
-def base_kind(path: Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        if (path / "unet").is_dir():
-            return DIFFUSERS_FOLDER
-        if (path / "config.json").is_file():
-            return UNET_FOLDER
-        raise ModelError(f"{path}: neither a diffusers model folder (with unet/) nor a UNet folder "
-                         "(with config.json)")
-    if path.is_file():
-        if path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-            return SINGLE_FILE
-        raise ModelError(f"{path}: unknown model format {path.suffix or '(no suffix)'}",
-                         hint="a base is a .safetensors checkpoint or a diffusers folder")
-    raise ModelError(f"base model not found: {path}")
 
 
 # --- the stock UNet tensors ------------------------------------------------------------------
@@ -106,25 +87,6 @@ def apply_single_file(components: Components, path: Path, blend: float = 1.0,
 
 
 # --- folders -----------------------------------------------------------------------------------
-
-def weight_files(folder: Path, stem: str) -> list[Path]:
-    """The weights of one diffusers/transformers part: safetensors (full, fp16, or sharded) first,
-    pickles last (they are refused later unless trusted)."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
-        if (folder / name).is_file():
-            return [folder / name]
-    for index in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
-        if (folder / index).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
-                raise ModelError(f"cannot read {folder / index}: {exc}") from None
-            return [folder / shard for shard in shards]
-    for name in (f"{stem}.bin", f"{stem}.fp16.bin", f"{stem}.ckpt"):
-        if (folder / name).is_file():
-            return [folder / name]
-    raise ModelError(f"{folder} holds no {stem}.safetensors")
-
 
 def read_part(folder: Path, stem: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}

@@ -12,26 +12,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-TRUST_PICKLE_HINT = ("convert it to .safetensors, or pass --trust-pickle to read it with "
-                     "restricted unpickling (tensors and plain containers only)")
-
-
-def is_pickle(path: Path) -> bool:
-    return path.suffix.lower() in PICKLE_SUFFIXES
+from .formats import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, refuse_untrusted_pickle
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def refuse_untrusted_pickle(path: Path, trust_pickle: bool) -> None:
-    if is_pickle(path) and not trust_pickle:
-        raise ModelError(f"{path} is a pickle ({path.suffix}); reading it could run code, so it is refused",
-                         hint=TRUST_PICKLE_HINT)
 
 
 def _tensors_only(obj, path: Path) -> dict[str, torch.Tensor]:
