@@ -17,15 +17,17 @@ and to the batch runner:
         ...  #   {"prompt": result.prompt, **chosen.provenance()}  (see upscale_job.upscale_transform)
         run_batch_command(batch, ..., prepass=prompts.prepass)
 
-The pre-pass runs before the model loads: it checks the PASD models are there (so a missing one
-is not found after an hour of captioning), resolves every pending image's prompt (sidecar >
-prompt file > caption, through the cache > none), then frees the captioner, so the captioner and
-PASD are never in memory together (always: the captioner has nothing left to do by then).
+The pre-pass runs before the model loads: it checks the models are there (so a missing one is
+not found after an hour of captioning; `check_models` for a command with more models than
+--pasd and the base), resolves every pending image's prompt (sidecar > prompt file > caption,
+through the cache > none), then frees the captioner, so the captioner and PASD are never in
+memory together (always: the captioner has nothing left to do by then).
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -84,13 +86,18 @@ class ImagePrompts:
     """Every image's high-level information for one batch: filled by `prepass`, read by the
     worker through `for_job`."""
 
-    def __init__(self, options: CaptionOptions, batch: defaults.BatchSettings, diffusion):
+    def __init__(self, options: CaptionOptions, batch: defaults.BatchSettings, diffusion,
+                 check_models: Optional[Callable] = None):
+        """`check_models(reporter)` finds (or fetches, or refuses) every model the command will
+        load, before any captioning; by default the --pasd and base models. A command with more
+        models (a style base, LoRAs) passes its own resolver, so a missing one is reported first."""
         if options.caption_only and not batch.dry_run:
             raise UsageError("--caption-only prints prompts instead of upscaling; it needs --dry-run")
         if options.model is not None and options.settings.mode == "none":
             raise UsageError("--caption-model needs --caption blip or --caption classify")
         self.options, self.batch = options, batch
         self.run_settings, self.models = diffusion.settings, diffusion.models
+        self.check_models = check_models or self._check_pasd_models
         self.prompt_file = None
         if options.prompt_file is not None:  # refused before any work when malformed
             from .prompt_sources import PromptFile
@@ -126,10 +133,8 @@ class ImagePrompts:
         if self.batch.dry_run and not self.options.caption_only:
             return
         reporter = pending.reporter
-        if not self.batch.dry_run:
-            from .diffusion_cli import resolve_model_dirs
-
-            resolve_model_dirs(self.models, reporter.info)
+        if not self.batch.dry_run:  # a missing model is not found after an hour of captioning
+            self.check_models(reporter)
         from .imageio import read_rgb
         from .prompt_sources import SidecarError
 
@@ -155,6 +160,11 @@ class ImagePrompts:
             resolver.close()  # before the diffusion model loads
             reporter.end_stage("caption")
         self._after(pending, resolver, cache, finished)
+
+    def _check_pasd_models(self, reporter) -> None:
+        from .diffusion_cli import resolve_model_dirs
+
+        resolve_model_dirs(self.models, reporter.info)
 
     def _resolver(self, reporter):
         from .caption_cache import CaptionCache
