@@ -44,6 +44,7 @@ class Job:
     status: str = TODO
     reason: str | None = None
     output_size: tuple[int, int] | None = None  # as planned from the header
+    extra: dict = field(default_factory=dict)  # fields a pre-pass adds to this job's record
 
 
 @dataclass
@@ -311,11 +312,34 @@ def hold_lock(path: str | None) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------- execution
 
+@dataclass
+class Pending:
+    """What a command's pre-pass sees before the per-job loop: the jobs still to do (in order),
+    the whole plan, and the reporter and summary of the run. A pre-pass prepares what every job
+    needs before the model loads (e.g. captions, so the captioner and the diffusion model are
+    never in memory together); it may add record fields to `job.extra` and counters to
+    `summary.extra`, and fail single jobs with `fail`."""
+
+    jobs: list[Job]
+    plan: Plan
+    reporter: object
+    summary: Summary
+    _fail: Callable[[Job, InputError, bool], bool]
+
+    def fail(self, job: Job, error: InputError, remember: bool = True) -> bool:
+        """The job fails as if its worker had raised `error`; `remember=False` keeps it out of the
+        failure log (the error is not about the image's content, e.g. a bad sidecar file).
+        Returns True when the batch stops there (--fail-fast): the pre-pass should stop too."""
+        return self._fail(job, error, remember)
+
+
 def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: BatchSettings,
              seed: int | None = None, failures: FailureLog | None = None,
-             summary: Summary | None = None) -> Summary:
+             summary: Summary | None = None, prepass: Callable[[Pending], None] | None = None) -> Summary:
     """Run `prepare()` (once, only if there is work) and its worker over the plan's jobs, in order.
-    Pass a `summary` to add counters of your own to its `extra` while the jobs run.
+    Pass a `summary` to add counters of your own to its `extra` while the jobs run. `prepass`, when
+    given, is called once with the jobs to do (dry runs included) before the loop, when there are
+    any.
 
     Input errors fail one job and the batch goes on (stops with --fail-fast); any other PasdError
     (model, device, interrupt) stops the batch: the rest are recorded as cancelled, the summary
@@ -324,8 +348,14 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
     summary = summary if summary is not None else Summary()
     started = time.monotonic()
     worker: Worker | None = None
-    todo_total, todo_done = len(plan.todo), 0
+    todo_done = 0
     stop_reason = None
+
+    def fail_early(job: Job, error: InputError, remember: bool) -> bool:
+        job.status, job.reason = FAILED, _reason(error, job.source)
+        if remember and failures is not None and job.found and not isinstance(error, OutputError):
+            failures.record(job.source, job.reason)
+        return options.fail_fast
 
     def emit(job: Job, status: str, reason: str | None = None, seconds: float | None = None,
              result: JobResult | None = None) -> None:
@@ -335,9 +365,12 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
             status=status, reason=reason, seconds=seconds,
             input_size=job.info.size if job.info else None,
             output_size=result.output_size if result else job.output_size if status == PLANNED else None,
-            seed=seed, extra=result.extra if result else {}))
+            seed=seed, extra={**job.extra, **(result.extra if result else {})}))
 
     try:
+        if prepass is not None and plan.todo:
+            prepass(Pending(plan.todo, plan, reporter, summary, fail_early))
+        todo_total = len(plan.todo)
         for job in plan.jobs:
             if stop_reason:
                 emit(job, CANCELLED, stop_reason)

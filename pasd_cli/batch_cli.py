@@ -80,11 +80,13 @@ def number_field(value: float) -> str:
 
 
 def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str], seed: int | None,
-                      prepare: Callable, output_size: Callable | None = None, summary=None) -> None:
+                      prepare: Callable, output_size: Callable | None = None, summary=None,
+                      prepass: Callable | None = None) -> None:
     """Discover, plan and run. `prepare(reporter)` loads the model once and returns the worker; it is
     not called when there is nothing to do (dry run, or every input skipped). `output_size(size)`
     gives planned sizes for dry runs. A `batch.Summary` passed in collects the command's own
-    counters in `.extra` (they end up in the JSON summary). Raises typer.Exit(1) when some input
+    counters in `.extra` (they end up in the JSON summary). `prepass(batch.Pending)` runs once over
+    the jobs to do before the loop (see `batch.run_jobs`). Raises typer.Exit(1) when some input
     failed; fatal errors propagate as PasdError."""
     from .batch import FailureLog, hold_lock, plan_jobs, run_jobs
     from .inputs import find_inputs
@@ -105,7 +107,7 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
         if plan.collisions and not batch.dry_run:
             raise _collisions(plan.collisions, "nothing done")
         summary = run_jobs(plan, lambda: prepare(reporter), reporter, batch, seed=seed, failures=failures,
-                           summary=summary)
+                           summary=summary, prepass=prepass)
     if plan.collisions:  # a dry run lists them all first
         raise _collisions(plan.collisions, "a run would refuse to start")
     if summary.exit_code:

@@ -12,6 +12,7 @@ import typer
 
 from . import settings as defaults
 from .batch_cli import batch_options, run_batch_command
+from .caption_cli import CaptionOptions, ImagePrompts, caption_options
 from .diffusion_cli import (DiffusionOptions, diffusion_options, model_identity, name_fields, pick_runtime,
                             planned_size, quiet_libraries, resolve_model_dirs)
 from .errors import Interrupted, PasdError
@@ -43,12 +44,14 @@ def _say(message: str) -> None:
 @app.command(epilog=EXIT_CODES_HELP)
 @batch_options
 @diffusion_options(defaults.UpscaleSettings, defaults.PASD_MODEL)
-def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions):
+@caption_options
+def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions: CaptionOptions):
     """Upscale images (PASD real-world super-resolution).
 
     Results are written atomically to -o; existing outputs are skipped, so a re-run only does what is left.
     """
     run_settings, models = diffusion.settings, diffusion.models
+    prompts = ImagePrompts(captions, batch, diffusion)
 
     def load_worker(reporter):
         """Called once, and only when some image needs the model."""
@@ -62,10 +65,11 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions):
         reporter.info(f"loading PASD from {pasd_dir} on {device} ({models.dtype})")
         pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, device, dtype)
         identity = model_identity(pasd_dir, base_dir, pipeline, device, dtype)
-        return image_worker(upscale_transform(pipeline, run_settings), upscale_record(run_settings, identity), batch)
+        return image_worker(upscale_transform(pipeline, run_settings, prompts), upscale_record(run_settings, identity),
+                            batch)
 
     run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
-                      prepare=load_worker, output_size=planned_size(run_settings))
+                      prepare=load_worker, output_size=planned_size(run_settings), prepass=prompts.prepass)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -35,6 +35,11 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split()).rstrip(", ")
 
 
+class SidecarError(InputError):
+    """A sidecar that cannot be used: this image fails, but the fault is the text file's, so the
+    image is not remembered as a bad input."""
+
+
 def sidecar_path(image_path: Path) -> Path:
     return image_path.with_suffix(SIDECAR_SUFFIX)
 
@@ -48,14 +53,14 @@ def read_sidecar(image_path: Path) -> str | None:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise InputError(f"{path}: cannot read prompt sidecar ({exc.strerror or exc})") from None
+        raise SidecarError(f"{path}: cannot read prompt sidecar ({exc.strerror or exc})") from None
     if len(data) > SIDECAR_MAX_BYTES:
-        raise InputError(f"{path}: prompt sidecar is {len(data)} bytes; at most {SIDECAR_MAX_BYTES}",
-                         hint="a sidecar holds one prompt; CLIP reads only its first 77 tokens")
+        raise SidecarError(f"{path}: prompt sidecar is {len(data)} bytes; at most {SIDECAR_MAX_BYTES}",
+                           hint="a sidecar holds one prompt; CLIP reads only its first 77 tokens")
     try:
         return normalize_text(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
-        raise InputError(f"{path}: prompt sidecar is not UTF-8 text") from None
+        raise SidecarError(f"{path}: prompt sidecar is not UTF-8 text") from None
 
 
 def _csv_rows(text: str, where: str):
@@ -154,10 +159,17 @@ class ImagePrompt:
         return build_prompt(user_prompt, added_prompt, **self.pipeline_args())
 
     def to_json(self) -> dict:
+        record = self.provenance()
+        if self.description is not None:
+            record["caption_cached"] = self.cached
+        return record
+
+    def provenance(self) -> dict:
+        """For the output's metadata: where the prompt came from, but not whether this run found
+        it in the cache, so the same input and settings give the same bytes."""
         record = {"prompt_source": self.source, "prompt_text": self.text}
         if self.description is not None:
             record["description"] = self.description.to_json()
-            record["caption_cached"] = self.cached
         return record
 
 
@@ -175,13 +187,14 @@ class PromptStats:
                 "none": self.none}
 
 
-def describer_missing(mode: str, model: str, reason: str) -> ModelError:
+def describer_missing(mode: str, model: str, reason: str, fetch: str = "pasd download") -> ModelError:
     """The error (exit 3) when the describer's weights are not on this machine and cannot be
-    fetched (offline, or never downloaded): it names the two ways forward."""
+    fetched (offline, or never downloaded): it names the two ways forward. `fetch` is the
+    command that fetches them."""
     what = "captioner" if mode == "blip" else "classifier"
     return ModelError(f"the {what} for --caption {mode} ({model}) is not available: {reason}",
-                      hint="run `pasd download` to fetch it, or pass --caption none to upscale "
-                           "without prompts from the image")
+                      hint=f"run `{fetch}` to fetch it, or pass --caption none to go without "
+                           "prompts from the image")
 
 
 class PromptResolver:

@@ -30,7 +30,7 @@ class Reporter:
         self.verbosity = verbosity
         self.json_lines = json_lines
         self.paths_to_stdout = paths_to_stdout and not json_lines
-        self._stdout = stdout  # None: sys.stdout at each write, which Rich redirects around its bars
+        self._stdout = stdout  # None: sys.stdout at each write (Rich redirects it around its bars on a tty)
         self.stderr = stderr or sys.stderr
         if live is None:
             live = verbosity > QUIET and self.stderr.isatty()
@@ -121,6 +121,11 @@ class Reporter:
         if self._live:
             self._live.end_job()
 
+    def end_stage(self, stage: str) -> None:
+        """A stage reported outside any job (e.g. captions before the first image) is over."""
+        if self._live:
+            self._live.end_stage(stage)
+
     def _eta(self, remaining: int) -> str | None:
         if not self._image_seconds:
             return None
@@ -136,9 +141,11 @@ class _LiveProgress:
                                    TimeRemainingColumn)
 
         self.console = Console(file=stream, stderr=True)
+        # Rich redirects stdout around its bars; only right when stdout is the same screen. Piped
+        # or redirected to a file, results must go there, not to the terminal.
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                                 transient=True)
+                                 transient=True, redirect_stdout=sys.stdout.isatty())
         self.images = None
         self.stages: dict[str, int] = {}
         self.progress.start()
@@ -152,6 +159,10 @@ class _LiveProgress:
         if stage not in self.stages:
             self.stages[stage] = self.progress.add_task(f"  {stage}s", total=total)
         self.progress.update(self.stages[stage], completed=done, total=total)
+
+    def end_stage(self, stage: str) -> None:
+        if stage in self.stages:
+            self.progress.remove_task(self.stages.pop(stage))
 
     def end_job(self) -> None:
         for task in self.stages.values():

@@ -59,6 +59,10 @@ class UpscaleSettings:
 # High-level information for the prompt (spec section 5): a BLIP caption (released default:
 # caption), an ImageNet class (classify) or nothing (none).
 CAPTION_MODES = ("blip", "classify", "none")
+# Model names from models/*.json that --caption blip and --caption classify use by default;
+# `pasd download` fetches the captioner with the default PASD model, as upscale captions by default.
+CAPTION_MODEL = "blip"
+CLASSIFY_MODEL = "resnet-50"
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,8 @@ def with_needs(names: Iterable[str], manifests: Mapping[str, Manifest] | None = 
 
 
 def default_models() -> list[str]:
-    """What `pasd upscale` uses when no model is named."""
-    return with_needs([settings.PASD_MODEL, settings.BASE_MODEL])
+    """What `pasd upscale` uses when no model is named: PASD, its base, and the captioner."""
+    return with_needs([settings.PASD_MODEL, settings.BASE_MODEL, settings.CAPTION_MODEL])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ TINY_LIGHT = TINY / "pasd_light" / "checkpoint-120000"
 TINY_BASE = TINY / "stable-diffusion-v1-5"
 LR_INPUT = REFERENCE / "lr_input.png"
 
-# The reference pipeline run (reference README, section C).
+# The reference pipeline run (reference README, section C); it had no prompt from the image.
 REFERENCE_ARGS = ["--steps", "2", "--scale", "2", "--process-size", "112", "--prompt", "a tiny test image",
                   "--seed", "1234", "--guidance", "9", "--conditioning-scale", "1", "--dtype", "fp32",
-                  "--device", "cpu"]
+                  "--device", "cpu", "--caption", "none"]
 
 
 def pasd_command() -> list[str]:

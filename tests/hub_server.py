@@ -246,9 +246,10 @@ def _handler_for(hub: FakeHub):
     return Handler
 
 
-def tiny_hub_repos(reference: Path) -> dict[str, Repo]:
+def tiny_hub_repos(reference: Path, describers: dict[str, Path] | None = None) -> dict[str, Repo]:
     """The tiny PASD checkpoints and tiny SD base, laid out as the released hub repos, with files
-    the manifests do not ask for (they must never be fetched)."""
+    the manifests do not ask for (they must never be fetched). `describers` adds repos (repo id ->
+    a folder built at test time, e.g. a tiny BLIP for Salesforce/blip-image-captioning-base)."""
     tiny = reference / "tiny-pasd"
 
     def read_tree(folder: Path, prefix: str) -> dict[str, bytes]:
@@ -263,4 +264,8 @@ def tiny_hub_repos(reference: Path) -> dict[str, Repo]:
     sd15 = {**read_tree(tiny / "stable-diffusion-v1-5", ""),
             "README.md": b"# SD 1.5\n",
             "v1-5-pruned-emaonly.safetensors": b"\1" * 60_000}
-    return {"yangtao9009/PASD": Repo(pasd), "stable-diffusion-v1-5/stable-diffusion-v1-5": Repo(sd15)}
+    repos = {"yangtao9009/PASD": Repo(pasd), "stable-diffusion-v1-5/stable-diffusion-v1-5": Repo(sd15)}
+    for repo_id, folder in (describers or {}).items():
+        repos[repo_id] = Repo({**read_tree(folder, ""), "README.md": b"# model card\n",
+                               "pytorch_model.bin": b"pickled weights, never fetched" * 100})
+    return repos

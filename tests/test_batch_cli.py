@@ -22,7 +22,7 @@ from batch_images import BAD, GOOD, HIDDEN, make_photo_folder
 from conftest import TINY_PASD, pasd_command, run_pasd, tiny_model_args
 from pasd_cli.metadata import read_record
 
-MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32"]
+MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
 # Small and quick; the wavelet colour fix still carries the input's colours into the output.
 FAST = ["--scale", "2", "--steps", "1", "--guidance", "1", "--process-size", "16"]
 NAMING = ["--format", "same", "--name", "{stem}_x{scale}", "--recursive"]

@@ -50,7 +50,7 @@ def test_wrong_key_set_is_refused_with_exit_3(tmp_path, case):
     part, edit, key = BREAKAGES[case]
     checkpoint = _broken_checkpoint(tmp_path, part, edit)
     proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=checkpoint),
-                    "--steps", "1", "--device", "cpu")
+                    "--steps", "1", "--device", "cpu", "--caption", "none")
     assert proc.returncode == 3, proc.stderr
     assert key in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -64,7 +64,7 @@ def test_stock_unet_is_not_a_pasd_checkpoint(tmp_path):
     shutil.copytree(TINY_PASD, folder)
     shutil.rmtree(folder / "unet")
     shutil.copytree(TINY_BASE / "unet", folder / "unet")
-    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=folder))
+    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=folder), "--caption", "none")
     assert proc.returncode == 3
     assert "no PACA layers" in proc.stderr
 

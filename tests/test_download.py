@@ -1,5 +1,5 @@
 """Downloads through the real `pasd` command against a loopback hub (tests/hub_server.py) serving
-the tiny PASD checkpoint and tiny SD base in the released repos' layout.
+the tiny PASD checkpoint, tiny SD base and tiny BLIP captioner in the released repos' layout.
 
 "The network guard": every request that reaches the loopback hub is logged; the offline runs
 keep HF_ENDPOINT pointed at it and must add zero requests to the log.
@@ -25,6 +25,7 @@ from pasd_cli.store import Manifest, Store, load_manifests, resolve_models
 
 MANIFESTS = load_manifests()
 PASD_REPO, SD_REPO = "yangtao9009/PASD", "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BLIP_REPO = MANIFESTS["blip"].repo_id
 UNET_WEIGHTS = "pasd/checkpoint-100000/unet/diffusion_pytorch_model.safetensors"
 CONTROLNET_WEIGHTS = "pasd/checkpoint-100000/controlnet/diffusion_pytorch_model.safetensors"
 # Cheap settings for runs that must be refused: if a refusal ever regressed, the run stays short.
@@ -32,8 +33,8 @@ QUICK = ["--steps", "1", "--scale", "1", "--process-size", "64", "--device", "cp
 
 
 @pytest.fixture
-def hub():
-    with FakeHub(tiny_hub_repos(REFERENCE)) as server:
+def hub(tiny_blip_dir):
+    with FakeHub(tiny_hub_repos(REFERENCE, {BLIP_REPO: tiny_blip_dir})) as server:
         yield server
 
 
@@ -64,7 +65,7 @@ def wanted(*names: str) -> Counter:
     return Counter(f"{MANIFESTS[n].repo_id}/{p}" for n in names for p in MANIFESTS[n].repo_paths)
 
 
-def install(hub: FakeHub, root: Path, names=("pasd", "sd15")) -> Store:
+def install(hub: FakeHub, root: Path, names=("pasd", "sd15", "blip")) -> Store:
     store = Store(root)
     for name in names:
         download(store, name, endpoint=hub.url)
@@ -89,8 +90,9 @@ def test_download_fetches_exactly_the_needed_files_then_upscale_runs_offline(tmp
     proc = pasd("download", env=env)
     assert proc.returncode == 0, proc.stderr
     store = tmp_path / "store"
-    assert proc.stdout.split() == [str(store / "pasd" / "pasd" / "checkpoint-100000"), str(store / "sd15")]
-    assert Counter(hub.downloads()) == wanted("pasd", "sd15")  # each needed file once, nothing else
+    assert proc.stdout.split() == [str(store / "pasd" / "pasd" / "checkpoint-100000"), str(store / "sd15"),
+                                   str(store / "blip")]  # upscale captions by default: the captioner too
+    assert Counter(hub.downloads()) == wanted("pasd", "sd15", "blip")  # each needed file once, nothing else
     assert (store / "pasd" / UNET_WEIGHTS).read_bytes() == (TINY_PASD / "unet" / "diffusion_pytorch_model.safetensors"
                                                            ).read_bytes()
     assert not (store / "sd15" / "unet").exists() and not (store / "pasd" / "README.md").exists()
@@ -98,6 +100,8 @@ def test_download_fetches_exactly_the_needed_files_then_upscale_runs_offline(tmp
     listed = pasd("models", "list", "--json", env=env)
     rows = {row["name"]: row for row in map(__import__("json").loads, listed.stdout.splitlines())}
     assert rows["pasd"]["installed"] and rows["sd15"]["installed"] and not rows["pasd-light"]["installed"]
+    assert rows["blip"]["installed"] and rows["blip"]["default"] and not rows["resnet-50"]["installed"]
+    assert not (store / "blip" / "pytorch_model.bin").exists()
     assert rows["sd15"]["size"] == sum(len(hub.repos[SD_REPO].files[p]) for p in MANIFESTS["sd15"].repo_paths)
     assert rows["pasd"]["commit"] == hub.repos[PASD_REPO].commit
 
@@ -133,7 +137,7 @@ def test_cut_connection_leaves_nothing_usable_and_the_rerun_finishes(tmp_path, h
     second = Counter(hub.downloads())
     finished_before = f"{PASD_REPO}/pasd/checkpoint-100000/unet/config.json"
     assert first[finished_before] == 1 and second[finished_before] == 0  # kept, not fetched again
-    assert second == wanted("pasd", "sd15") - Counter([finished_before])
+    assert second == wanted("pasd", "sd15", "blip") - Counter([finished_before])
     assert pasd("models", "verify", env=env).returncode == 0
 
 
@@ -383,6 +387,7 @@ def test_at_a_terminal_missing_models_download_with_a_progress_bar(tmp_path, hub
         ["upscale", LR_INPUT, "-o", tmp_path / "out", *QUICK], clean_env(tmp_path, hub))
     assert code == 0, terminal
     assert stdout.strip() == str(tmp_path / "out" / "lr_input.png")
-    assert Counter(hub.downloads()) == wanted("pasd", "sd15")
+    assert Counter(hub.downloads()) == wanted("pasd", "sd15", "blip")  # the captioner when it is needed
     assert "pasd: fetching 4 file(s)" in terminal and "sd15: fetching 10 file(s)" in terminal
+    assert "blip: fetching 7 file(s)" in terminal
     assert "%|" in terminal  # tqdm's bar

@@ -44,7 +44,9 @@ def test_manifest_files_are_data_only():
 
 
 def test_defaults_are_the_settings_defaults_and_their_needs():
-    assert default_models() == [settings.PASD_MODEL, settings.BASE_MODEL]
+    assert default_models() == [settings.PASD_MODEL, settings.BASE_MODEL, settings.CAPTION_MODEL]
+    assert load_manifests()[settings.CAPTION_MODEL].kind == "captioner"
+    assert load_manifests()[settings.CLASSIFY_MODEL].kind == "classifier"
     assert with_needs(["pasd-light"]) == ["pasd-light", "sd15"]
     assert with_needs(["sd15", "pasd"]) == ["sd15", "pasd"]
 

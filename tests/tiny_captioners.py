@@ -27,6 +27,10 @@ def build_tiny_blip(folder: Path, seed: int = 0) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    # transformers 5 no longer writes it, but the hub repo has it (and the manifest lists it).
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]",
+         "unk_token": "[UNK]"}))
     # As the hub model: BOS ([DEC]) and one spare id lie past the tokenizer's vocabulary.
     size = len(vocab)
     config = BlipConfig(

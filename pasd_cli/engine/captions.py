@@ -19,7 +19,6 @@ from PIL import Image
 
 from ..errors import ModelError
 from ..settings import CaptionSettings
-from .loading import _from_pretrained
 
 DESCRIBER_KINDS = ("blip", "classify")
 # How an ImageNet class name becomes prompt text; part of the classifier's identity, so a change
@@ -125,6 +124,12 @@ class DescriberSpec:
 def _require_folder(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise ModelError(f"{what} folder not found: {folder}")
+
+
+def _from_pretrained(model_class, folder: Path, **kwargs):
+    from .loading import _from_pretrained as load  # imports diffusers: only when a model loads
+
+    return load(model_class, folder, **kwargs)
 
 
 def _pil_image_processor(folder: Path):
