@@ -76,7 +76,9 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions
 @style_options  # outermost, so --help lists --base and --lora first
 @batch_options
 @diffusion_options(defaults.StylizeSettings, defaults.STYLIZE_PASD, base_flag="--sd15", base_help=SD15_HELP)
-def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: DiffusionOptions, style: StyleChoice):
+@caption_options
+def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: DiffusionOptions, style: StyleChoice,
+            captions: CaptionOptions):
     """Stylize images: PASD on a personalized Stable Diffusion 1.5 base (--base), with LoRAs.
 
     Defaults follow the authors' advice: PASD-light, conditioning scale 0.7 (smaller is more stylized), scale 1.
@@ -87,6 +89,8 @@ def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: Diffus
     if style.fast:
         run_settings = fast_settings(run_settings, given_on_command_line(ctx))
     preflight(style)  # a refused base stops here: nothing loaded, nothing unpickled
+    prompts = ImagePrompts(captions, batch, diffusion,
+                           check_models=lambda reporter: resolve_style(style, models, reporter.info))
 
     def load_worker(reporter):
         """Called once, and only when some image needs the model."""
@@ -107,10 +111,11 @@ def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: Diffus
                              on_stage=lambda what, source: reporter.info(f"applying {what} {source}"))
         pipeline = PASDPipeline(components, device, dtype)
         identity = style_identity(model_identity(files.pasd, files.sd15, pipeline, device, dtype), style, report)
-        return image_worker(upscale_transform(pipeline, run_settings), stylize_record(run_settings, identity), batch)
+        return image_worker(upscale_transform(pipeline, run_settings, prompts),
+                            stylize_record(run_settings, identity), batch)
 
     run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
-                      prepare=load_worker, output_size=planned_size(run_settings))
+                      prepare=load_worker, output_size=planned_size(run_settings), prepass=prompts.prepass)
 
 
 app.command("download", epilog=EXIT_CODES_HELP)(download_command)

@@ -50,7 +50,7 @@ def tiny_model_args(pasd: Path = TINY_PASD, base: Path = TINY_BASE) -> list[str]
 
 def tiny_stylize_args(pasd: Path = TINY_LIGHT, sd15: Path = TINY_BASE) -> list[str]:
     """`pasd stylize`'s model options for the tiny model (its --base is the personalized base)."""
-    return ["--pasd", str(pasd), "--sd15", str(sd15)]
+    return ["--pasd", str(pasd), "--sd15", str(sd15), "--caption", "none"]
 
 
 @pytest.fixture(scope="session")

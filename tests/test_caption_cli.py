@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import LR_INPUT, REFERENCE, REFERENCE_ARGS, run_pasd, tiny_model_args
+from conftest import LR_INPUT, REFERENCE, REFERENCE_ARGS, TINY_BASE, TINY_LIGHT, run_pasd, tiny_model_args
 from hub_server import FakeHub, tiny_hub_repos
 from pasd_cli.caption_cache import CaptionCache, image_digest
 from pasd_cli.engine.captions import DescriberSpec, Description
@@ -181,6 +181,21 @@ def test_second_run_computes_no_caption(photo_batch):
     assert {n: r["prompt"] for n, r in records.items() if r["status"] == "done"} == {
         n: r["prompt"] for n, r in first.items() if r["status"] == "done"}
     assert {p.name: p.read_bytes() for p in photo_batch["out"].glob("*.png")} == photo_batch["outputs"]
+
+
+def test_stylize_after_upscale_reuses_the_caption(photo_batch, home, hub, tmp_path):
+    """The cache is keyed by pixels and captioner, not by command: stylizing an image that
+    `pasd upscale` captioned computes no caption."""
+    out = tmp_path / "styled"
+    proc = pasd_run(home, hub, "stylize", photo_batch["photos"] / "a.png", "-o", out, "--base", TINY_BASE,
+                    "--pasd", TINY_LIGHT, "--sd15", TINY_BASE, "--device", "cpu", "--dtype", "fp32", *FAST,
+                    "--json")
+    assert proc.returncode == 0, proc.stderr
+    records, summary = json_lines(proc.stdout)
+    first, _ = json_lines(photo_batch["first"].stdout)
+    assert summary["prompts"]["captions_computed"] == 0 and summary["prompts"]["caption_cache_hits"] == 1
+    assert records["a.png"]["prompt"] == first["a.png"]["prompt"]
+    assert "loading captioner" not in proc.stderr
 
 
 # ---- --caption-only: review the prompts, edit them, pass them back -----------------------------

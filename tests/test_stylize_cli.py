@@ -130,7 +130,7 @@ def plain(files):
     """The plain `pasd upscale` output with the stylize defaults spelled out."""
     out = files["root"] / "plain"
     proc = run_pasd("upscale", LR_INPUT, "-o", out, "--pasd", TINY_LIGHT, "--base", TINY_BASE, "--scale", "1",
-                    "--conditioning-scale", "0.7", *RUN)
+                    "--conditioning-scale", "0.7", "--caption", "none", *RUN)
     assert proc.returncode == 0, proc.stderr
     return pixels(out / "lr_input.png")
 
