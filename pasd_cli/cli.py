@@ -70,13 +70,22 @@ def upscale(
     seed: int = typer.Option(_D.seed, "--seed", help="Seed of each image's random draws."),
     latent_tile: int = typer.Option(_D.latent_tile, "--latent-tile", min=8, help="Latent tile side (pixels / 8)."),
     latent_overlap: int = typer.Option(_D.latent_overlap, "--latent-overlap", min=0, help="Latent tile overlap."),
+    latent_blend: str = typer.Option(_D.blend, "--latent-blend",
+                                     help="gaussian (released) or ramp (cross-fade over the whole overlap)."),
+    tile_batch: int = typer.Option(_D.tile_batch, "--tile-batch", min=1,
+                                   help="Latent tiles per forward pass (same result, more memory)."),
+    vae_tile: Optional[int] = typer.Option(None, "--vae-tile", min=0, show_default="auto",
+                                           help="VAE tile side in pixels; 0 = off. Exact either way."),
+    vae_attention_window: int = typer.Option(_D.vae_attention_window, "--vae-attention-window", min=0,
+                                             help="Approximate the VAE's global attention by a window of "
+                                                  "this many latent pixels; 0 = exact."),
     color_fix: str = typer.Option(_D.color_fix, "--color-fix", help="wavelet, adain or none."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
 ):
     """Upscale images (PASD real-world super-resolution)."""
     from .batch import find_inputs, output_path
-    from .devices import pick_device, pick_dtype
+    from .devices import memory_budget, pick_device, pick_dtype
     from .store import resolve_model
 
     try:
@@ -84,7 +93,9 @@ def upscale(
             steps=steps, guidance=guidance, conditioning_scale=conditioning_scale, scale=scale,
             process_size=process_size, added_noise_level=added_noise_level, prompt=prompt,
             added_prompt=added_prompt, negative_prompt=negative_prompt, seed=seed,
-            latent_tile=latent_tile, latent_overlap=latent_overlap, color_fix=color_fix)
+            latent_tile=latent_tile, latent_overlap=latent_overlap, color_fix=color_fix,
+            blend=latent_blend, tile_batch=tile_batch, vae_tile=vae_tile,
+            vae_attention_window=vae_attention_window)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     inputs = find_inputs(input)
@@ -101,11 +112,13 @@ def upscale(
 
     _say(f"loading PASD from {pasd_dir} on {torch_device} ({dtype})")
     pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, torch_device, torch_dtype)
+    pipeline.memory_budget = memory_budget(torch_device)
     failed = 0
     for number, source in enumerate(inputs, 1):
         _say(f"[{number}/{len(inputs)}] {source}")
         try:
-            result = pipeline.upscale(read_rgb(source), run_settings)
+            result = pipeline.upscale(read_rgb(source), run_settings,
+                                      on_warning=lambda message: _say(f"warning: {message}"))
             target = output_path(source, output)
             save_image(result.image, target)
         except InputError as exc:

@@ -39,3 +39,19 @@ def pick_dtype(name: str, device):
     if name == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise DeviceError("bf16 on MPS needs macOS 14 or newer; use --dtype fp16")
     return table[name]
+
+
+def memory_budget(device) -> int:
+    """Bytes a VAE pass may use on `device`: a share of what is free now (call it after the
+    models are loaded)."""
+    import psutil
+    import torch
+
+    share = 0.5
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * share)
+    if device.type == "mps":
+        free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        return int(max(0, free) * share)
+    return int(psutil.virtual_memory().available * share)

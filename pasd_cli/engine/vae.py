@@ -1,29 +1,158 @@
-"""VAE encode/decode for the pipeline: posterior moments in, raw decoder output out."""
+"""VAE encode/decode for the pipeline: posterior moments in, raw decoder output out.
+
+Untiled, the stock AutoencoderKL runs. Tiled (`tile` > 0, in image pixels), the encoder and the
+decoder are split at their middle block, which works at latent resolution and holds a global
+self-attention (not tileable exactly):
+
+    encoder: conv_in, down blocks            -> tiled (vae_tiling.TiledSection, exact)
+             mid block, norm, conv_out, quant -> whole latent
+    decoder: post_quant, conv_in, mid block   -> whole latent
+             up blocks, norm, conv_out        -> tiled (exact)
+
+The split mirrors diffusers' Encoder.forward / Decoder.forward; every layer is diffusers' own.
+"""
 
 from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from . import vae_attention
+from .vae_tiling import Box, TiledSection, TileProgress
+
+# Rough peak bytes per pixel per channel-byte for the memory estimates below (measured on the
+# tiny VAE on the CPU, float32: see benchmarks/bench_tiling.py): a resnet at full resolution
+# holds about this many activations of its width at once.
+_LIVE_ACTIVATIONS = 6
+# The middle block at latent resolution: input, normalised, q, k, v, output.
+_LIVE_MID = 6
+# Candidate tiles for the automatic choice, largest first.
+_AUTO_TILES = (3072, 2048, 1536, 1024, 768, 512, 384, 256)
+
+
+def _to_pixels(image: torch.Tensor, box: Box | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """Image in [0, 1] (float) or uint8 -> VAE input in [-1, 1]; x/255*2-1 as the whole-image path."""
+    if box is not None:
+        top, left, height, width = box
+        image = image[:, :, top:top + height, left:left + width]
+    image = image.to(device)
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    return (image * 2 - 1).to(dtype)
 
 
 class VaeCodec:
-    """Whole-image VAE passes. `dtype` is the VAE's compute dtype; results come back float32."""
+    """VAE passes; results come back float32."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, attention_window: int = 0):
         self.vae = vae
+        self.attention_window = -1
+        self.set_attention_window(attention_window)
+
+    def set_attention_window(self, window: int) -> None:
+        if window != self.attention_window:
+            vae_attention.install(self.vae, window)
+            self.attention_window = window
 
     @property
     def scaling_factor(self) -> float:
         return self.vae.config.scaling_factor
 
-    def _input(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device=self.vae.device, dtype=self.vae.dtype)
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def encode_moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`image` in [0, 1], (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8)."""
-        posterior = self.vae.encode(self._input(image * 2 - 1)).latent_dist
+    def _covers(self, tile: int, height: int, width: int) -> bool:
+        return tile <= 0 or tile >= max(height, width)
+
+    # -- encode --------------------------------------------------------------------------------
+
+    def encode_moments(self, image: torch.Tensor, tile: int = 0, exact: bool = True,
+                       on_tile: TileProgress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`image` in [0, 1] or uint8, (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8).
+        `tile` is the side of a tile's core in pixels; 0 or at least the image: untiled."""
+        height, width = image.shape[-2:]
+        vae = self.vae
+        if self._covers(tile, height, width):
+            posterior = vae.encode(_to_pixels(image, None, vae.dtype, vae.device)).latent_dist
+        else:
+            encoder = vae.encoder
+
+            def down(x: torch.Tensor) -> torch.Tensor:
+                x = encoder.conv_in(x)
+                for block in encoder.down_blocks:
+                    x = block(x)
+                return x
+
+            section = TiledSection(down, [(encoder, "conv_in"), (encoder, "down_blocks")], align=self.factor)
+            features = section.run(lambda box: _to_pixels(image, box, vae.dtype, vae.device),
+                                   (height, width), tile, exact, on_tile)
+            posterior = DiagonalGaussianDistribution(self._encoder_tail(features))
         return posterior.mean.float(), posterior.std.float()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents -> decoder output in about [-1, 1], before clamping."""
-        return self.vae.decode(self._input(latents)).sample.float()
+    def _encoder_tail(self, features: torch.Tensor) -> torch.Tensor:
+        encoder = self.vae.encoder
+        x = encoder.mid_block(features)
+        del features
+        x = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(x)))
+        return self.vae.quant_conv(x) if self.vae.quant_conv is not None else x
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor, tile: int = 0, exact: bool = True,
+               on_tile: TileProgress | None = None) -> torch.Tensor:
+        """Unscaled latents -> decoder output in about [-1, 1], before clamping, float32.
+        `tile` is the side of a tile's core in output pixels; 0 or at least the image: untiled."""
+        vae = self.vae
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        height, width = latents.shape[-2:]
+        factor = self.factor
+        if self._covers(tile, height * factor, width * factor):
+            return vae.decode(latents).sample.float()
+        decoder = vae.decoder
+        if vae.post_quant_conv is not None:
+            latents = vae.post_quant_conv(latents)
+        features = decoder.mid_block(decoder.conv_in(latents), None)
+
+        def up(x: torch.Tensor) -> torch.Tensor:
+            for block in decoder.up_blocks:
+                x = block(x, None)
+            return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
+
+        section = TiledSection(up, [(decoder, "up_blocks"), (decoder, "conv_norm_out"), (decoder, "conv_out")])
+        out = torch.empty((latents.shape[0], vae.config.out_channels, height * factor, width * factor),
+                          dtype=torch.float32, device=latents.device)
+
+        def crop(box: Box) -> torch.Tensor:
+            top, left, box_h, box_w = box
+            return features[:, :, top:top + box_h, left:left + box_w]
+
+        return section.run(crop, (height, width), max(1, tile // factor), exact, on_tile, out=out)
+
+
+def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:
+    """Rough peak memory of a VAE pass over an image of height x width pixels, untiled or with
+    tiles of `tile` pixels (their halo included)."""
+    channels = list(config.block_out_channels)
+    factor = 2 ** (len(channels) - 1)
+    mid = _LIVE_MID * channels[-1] * (height // factor) * (width // factor)
+    if tile <= 0 or tile >= max(height, width):
+        tile_pixels = height * width
+    else:
+        halo = 16 * factor  # a little above the SD decoder's 98 px and encoder's 72 px
+        tile_pixels = min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
+    full = _LIVE_ACTIVATIONS * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
+    return (mid + full) * dtype_bytes
+
+
+def choose_vae_tile(config, height: int, width: int, dtype_bytes: int, budget: int) -> int:
+    """0 (untiled) when the whole image fits the memory budget, else the largest tile that does.
+
+    Tiling is exact, so this choice changes the cost, not the result."""
+    if vae_peak_bytes(config, height, width, dtype_bytes) <= budget:
+        return 0
+    for tile in _AUTO_TILES:
+        if vae_peak_bytes(config, height, width, dtype_bytes, tile) <= budget:
+            return tile
+    return _AUTO_TILES[-1]
