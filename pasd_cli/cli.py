@@ -85,7 +85,7 @@ def upscale(
 ):
     """Upscale images (PASD real-world super-resolution)."""
     from .batch import find_inputs, output_path
-    from .devices import memory_budget, pick_device, pick_dtype
+    from .devices import limit_heap_fragmentation, memory_budget, pick_device, pick_dtype
     from .store import resolve_model
 
     try:
@@ -107,6 +107,7 @@ def upscale(
     torch_dtype = pick_dtype(dtype, torch_device)
 
     _quiet_libraries()
+    limit_heap_fragmentation()
     from .engine.pipeline import PASDPipeline
     from .imageio import read_rgb, save_image
 
@@ -121,6 +122,8 @@ def upscale(
                                       on_warning=lambda message: _say(f"warning: {message}"))
             target = output_path(source, output)
             save_image(result.image, target)
+            _say(f"  tiles: latent {result.latent_tiles}, VAE "
+                 + (f"{result.vae_tile} px" if result.vae_tile else "untiled"))
         except InputError as exc:
             failed += 1
             _say(f"error: {exc}")

@@ -19,7 +19,8 @@ from .memory import TileShrinker, Warn
 from .noise import initial_latents, standard_normal_draws
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
-from .vae import VaeCodec, choose_vae_tile
+from .tiling import TileGrid, needs_tiling
+from .vae import VaeCodec, choose_vae_tile, vae_peak_bytes
 
 # progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
 # "decode" (VAE tile passes).
@@ -40,6 +41,8 @@ class UpscaleResult:
     image: Image.Image
     prompt: str
     hint_size: tuple[int, int]
+    latent_tiles: int = 1  # tiles per denoising step (1: untiled)
+    vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -103,9 +106,18 @@ class PASDPipeline:
         vae = self.vae.vae
         return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget)
 
+    def vae_checkpoint_bytes(self, tile: int, height: int, width: int) -> int:
+        """What the memory budget leaves beside one tile: whole-image activations between VAE
+        blocks that spare the tiled passes recomputation (0 without a budget)."""
+        if not self.memory_budget or tile <= 0:
+            return 0
+        vae = self.vae.vae
+        return max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
+
     def initial_latents(self, hint: torch.Tensor, scheduler, settings: UpscaleSettings,
-                        vae_tile: int = 0, on_tile=None) -> torch.Tensor:
-        mean, std = self.vae.encode_moments(hint, tile=vae_tile, on_tile=on_tile)
+                        vae_tile: int = 0, on_tile=None, checkpoint_bytes: int = 0) -> torch.Tensor:
+        mean, std = self.vae.encode_moments(hint, tile=vae_tile, on_tile=on_tile,
+                                            checkpoint_bytes=checkpoint_bytes)
         draws = standard_normal_draws(mean.shape, torch.Generator("cpu").manual_seed(settings.seed))
         latents = initial_latents(mean, std, scheduler.timesteps, scheduler.sigmas,
                                   settings.added_noise_level, self.vae.scaling_factor, draws)
@@ -149,6 +161,10 @@ class PASDPipeline:
         height, width = hint.shape[-2:]
         shrink = TileShrinker(self.device, on_warning)
         vae_tile = self.vae_tile(settings, height, width)
+        first_vae_tile = vae_tile
+        # After an out-of-memory retry, no whole-image checkpoints either.
+        checkpoints = lambda tile: (self.vae_checkpoint_bytes(tile, height, width)  # noqa: E731
+                                    if tile == first_vae_tile else 0)
         self.vae.set_attention_window(settings.vae_attention_window)
         vae_progress = {stage: (lambda done, total, stage=stage: progress(stage, done, total)) if progress else None
                         for stage in ("encode", "decode")}
@@ -162,20 +178,22 @@ class PASDPipeline:
         # 3. Scheduler and the adjustable-noise initial latents.
         scheduler = self.new_scheduler(settings.steps)
         latents, vae_tile = shrink.run(
-            lambda tile: self.initial_latents(hint, scheduler, settings, tile, vae_progress["encode"]),
+            lambda tile: self.initial_latents(hint, scheduler, settings, tile, vae_progress["encode"],
+                                              checkpoints(tile)),
             vae_tile, max(height, width), MIN_VAE_TILE, "VAE")
         trace("timesteps", scheduler.timesteps)
         trace("initial_latents", latents)
 
         # 4. Denoising loop (from the initial latents again if it runs out of memory).
         initial = latents
-        latents, _ = shrink.run(
+        latents, latent_tile = shrink.run(
             lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
             settings.latent_tile, max(latents.shape[-2:]), MIN_LATENT_TILE, "latent", changes_result=True)
 
         # 5. Decode to uint8, rounding.
-        decoded, _ = shrink.run(
-            lambda tile: self.vae.decode(latents / self.vae.scaling_factor, tile, on_tile=vae_progress["decode"]),
+        decoded, vae_tile = shrink.run(
+            lambda tile: self.vae.decode(latents / self.vae.scaling_factor, tile, on_tile=vae_progress["decode"],
+                                         checkpoint_bytes=checkpoints(tile)),
             vae_tile, max(height, width), MIN_VAE_TILE, "VAE")
         trace("decoded", decoded)
         sr_uint8 = decoded_to_uint8(decoded).cpu()
@@ -189,4 +207,8 @@ class PASDPipeline:
 
         # 7. Back to the requested output size.
         image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
-        return UpscaleResult(image=image, prompt=prompt, hint_size=hint_image.size)
+        latent_h, latent_w = latents.shape[-2:]
+        latent_tiles = (len(TileGrid.build(latent_h, latent_w, latent_tile, settings.latent_overlap).tiles)
+                        if needs_tiling(latent_h, latent_w, latent_tile) else 1)
+        return UpscaleResult(image=image, prompt=prompt, hint_size=hint_image.size, latent_tiles=latent_tiles,
+                             vae_tile=0 if vae_tile >= max(height, width) else vae_tile)

@@ -4,22 +4,26 @@ Untiled, the stock AutoencoderKL runs. Tiled (`tile` > 0, in image pixels), the 
 decoder are split at their middle block, which works at latent resolution and holds a global
 self-attention (not tileable exactly):
 
-    encoder: conv_in, down blocks            -> tiled (vae_tiling.TiledSection, exact)
+    encoder: conv_in, down blocks            -> tiled (vae_tiling.run_chain, exact)
              mid block, norm, conv_out, quant -> whole latent
     decoder: post_quant, conv_in, mid block   -> whole latent
              up blocks, norm, conv_out        -> tiled (exact)
 
+The tiled parts are chains of stages (one per block; the decoder's cut before each upsampler),
+which `checkpoint_bytes` lets run as separate sections with whole-image tensors in between.
 The split mirrors diffusers' Encoder.forward / Decoder.forward; every layer is diffusers' own.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from . import vae_attention
-from .vae_tiling import Box, TiledSection, TileProgress
+from .vae_tiling import Box, Stage, TileProgress, run_chain
 
 # Rough peak bytes per pixel per channel-byte for the memory estimates below (measured on the
 # tiny VAE on the CPU, float32: see benchmarks/bench_tiling.py): a resnet at full resolution
@@ -68,26 +72,35 @@ class VaeCodec:
 
     # -- encode --------------------------------------------------------------------------------
 
+    def _encoder_stages(self) -> list[Stage]:
+        """conv_in and the down blocks, one stage per block (cut points after downsampling)."""
+        encoder = self.vae.encoder
+        stages, scale = [], Fraction(1)
+        for index, block in enumerate(encoder.down_blocks):
+            scale /= 2 ** len(block.downsamplers or ())
+            parts = ((encoder, "conv_in"),) if index == 0 else ()
+
+            def run(x, block=block, first=index == 0):
+                return block(encoder.conv_in(x) if first else x)
+
+            stages.append(Stage(run, parts + ((encoder.down_blocks, str(index)),),
+                                block.resnets[-1].out_channels, scale))
+        return stages
+
     def encode_moments(self, image: torch.Tensor, tile: int = 0, exact: bool = True,
-                       on_tile: TileProgress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       on_tile: TileProgress | None = None,
+                       checkpoint_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """`image` in [0, 1] or uint8, (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8).
-        `tile` is the side of a tile's core in pixels; 0 or at least the image: untiled."""
+        `tile` is the side of a tile's core in pixels; 0 or at least the image: untiled.
+        `checkpoint_bytes` may hold whole-image activations between blocks (vae_tiling)."""
         height, width = image.shape[-2:]
         vae = self.vae
         if self._covers(tile, height, width):
             posterior = vae.encode(_to_pixels(image, None, vae.dtype, vae.device)).latent_dist
         else:
-            encoder = vae.encoder
-
-            def down(x: torch.Tensor) -> torch.Tensor:
-                x = encoder.conv_in(x)
-                for block in encoder.down_blocks:
-                    x = block(x)
-                return x
-
-            section = TiledSection(down, [(encoder, "conv_in"), (encoder, "down_blocks")], align=self.factor)
-            features = section.run(lambda box: _to_pixels(image, box, vae.dtype, vae.device),
-                                   (height, width), tile, exact, on_tile)
+            features = run_chain(self._encoder_stages(),
+                                 lambda box: _to_pixels(image, box, vae.dtype, vae.device),
+                                 (height, width), tile, exact, checkpoint_bytes, vae.dtype.itemsize, on_tile)
             posterior = DiagonalGaussianDistribution(self._encoder_tail(features))
         return posterior.mean.float(), posterior.std.float()
 
@@ -100,8 +113,44 @@ class VaeCodec:
 
     # -- decode --------------------------------------------------------------------------------
 
+    def _decoder_stages(self) -> list[Stage]:
+        """The up blocks after the middle block, cut before each upsampling (where the
+        activation is 4x smaller than after it); the last stage ends with the output conv."""
+        decoder = self.vae.decoder
+        blocks = decoder.up_blocks
+        stages, scale = [], Fraction(1)
+        for index, block in enumerate(blocks):
+            last = index == len(blocks) - 1
+            previous = blocks[index - 1] if index > 0 else None
+            parts = ((previous, "upsamplers"),) if previous is not None and previous.upsamplers else ()
+            parts += ((block, "resnets"),)
+            if last:
+                parts += ((block, "upsamplers"),) if block.upsamplers else ()
+                parts += ((decoder, "conv_norm_out"), (decoder, "conv_out"))
+
+            def run(x, previous=previous, block=block, last=last):
+                # UpDecoderBlock2D.forward, split at its upsampler.
+                for upsampler in (previous.upsamplers or ()) if previous is not None else ():
+                    x = upsampler(x)
+                for resnet in block.resnets:
+                    x = resnet(x, temb=None)
+                if last:
+                    for upsampler in block.upsamplers or ():
+                        x = upsampler(x)
+                    x = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
+                return x
+
+            if previous is not None:
+                scale *= 2 ** len(previous.upsamplers or ())
+            if last:
+                stages.append(Stage(run, parts, self.vae.config.out_channels,
+                                    scale * 2 ** len(block.upsamplers or ())))
+            else:
+                stages.append(Stage(run, parts, block.resnets[-1].out_channels, scale))
+        return stages
+
     def decode(self, latents: torch.Tensor, tile: int = 0, exact: bool = True,
-               on_tile: TileProgress | None = None) -> torch.Tensor:
+               on_tile: TileProgress | None = None, checkpoint_bytes: int = 0) -> torch.Tensor:
         """Unscaled latents -> decoder output in about [-1, 1], before clamping, float32.
         `tile` is the side of a tile's core in output pixels; 0 or at least the image: untiled."""
         vae = self.vae
@@ -114,13 +163,6 @@ class VaeCodec:
         if vae.post_quant_conv is not None:
             latents = vae.post_quant_conv(latents)
         features = decoder.mid_block(decoder.conv_in(latents), None)
-
-        def up(x: torch.Tensor) -> torch.Tensor:
-            for block in decoder.up_blocks:
-                x = block(x, None)
-            return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
-
-        section = TiledSection(up, [(decoder, "up_blocks"), (decoder, "conv_norm_out"), (decoder, "conv_out")])
         out = torch.empty((latents.shape[0], vae.config.out_channels, height * factor, width * factor),
                           dtype=torch.float32, device=latents.device)
 
@@ -128,7 +170,8 @@ class VaeCodec:
             top, left, box_h, box_w = box
             return features[:, :, top:top + box_h, left:left + box_w]
 
-        return section.run(crop, (height, width), max(1, tile // factor), exact, on_tile, out=out)
+        return run_chain(self._decoder_stages(), crop, (height, width), max(1, tile // factor), exact,
+                         checkpoint_bytes, vae.dtype.itemsize, on_tile, out=out)
 
 
 def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:

@@ -289,3 +289,66 @@ class TiledSection:
         y1, x1 = min(height, top + core_h + halo), min(width, left + core_w + halo)
         self.state = _TileState((y1 - y0, x1 - x0), (top - y0, left - x0, core_h, core_w))
         return self.forward(source((y0, x0, y1 - y0, x1 - x0))), (top - y0, left - x0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a chain of layers: `run(x)`, the modules it uses (see TiledSection), and its
+    output's channels and size relative to the chain's input."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    parts: tuple[tuple[nn.Module, str], ...]
+    out_channels: int
+    out_scale: Fraction
+
+
+def plan_sections(stages: list[Stage], size: tuple[int, int], dtype_bytes: int,
+                  checkpoint_bytes: int) -> list[list[Stage]]:
+    """Cut the chain after a stage when its whole-image output and the previous cut's fit in
+    `checkpoint_bytes` together: the sections after a cut start from that stored tensor instead
+    of recomputing everything before it in each GroupNorm pass. 0: one section, memory of one
+    tile only."""
+    sections, current, previous = [], [], 0
+    for index, stage in enumerate(stages):
+        current.append(stage)
+        if index == len(stages) - 1:
+            break
+        scale = stage.out_scale
+        stored = stage.out_channels * int(size[0] * scale) * int(size[1] * scale) * dtype_bytes
+        if previous + stored <= checkpoint_bytes:
+            sections.append(current)
+            current, previous = [], stored
+    return sections + [current]
+
+
+def run_chain(stages: list[Stage], source: Callable[[Box], torch.Tensor], size: tuple[int, int],
+              tile: int, exact: bool = True, checkpoint_bytes: int = 0, dtype_bytes: int = 4,
+              on_tile: TileProgress | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a chain of stages tiled, in sections (see plan_sections). `tile` is the side of a
+    tile's core in chain-input pixels; the last section fills `out` if given."""
+    sections = plan_sections(stages, size, dtype_bytes, checkpoint_bytes)
+    in_scale = Fraction(1)
+    for number, section_stages in enumerate(sections):
+        out_scale = section_stages[-1].out_scale
+        # A section that downsamples keeps its tile edges on multiples of its factor.
+        align = max(1, int(in_scale / out_scale))
+
+        def forward(x, section_stages=section_stages):
+            for stage in section_stages:
+                x = stage.run(x)
+            return x
+
+        parts = [part for stage in section_stages for part in stage.parts]
+        section = TiledSection(forward, parts, align)
+        last = number == len(sections) - 1
+        result = section.run(source, size, max(align, int(tile * in_scale)), exact, on_tile,
+                             out=out if last else None)
+        if last:
+            return result
+
+        def source(box: Box, stored: torch.Tensor = result) -> torch.Tensor:
+            top, left, height, width = box
+            return stored[:, :, top:top + height, left:left + width]
+
+        size = tuple(result.shape[-2:])
+        in_scale = out_scale
