@@ -76,6 +76,8 @@ def upscale(
                                    help="Latent tiles per forward pass (same result, more memory)."),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", min=0, show_default="auto",
                                            help="VAE tile side in pixels; 0 = off. Exact either way."),
+    vae_memory: Optional[int] = typer.Option(None, "--vae-memory", min=1, show_default="half the free memory",
+                                              help="MB the VAE may use; decides automatic tiling."),
     vae_attention_window: int = typer.Option(_D.vae_attention_window, "--vae-attention-window", min=0,
                                              help="Approximate the VAE's global attention by a window of "
                                                   "this many latent pixels; 0 = exact."),
@@ -113,7 +115,7 @@ def upscale(
 
     _say(f"loading PASD from {pasd_dir} on {torch_device} ({dtype})")
     pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, torch_device, torch_dtype)
-    pipeline.memory_budget = memory_budget(torch_device)
+    pipeline.memory_budget = vae_memory * 2**20 if vae_memory else memory_budget(torch_device)
     failed = 0
     for number, source in enumerate(inputs, 1):
         _say(f"[{number}/{len(inputs)}] {source}")
