@@ -70,12 +70,13 @@ def wavelet_color_fix(sr: torch.Tensor, reference: torch.Tensor, rows: int = STR
 def _mean_std(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (unbiased, as released) std of a uint8 (3, H, W) image in [0, 1]
     units, computed exactly from its histogram."""
-    levels = torch.arange(256, dtype=torch.float64, device=image.device) / 255.0
-    counts = torch.stack([torch.bincount(channel.flatten(), minlength=256) for channel in image]).double()
+    levels = torch.arange(256, dtype=torch.float64) / 255.0  # on the CPU: MPS has no float64
+    counts = torch.stack([torch.bincount(channel.flatten(), minlength=256) for channel in image.cpu()]).double()
     total = counts.sum(1)
     mean = (counts * levels).sum(1) / total
     var = (counts * (levels - mean[:, None]) ** 2).sum(1) / (total - 1)
-    return mean.float()[None, :, None, None], (var + _ADAIN_EPS).sqrt().float()[None, :, None, None]
+    as_4d = lambda t: t.float()[None, :, None, None].to(image.device)  # noqa: E731
+    return as_4d(mean), as_4d((var + _ADAIN_EPS).sqrt())
 
 
 def adain_color_fix(sr: torch.Tensor, reference: torch.Tensor, rows: int = STRIP_ROWS) -> torch.Tensor:

@@ -176,17 +176,18 @@ class VaeCodec:
 
 def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:
     """Rough peak memory of a VAE pass over an image of height x width pixels, untiled or with
-    tiles of `tile` pixels (their halo included)."""
+    tiles of `tile` pixels (their halo included). The middle block runs on the whole latent
+    before (decoder) or after (encoder) the tiles, which meanwhile hold one copy of its tensor."""
     channels = list(config.block_out_channels)
     factor = 2 ** (len(channels) - 1)
-    mid = _LIVE_MID * channels[-1] * (height // factor) * (width // factor)
+    mid = channels[-1] * (height // factor) * (width // factor)
     if tile <= 0 or tile >= max(height, width):
         tile_pixels = height * width
     else:
         halo = 16 * factor  # a little above the SD decoder's 98 px and encoder's 72 px
         tile_pixels = min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
     full = _LIVE_ACTIVATIONS * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
-    return (mid + full) * dtype_bytes
+    return max(_LIVE_MID * mid, full + mid) * dtype_bytes
 
 
 def choose_vae_tile(config, height: int, width: int, dtype_bytes: int, budget: int) -> int:

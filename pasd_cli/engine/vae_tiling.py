@@ -50,7 +50,8 @@ class _GroupStats:
     m2: torch.Tensor | None = None
 
     def add(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        mean, m2 = mean.double().cpu(), var.double().cpu() * count
+        # To the CPU first: MPS has no float64.
+        mean, m2 = mean.cpu().double(), var.cpu().double() * count
         if self.count is None:
             self.count, self.mean, self.m2 = torch.full_like(mean, count), mean, m2
             return
@@ -118,7 +119,7 @@ class PooledGroupNorm(nn.Module):
         scale = rstd.repeat_interleave(per_channel, dim=1)
         shift = -self.stats.mean.repeat_interleave(per_channel, dim=1) * scale
         if norm.affine:
-            weight, bias = norm.weight.detach().double().cpu(), norm.bias.detach().double().cpu()
+            weight, bias = norm.weight.detach().cpu().double(), norm.bias.detach().cpu().double()
             scale, shift = scale * weight, shift * weight + bias
         device = norm.weight.device if norm.affine else None
         self._scale = tuple(t.float().to(device)[:, :, None, None] for t in (scale, shift))
