@@ -14,7 +14,7 @@ from . import settings as defaults
 from .batch_cli import batch_options, run_batch_command
 from .caption_cli import CaptionOptions, ImagePrompts, caption_options
 from .diffusion_cli import (DiffusionOptions, diffusion_options, model_identity, name_fields, pick_runtime,
-                            planned_size, quiet_libraries, resolve_model_dirs)
+                            planned_size, quiet_libraries, resolve_model_dirs, vae_memory_budget)
 from .errors import Interrupted, PasdError
 from .models_cli import download_command, models_app
 from .stylize_cli import (SD15_HELP, StyleChoice, fast_settings, given_on_command_line, preflight, resolve_style,
@@ -64,9 +64,10 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions
 
         reporter.info(f"loading PASD from {pasd_dir} on {device} ({models.dtype})")
         pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, device, dtype)
+        pipeline.memory_budget = vae_memory_budget(models, device)
         identity = model_identity(pasd_dir, base_dir, pipeline, device, dtype)
-        return image_worker(upscale_transform(pipeline, run_settings, prompts), upscale_record(run_settings, identity),
-                            batch)
+        transform = upscale_transform(pipeline, run_settings, prompts, warn=reporter.warn)
+        return image_worker(transform, upscale_record(run_settings, identity), batch)
 
     run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
                       prepare=load_worker, output_size=planned_size(run_settings), prepass=prompts.prepass)
@@ -110,9 +111,10 @@ def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: Diffus
                              lcm_lora=files.lcm_lora, trust_pickle=style.trust_pickle,
                              on_stage=lambda what, source: reporter.info(f"applying {what} {source}"))
         pipeline = PASDPipeline(components, device, dtype)
+        pipeline.memory_budget = vae_memory_budget(models, device)  # measured with the models in place
         identity = style_identity(model_identity(files.pasd, files.sd15, pipeline, device, dtype), style, report)
-        return image_worker(upscale_transform(pipeline, run_settings, prompts),
-                            stylize_record(run_settings, identity), batch)
+        transform = upscale_transform(pipeline, run_settings, prompts, warn=reporter.warn)
+        return image_worker(transform, stylize_record(run_settings, identity), batch)
 
     run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
                       prepare=load_worker, output_size=planned_size(run_settings), prepass=prompts.prepass)

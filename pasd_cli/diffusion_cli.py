@@ -24,6 +24,7 @@ class ModelChoice:
     models_dir: Optional[Path]
     device: str
     dtype: str
+    vae_memory_mb: Optional[int] = None  # None: a share of the device's free memory
     base_flag: str = "--base"  # the option that named `base`, for messages
 
 
@@ -62,6 +63,17 @@ def _parameters(d: defaults.UpscaleSettings, pasd_model: str, base_flag: str, ba
                                      help="Latent tile side (pixels / 8)."), int),
         ("latent_overlap", typer.Option(d.latent_overlap, "--latent-overlap", min=0,
                                         help="Latent tile overlap."), int),
+        ("blend", typer.Option(d.blend, "--latent-blend",
+                               help="gaussian (released) or ramp (cross-fade over the whole overlap)."), str),
+        ("tile_batch", typer.Option(d.tile_batch, "--tile-batch", min=1,
+                                    help="Latent tiles per forward pass (same result, more memory)."), int),
+        ("vae_tile", typer.Option(d.vae_tile, "--vae-tile", min=0, show_default="auto",
+                                  help="VAE tile side in pixels; 0 = off. Exact either way."), Optional[int]),
+        ("vae_memory", typer.Option(None, "--vae-memory", min=1, show_default="half the free memory",
+                                    help="MB the VAE may use; decides automatic VAE tiling."), Optional[int]),
+        ("vae_attention_window", typer.Option(d.vae_attention_window, "--vae-attention-window", min=0,
+                                              help="Approximate the VAE's global attention by a window of "
+                                                   "this many latent pixels; 0 = exact."), int),
         ("color_fix", typer.Option(d.color_fix, "--color-fix", help="wavelet, adain or none."), str),
         ("device", typer.Option("auto", "--device", help="auto, cpu, cuda or mps."), str),
         ("dtype", typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."), str),
@@ -81,14 +93,14 @@ def diffusion_options(settings_class: type = defaults.UpscaleSettings,
     preset = settings_class()
     base_name = _parameter_name(base_flag)
 
-    def build(pasd, offline, models_dir, device, dtype, **values) -> DiffusionOptions:
+    def build(pasd, offline, models_dir, device, dtype, vae_memory, **values) -> DiffusionOptions:
         base = values.pop(base_name)
         try:
             run_settings = replace(preset, **values)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         return DiffusionOptions(run_settings, ModelChoice(pasd, base, offline, models_dir, device, dtype,
-                                                          base_flag))
+                                                          vae_memory_mb=vae_memory, base_flag=base_flag))
 
     return option_group("diffusion", _parameters(preset, pasd_model, base_flag, base_help), build)
 
@@ -107,10 +119,19 @@ def resolve_model_dirs(models: ModelChoice, say, extra: list[tuple[str, str]] = 
 
 def pick_runtime(models: ModelChoice):
     """(torch device, torch dtype) from --device and --dtype."""
-    from .devices import pick_device, pick_dtype
+    from .devices import limit_heap_fragmentation, pick_device, pick_dtype
 
+    limit_heap_fragmentation()
     device = pick_device(models.device)
     return device, pick_dtype(models.dtype, device)
+
+
+def vae_memory_budget(models: ModelChoice, device) -> int:
+    """Bytes a VAE pass may use: --vae-memory, else a share of what the device has free now
+    (call it once the models are loaded)."""
+    from .devices import memory_budget
+
+    return models.vae_memory_mb * 2**20 if models.vae_memory_mb else memory_budget(device)
 
 
 def quiet_libraries() -> None:

@@ -14,6 +14,7 @@ BLENDS = ("gaussian", "ramp")
 # Model names from models/*.json that `pasd upscale` uses, and `pasd download` fetches, by default.
 PASD_MODEL = "pasd"
 BASE_MODEL = "sd15"
+MIN_VAE_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class UpscaleSettings:
     tile_batch: int = 1
     blend: str = "gaussian"
     color_fix: str = "wavelet"
+    # VAE tile side in image pixels: None = automatic (by image size and the device memory the
+    # caller measured), 0 = untiled. Tiled and untiled results are equal up to float rounding.
+    vae_tile: int | None = None
+    # Latent pixels each pixel of the VAE's middle self-attention sees around it; 0 = all of
+    # them (exact; its cost grows with the square of the image area).
+    vae_attention_window: int = 0
 
     def __post_init__(self):
         checks = [
@@ -46,6 +53,9 @@ class UpscaleSettings:
             (self.tile_batch >= 1, "tile batch must be at least 1"),
             (self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
             (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
+            (self.vae_tile is None or self.vae_tile == 0 or self.vae_tile >= MIN_VAE_TILE,
+             f"VAE tile must be 0 (off) or at least {MIN_VAE_TILE} pixels"),
+            (self.vae_attention_window >= 0, "VAE attention window must not be negative"),
         ]
         for ok, message in checks:
             if not ok:

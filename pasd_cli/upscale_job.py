@@ -13,14 +13,15 @@ from .image_job import Transform
 from .settings import UpscaleSettings
 
 
-def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None) -> Transform:
+def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=None) -> Transform:
     """`prompts` (a `caption_cli.ImagePrompts`) gives each image's high-level information; without
-    it every image gets the settings' prompt alone."""
+    it every image gets the settings' prompt alone. `warn` hears that a tile was halved after an
+    out-of-memory error."""
 
     def transform(rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict]:
         chosen = prompts.for_job(job) if prompts is not None else None
         try:
-            result = pipeline.upscale(rgb, settings, progress=progress,
+            result = pipeline.upscale(rgb, settings, progress=progress, on_warning=warn,
                                       **(chosen.pipeline_args() if chosen else {}))
         except torch.OutOfMemoryError:
             raise DeviceError(f"out of memory on {pipeline.device} upscaling {job.source}",
@@ -32,7 +33,8 @@ def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None) -> Tran
         except ValueError as exc:  # the engine's refusals of an image (e.g. too small to scale)
             raise InputError(f"{job.source}: {exc}") from None
         # The JSON record also gets `chosen.to_json()`, from the pre-pass (ImagePrompts).
-        return result.image, {"prompt": result.prompt, **(chosen.provenance() if chosen else {})}
+        tiles = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
+        return result.image, {"prompt": result.prompt, **(chosen.provenance() if chosen else {}), **tiles}
 
     return transform
 

@@ -2,6 +2,13 @@
 
 Inputs and outputs are uint8 CHW tensors, as the released code works on PIL images; its final
 conversion truncates (`x * 255` cast to uint8) instead of rounding, and so do we.
+
+Both fixes work in horizontal strips, so that their float temporaries stay the size of a strip,
+not of the image (an 8K image is 0.8 GB per float copy):
+* wavelet: the five blurs reach 1+2+4+8+16 = 31 pixels, so a strip computed with 32 rows of
+  context above and below (cut flush at the image border, where the replicate padding is the
+  true one) gives exactly the whole-image result in its own rows;
+* AdaIN: the per-channel mean and standard deviation come from exact uint8 histograms.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 WAVELET_LEVELS = 5
+WAVELET_HALO = 32  # > 1 + 2 + 4 + 8 + 16
+STRIP_ROWS = 256
 _ADAIN_EPS = 1e-5
 
 
@@ -41,24 +50,44 @@ def wavelet_split(image: torch.Tensor, levels: int = WAVELET_LEVELS) -> tuple[to
     return high, low
 
 
-def wavelet_color_fix(sr: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def _strips(height: int, rows: int, halo: int):
+    """(start, stop) of each strip and of its rows with context, cut flush at the border."""
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        yield start, stop, max(0, start - halo), min(height, stop + halo)
+
+
+def wavelet_color_fix(sr: torch.Tensor, reference: torch.Tensor, rows: int = STRIP_ROWS) -> torch.Tensor:
     """Details from `sr`, colours (the lowest band) from `reference`; both uint8 (3, H, W)."""
-    high, _ = wavelet_split(_to_unit(sr))
-    _, low = wavelet_split(_to_unit(reference))
-    return _to_uint8_truncated(high + low)
+    out = torch.empty_like(sr)
+    for start, stop, top, bottom in _strips(sr.shape[-2], rows, WAVELET_HALO):
+        high, _ = wavelet_split(_to_unit(sr[:, top:bottom]))
+        _, low = wavelet_split(_to_unit(reference[:, top:bottom]))
+        out[:, start:stop] = _to_uint8_truncated(high + low)[:, start - top:stop - top]
+    return out
 
 
 def _mean_std(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = image.flatten(2)
-    return flat.mean(2)[..., None, None], (flat.var(2) + _ADAIN_EPS).sqrt()[..., None, None]
+    """Per-channel mean and (unbiased, as released) std of a uint8 (3, H, W) image in [0, 1]
+    units, computed exactly from its histogram."""
+    levels = torch.arange(256, dtype=torch.float64) / 255.0  # on the CPU: MPS has no float64
+    counts = torch.stack([torch.bincount(channel.flatten(), minlength=256) for channel in image.cpu()]).double()
+    total = counts.sum(1)
+    mean = (counts * levels).sum(1) / total
+    var = (counts * (levels - mean[:, None]) ** 2).sum(1) / (total - 1)
+    as_4d = lambda t: t.float()[None, :, None, None].to(image.device)  # noqa: E731
+    return as_4d(mean), as_4d((var + _ADAIN_EPS).sqrt())
 
 
-def adain_color_fix(sr: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def adain_color_fix(sr: torch.Tensor, reference: torch.Tensor, rows: int = STRIP_ROWS) -> torch.Tensor:
     """Per-channel mean and std of `sr` matched to those of `reference`; both uint8 (3, H, W)."""
-    content, style = _to_unit(sr), _to_unit(reference)
-    content_mean, content_std = _mean_std(content)
-    style_mean, style_std = _mean_std(style)
-    return _to_uint8_truncated((content - content_mean) / content_std * style_std + style_mean)
+    content_mean, content_std = _mean_std(sr)
+    style_mean, style_std = _mean_std(reference)
+    out = torch.empty_like(sr)
+    for start, stop, _, _ in _strips(sr.shape[-2], rows, 0):
+        content = _to_unit(sr[:, start:stop])
+        out[:, start:stop] = _to_uint8_truncated((content - content_mean) / content_std * style_std + style_mean)
+    return out
 
 
 COLOR_FIXES = {"wavelet": wavelet_color_fix, "adain": adain_color_fix}

@@ -9,9 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from ..nn.controlnet import EmbeddedHint
-from .tiling import BLEND_WEIGHTS, Tile, needs_tiling, tile_grid
+from .tiling import Tile, TileGrid, needs_tiling
 
 TileProgress = Callable[[int, int], None]
+
+# The DRM embeddings kept between steps. The DRM costs about 1% of a ControlNet + UNet pass,
+# so tiles beyond this budget are simply embedded again at each step.
+HINT_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -31,17 +35,32 @@ class Guidance:
         return negative + self.scale * (positive - negative)
 
 
+def hint_crop(hint: torch.Tensor, tile: Tile | None) -> torch.Tensor:
+    """The hint pixels under a latent tile (8x its window), as float in [0, 1].
+
+    `hint` may be uint8, so that a large image's hint is held at one byte per value and only
+    the tile being processed is converted; x/255 gives the same floats either way.
+    """
+    if tile is not None:
+        rows, cols = tile.slices()
+        hint = hint[:, :, rows.start * 8:rows.stop * 8, cols.start * 8:cols.stop * 8]
+    return hint.float() / 255.0 if hint.dtype == torch.uint8 else hint
+
+
 class NoisePredictor:
     """Predicts the guided noise for a latent; built once per image.
 
-    The hint goes through the ControlNet's DRM once per tile for the whole run: the DRM sees
-    neither the timestep nor the prompt, so reusing its output is exact.
+    Per forward pass: the CFG pair runs as one batch, and up to `tile_batch` tiles run together.
+    Each tile's hint crop goes through the DRM once for the whole run (within a memory budget):
+    the DRM sees neither the timestep nor the prompt, so reusing its output is exact. The crop
+    is embedded per tile, as released, not cut from a whole-image embedding, whose values near
+    tile edges would differ (zero padding at the crop's border).
     """
 
     def __init__(self, unet, controlnet, prompt_embeds: torch.Tensor, hint: torch.Tensor,
                  guidance: Guidance, latent_tile: int, latent_overlap: int, tile_batch: int = 1,
                  blend: str = "gaussian", dtype: torch.dtype = torch.float32,
-                 on_tile: TileProgress | None = None):
+                 on_tile: TileProgress | None = None, hint_cache_bytes: int = HINT_CACHE_BYTES):
         self.unet, self.controlnet = unet, controlnet
         self.prompt_embeds = prompt_embeds.to(dtype)
         self.hint = hint
@@ -50,16 +69,21 @@ class NoisePredictor:
         self.blend = blend
         self.dtype = dtype
         self.on_tile = on_tile
+        self.hint_cache_bytes = hint_cache_bytes
         self._embedded: dict[Tile | None, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def _hint_embedding(self, tile: Tile | None) -> torch.Tensor:
-        if tile not in self._embedded:
-            hint = self.hint
-            if tile is not None:
-                rows, cols = tile.slices()
-                hint = hint[:, :, rows.start * 8:rows.stop * 8, cols.start * 8:cols.stop * 8]
-            self._embedded[tile] = self.controlnet.embed_hint(hint.to(self.dtype)).embedding
-        return self._embedded[tile]
+        if tile in self._embedded:
+            return self._embedded[tile]
+        embedding = self.controlnet.embed_hint(hint_crop(self.hint, tile).to(self.dtype)).embedding
+        size = embedding.numel() * embedding.element_size()
+        # Tiles are visited in the same order every step, so keeping the first ones that fit
+        # (rather than evicting) is the best a bounded cache can do for this access pattern.
+        if self._cached_bytes + size <= self.hint_cache_bytes:
+            self._embedded[tile] = embedding
+            self._cached_bytes += size
+        return embedding
 
     def _run(self, latents: torch.Tensor, t: torch.Tensor, hint_embedding: torch.Tensor) -> torch.Tensor:
         """Networks on a batch of `n` latents; returns guided eps, (n, 4, h, w), float32."""
@@ -81,10 +105,13 @@ class NoisePredictor:
         return self._tiled(latents, t)
 
     def _tiled(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Blend of the tiles' guided predictions. Guidance is linear and every tile's weight is
+        the same for both halves of the CFG pair, so guiding before blending equals the released
+        order (blend, then guide) up to rounding."""
         height, width = latents.shape[-2:]
-        tiles = tile_grid(height, width, self.tile, self.overlap)
-        weights = BLEND_WEIGHTS[self.blend](tiles[0].size, self.overlap).to(latents.device)
-        total = torch.zeros_like(latents)
+        grid = TileGrid.build(height, width, self.tile, self.overlap)
+        tiles = grid.tiles
+        total = torch.zeros_like(latents, dtype=torch.float32)
         weight_sum = torch.zeros((1, 1, height, width), device=latents.device)
         for first in range(0, len(tiles), self.tile_batch):
             batch = tiles[first:first + self.tile_batch]
@@ -92,8 +119,9 @@ class NoisePredictor:
             embeddings = torch.cat([self._hint_embedding(tile) for tile in batch])
             eps = self._run(tile_latents, t, embeddings)
             for tile, tile_eps in zip(batch, eps):
-                total[(..., *tile.slices())] += tile_eps * weights
-                weight_sum[(..., *tile.slices())] += weights
+                weight = grid.weight(tile, self.blend).to(latents.device)
+                total[(..., *tile.slices())] += tile_eps * weight
+                weight_sum[(..., *tile.slices())] += weight
             if self.on_tile:
                 self.on_tile(first + len(batch), len(tiles))
         return total / weight_sum

@@ -11,18 +11,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..settings import UpscaleSettings
+from ..settings import MIN_VAE_TILE, UpscaleSettings
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
 from .loading import Components, load_components, model_dtypes
+from .memory import TileShrinker, Warn
 from .noise import initial_latents, standard_normal_draws
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
 from .schedulers import schedule_sigmas
-from .vae import VaeCodec
+from .tiling import TileGrid, needs_tiling
+from .vae import VaeCodec, choose_vae_tile, vae_peak_bytes
 
-# progress(stage, done, total): stage is "step" or "tile".
+# progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
+# "decode" (VAE tile passes).
 Progress = Callable[[str, int, int], None]
+# Smallest latent tile an out-of-memory retry goes down to.
+MIN_LATENT_TILE = 16
 # trace(name, value): sees each intermediate named as in the reference bundle, for debugging
 # and parity tests.
 Trace = Callable[[str, object], None]
@@ -37,6 +42,8 @@ class UpscaleResult:
     image: Image.Image
     prompt: str
     hint_size: tuple[int, int]
+    latent_tiles: int = 1  # tiles per denoising step (1: untiled)
+    vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -48,15 +55,26 @@ def tensor_to_image(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
 
 
-def decoded_to_uint8(decoded: torch.Tensor) -> torch.Tensor:
-    """Raw decoder output (1, 3, H, W) -> uint8 (3, H, W): diffusers' postprocess, rounding."""
-    return ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+def decoded_to_uint8(decoded: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Raw decoder output (1, 3, H, W) -> uint8 (3, H, W): diffusers' postprocess, rounding.
+    In strips of rows, so no float temporary is the size of the image."""
+    out = torch.empty(decoded.shape[1:], dtype=torch.uint8, device=decoded.device)
+    for start in range(0, decoded.shape[-2], rows):
+        strip = decoded[0, :, start:start + rows]
+        out[:, start:start + rows] = ((strip / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return out
 
 
 class PASDPipeline:
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
+    """`memory_budget`: bytes the VAE may use on the device, measured by the caller; with it,
+    `settings.vae_tile = None` picks VAE tiling by image size (exact either way). Without it,
+    the automatic choice is untiled."""
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
+                 memory_budget: int | None = None):
         from diffusers import UniPCMultistepScheduler
 
+        self.memory_budget = memory_budget
         self.device, self.dtype = torch.device(device), dtype
         net_dtype, vae_dtype = model_dtypes(self.device, dtype, components.vae)
         self.unet = components.unet.to(self.device, net_dtype)
@@ -70,8 +88,8 @@ class PASDPipeline:
 
     @classmethod
     def from_folders(cls, pasd_dir: Path, base_dir: Path, device: torch.device,
-                     dtype: torch.dtype) -> "PASDPipeline":
-        return cls(load_components(Path(pasd_dir), Path(base_dir)), device, dtype)
+                     dtype: torch.dtype, memory_budget: int | None = None) -> "PASDPipeline":
+        return cls(load_components(Path(pasd_dir), Path(base_dir)), device, dtype, memory_budget)
 
     def new_scheduler(self, steps: int, seed: int = 0):
         scheduler = self._scheduler_class.from_config(self._scheduler_config)
@@ -83,33 +101,79 @@ class PASDPipeline:
     def encode_prompts(self, prompt: str, negative_prompt: str, cfg: bool) -> torch.Tensor:
         return prompt_embeddings(self.tokenizer, self.text_encoder, prompt, negative_prompt, cfg)
 
-    def initial_latents(self, hint: torch.Tensor, scheduler, settings: UpscaleSettings) -> torch.Tensor:
-        mean, std = self.vae.encode_moments(hint)
+    def vae_tile(self, settings: UpscaleSettings, height: int, width: int) -> int:
+        """The VAE tile for an image of height x width pixels (0: untiled)."""
+        if settings.vae_tile is not None:
+            return settings.vae_tile
+        if self.memory_budget is None:
+            return 0
+        vae = self.vae.vae
+        return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget)
+
+    def vae_checkpoint_bytes(self, tile: int, height: int, width: int) -> int:
+        """What the memory budget leaves beside one tile: whole-image activations between VAE
+        blocks that spare the tiled passes recomputation (0 without a budget)."""
+        if not self.memory_budget or tile <= 0:
+            return 0
+        vae = self.vae.vae
+        return max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
+
+    def initial_latents(self, hint: torch.Tensor, scheduler, settings: UpscaleSettings,
+                        vae_tile: int = 0, on_tile=None, checkpoint_bytes: int = 0) -> torch.Tensor:
+        mean, std = self.vae.encode_moments(hint, tile=vae_tile, on_tile=on_tile,
+                                            checkpoint_bytes=checkpoint_bytes)
         draws = standard_normal_draws(mean.shape, torch.Generator("cpu").manual_seed(settings.seed))
         latents = initial_latents(mean, std, scheduler.timesteps, schedule_sigmas(scheduler),
                                   settings.added_noise_level, self.vae.scaling_factor, draws)
         return latents * scheduler.init_noise_sigma
 
-    def noise_predictor(self, prompt_embeds, hint, settings, progress: Progress | None = None):
+    def noise_predictor(self, prompt_embeds, hint, settings, progress: Progress | None = None,
+                        latent_tile: int | None = None):
         on_tile = (lambda done, total: progress("tile", done, total)) if progress else None
         return NoisePredictor(
             self.unet, self.controlnet, prompt_embeds, hint,
             Guidance(settings.guidance, settings.conditioning_scale),
-            settings.latent_tile, settings.latent_overlap, settings.tile_batch, settings.blend,
+            latent_tile or settings.latent_tile, settings.latent_overlap, settings.tile_batch, settings.blend,
             dtype=self.unet.dtype, on_tile=on_tile)
+
+    def denoise(self, latents: torch.Tensor, prompt_embeds, hint, settings: UpscaleSettings,
+                latent_tile: int, progress: Progress | None = None, trace: Trace = _no_trace) -> torch.Tensor:
+        scheduler = self.new_scheduler(settings.steps)
+        predict = self.noise_predictor(prompt_embeds, hint, settings, progress, latent_tile)
+        for index, t in enumerate(scheduler.timesteps):
+            eps = predict(latents, t)
+            latents = scheduler.step(eps, t, latents).prev_sample
+            trace("noise_pred", eps)
+            trace("latents_after_step", latents)
+            if progress:
+                progress("step", index + 1, len(scheduler.timesteps))
+        return latents
 
     @torch.inference_mode()
     def upscale(self, lr_image: Image.Image, settings: UpscaleSettings, caption: str | None = None,
                 progress: Progress | None = None, trace: Trace = _no_trace,
-                label: str | None = None) -> UpscaleResult:
+                label: str | None = None, on_warning: Warn | None = None) -> UpscaleResult:
         """`caption` or `label`: the image's high-level information (spec section 5), as
-        `build_prompt` combines it with the settings' prompts."""
-        # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8.
+        `build_prompt` combines it with the settings' prompts. On an out-of-memory error the
+        latent or VAE tile is halved and the stage run again, with one warning through
+        `on_warning`."""
+        # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8. It
+        # stays uint8 (a third of the memory of floats); each consumer converts its crop.
         lr_image = lr_image.convert("RGB")
         hint_image = make_hint(lr_image, settings.scale, settings.process_size)
         hint_uint8 = image_to_tensor(hint_image)
-        hint = (hint_uint8.float() / 255.0).unsqueeze(0).to(self.device)
+        hint = hint_uint8.unsqueeze(0).to(self.device)
         trace("upscaled_input_uint8", hint_uint8)
+        height, width = hint.shape[-2:]
+        shrink = TileShrinker(self.device, on_warning)
+        vae_tile = self.vae_tile(settings, height, width)
+        first_vae_tile = vae_tile
+        # After an out-of-memory retry, no whole-image checkpoints either.
+        checkpoints = lambda tile: (self.vae_checkpoint_bytes(tile, height, width)  # noqa: E731
+                                    if tile == first_vae_tile else 0)
+        self.vae.set_attention_window(settings.vae_attention_window)
+        vae_progress = {stage: (lambda done, total, stage=stage: progress(stage, done, total)) if progress else None
+                        for stage in ("encode", "decode")}
 
         # 2. Prompts: [negative; positive] with guidance.
         prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
@@ -119,25 +183,27 @@ class PASDPipeline:
 
         # 3. Scheduler and the adjustable-noise initial latents.
         scheduler = self.new_scheduler(settings.steps, settings.seed)
-        latents = self.initial_latents(hint, scheduler, settings)
+        latents, vae_tile = shrink.run(
+            lambda tile: self.initial_latents(hint, scheduler, settings, tile, vae_progress["encode"],
+                                              checkpoints(tile)),
+            vae_tile, max(height, width), MIN_VAE_TILE, "VAE")
         trace("timesteps", scheduler.timesteps)
         trace("initial_latents", latents)
 
-        # 4. Denoising loop.
-        predict = self.noise_predictor(prompt_embeds, hint, settings, progress)
-        for index, t in enumerate(scheduler.timesteps):
-            eps = predict(latents, t)
-            latents = scheduler.step(eps, t, latents).prev_sample
-            trace("noise_pred", eps)
-            trace("latents_after_step", latents)
-            if progress:
-                progress("step", index + 1, len(scheduler.timesteps))
-        del predict
+        # 4. Denoising loop (from the initial latents again if it runs out of memory).
+        initial = latents
+        latents, latent_tile = shrink.run(
+            lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
+            settings.latent_tile, max(latents.shape[-2:]), MIN_LATENT_TILE, "latent", changes_result=True)
 
         # 5. Decode to uint8, rounding.
-        decoded = self.vae.decode(latents / self.vae.scaling_factor)
+        decoded, vae_tile = shrink.run(
+            lambda tile: self.vae.decode(latents / self.vae.scaling_factor, tile, on_tile=vae_progress["decode"],
+                                         checkpoint_bytes=checkpoints(tile)),
+            vae_tile, max(height, width), MIN_VAE_TILE, "VAE")
         trace("decoded", decoded)
         sr_uint8 = decoded_to_uint8(decoded).cpu()
+        del decoded
         trace("pipeline_output_uint8", sr_uint8)
 
         # 6. Colour fix against the hint, truncating.
@@ -147,4 +213,8 @@ class PASDPipeline:
 
         # 7. Back to the requested output size.
         image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
-        return UpscaleResult(image=image, prompt=prompt, hint_size=hint_image.size)
+        latent_h, latent_w = latents.shape[-2:]
+        latent_tiles = (len(TileGrid.build(latent_h, latent_w, latent_tile, settings.latent_overlap).tiles)
+                        if needs_tiling(latent_h, latent_w, latent_tile) else 1)
+        return UpscaleResult(image=image, prompt=prompt, hint_size=hint_image.size, latent_tiles=latent_tiles,
+                             vae_tile=0 if vae_tile >= max(height, width) else vae_tile)

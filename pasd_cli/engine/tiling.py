@@ -1,12 +1,13 @@
 """Latent tiling: the tile grid and the blend weights (spec section 4, step 7).
 
-Pure functions over sizes; the pipeline runs the networks on the tiles they describe.
+Pure functions over sizes; `denoise.NoisePredictor` runs the networks on the tiles they describe.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -15,19 +16,21 @@ RELEASED_VARIANCE = 0.01
 
 @dataclass(frozen=True)
 class Tile:
-    """A square window of the latent, in latent pixels."""
+    """A square window of the latent, in latent pixels; `row`/`col` index it in its grid."""
 
     top: int
     left: int
     size: int
+    row: int = 0
+    col: int = 0
 
     def slices(self) -> tuple[slice, slice]:
         return slice(self.top, self.top + self.size), slice(self.left, self.left + self.size)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Starts along one axis: a fixed stride of `tile - overlap`, the last tile flush with the far
-    edge; the count is the smallest that covers `length`."""
+    """Starts along one axis, as released: a fixed stride of `tile - overlap`, the last tile flush
+    with the far edge; the count is the first n with (n-1)*(tile-overlap) + tile >= length."""
     if not 0 <= overlap < tile <= length:
         raise ValueError(f"need 0 <= overlap ({overlap}) < tile ({tile}) <= length ({length})")
     stride = tile - overlap
@@ -40,16 +43,58 @@ def needs_tiling(height: int, width: int, tile: int) -> bool:
     return height * width > tile * tile
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """The released grid: square tiles of side min(tile, height, width), row-major."""
+
+    height: int
+    width: int
+    size: int
+    row_starts: tuple[int, ...]
+    col_starts: tuple[int, ...]
+
+    @classmethod
+    def build(cls, height: int, width: int, tile: int, overlap: int) -> "TileGrid":
+        size = min(tile, height, width)
+        # A tile clipped to the latent keeps the requested overlap where it still can.
+        overlap = min(overlap, size - 1)
+        return cls(height, width, size, tuple(tile_starts(height, size, overlap)),
+                   tuple(tile_starts(width, size, overlap)))
+
+    @cached_property
+    def tiles(self) -> list[Tile]:
+        return [Tile(top, left, self.size, row, col)
+                for row, top in enumerate(self.row_starts)
+                for col, left in enumerate(self.col_starts)]
+
+    def weight(self, tile: Tile, blend: str) -> torch.Tensor:
+        """(size, size) float32 blend weight of one tile."""
+        if blend == "gaussian":
+            return self._released
+        if blend == "ramp":
+            return torch.outer(self._row_ramps[tile.row], self._col_ramps[tile.col])
+        raise ValueError(f"unknown blend {blend!r}")
+
+    @cached_property
+    def _released(self) -> torch.Tensor:
+        return released_weights(self.size)
+
+    @cached_property
+    def _row_ramps(self) -> list[torch.Tensor]:
+        return axis_ramps(self.row_starts, self.size)
+
+    @cached_property
+    def _col_ramps(self) -> list[torch.Tensor]:
+        return axis_ramps(self.col_starts, self.size)
+
+
 def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
-    size = min(tile, height, width)
-    return [Tile(top, left, size)
-            for top in tile_starts(height, size, overlap)
-            for left in tile_starts(width, size, overlap)]
+    return TileGrid.build(height, width, tile, overlap).tiles
 
 
 def released_weights(size: int) -> torch.Tensor:
     """The released separable Gaussian, with its asymmetric centres: (size-1)/2 along x, size/2
-    along y."""
+    along y. Computed in float64 as released (numpy), used in float32."""
     coords = torch.arange(size, dtype=torch.float64)
 
     def gaussian(centre: float) -> torch.Tensor:
@@ -59,17 +104,29 @@ def released_weights(size: int) -> torch.Tensor:
     return torch.outer(gaussian(size / 2), gaussian((size - 1) / 2)).float()
 
 
-def ramp_weights(size: int, overlap: int) -> torch.Tensor:
-    """A weight that rises smoothly over the whole overlap and is flat inside.
-
-    Neighbouring tiles cross-fade across their full shared band, so no tile edge carries a jump;
-    the floor keeps every pixel's weight sum positive.
-    """
+def _rise(band: int, size: int) -> torch.Tensor:
+    """Raised cosine from near 0 to 1 over the first `band` pixels (sampled at pixel centres, so
+    strictly positive), then 1."""
     coords = torch.arange(size, dtype=torch.float64)
-    distance = torch.minimum(coords, size - 1 - coords)
-    ramp = ((distance + 1) / (overlap + 1)).clamp(max=1.0) if overlap else torch.ones(size, dtype=torch.float64)
-    smooth = 0.5 - 0.5 * torch.cos(math.pi * ramp)
-    return torch.outer(smooth, smooth).float().clamp(min=1e-3)
+    if band <= 0:
+        return torch.ones(size, dtype=torch.float64)
+    ramp = ((coords + 0.5) / band).clamp(max=1.0)
+    return 0.5 - 0.5 * torch.cos(math.pi * ramp)
 
 
-BLEND_WEIGHTS = {"gaussian": lambda size, overlap: released_weights(size), "ramp": ramp_weights}
+def axis_ramps(starts: tuple[int, ...] | list[int], size: int) -> list[torch.Tensor]:
+    """1-D weights of each tile along one axis for the `ramp` blend.
+
+    Each tile fades in across the whole band it shares with the previous tile and out across the
+    whole band it shares with the next one (the released grid's last tile often overlaps far
+    more than `overlap`). Where two tiles meet, the two cosines sum to one, so the blend is a
+    smooth cross-fade; at the image border there is no ramp. Every weight is positive, so the
+    weight sum never vanishes.
+    """
+    ramps = []
+    for index, start in enumerate(starts):
+        before = starts[index - 1] + size - start if index > 0 else 0
+        after = start + size - starts[index + 1] if index + 1 < len(starts) else 0
+        ramps.append((_rise(before, size) * _rise(after, size).flip(0)).float())
+    return ramps
+

@@ -1,29 +1,202 @@
-"""VAE encode/decode for the pipeline: posterior moments in, raw decoder output out."""
+"""VAE encode/decode for the pipeline: posterior moments in, raw decoder output out.
+
+Untiled, the stock AutoencoderKL runs. Tiled (`tile` > 0, in image pixels), the encoder and the
+decoder are split at their middle block, which works at latent resolution and holds a global
+self-attention (not tileable exactly):
+
+    encoder: conv_in, down blocks            -> tiled (vae_tiling.run_chain, exact)
+             mid block, norm, conv_out, quant -> whole latent
+    decoder: post_quant, conv_in, mid block   -> whole latent
+             up blocks, norm, conv_out        -> tiled (exact)
+
+The tiled parts are chains of stages (one per block; the decoder's cut before each upsampler),
+which `checkpoint_bytes` lets run as separate sections with whole-image tensors in between.
+The split mirrors diffusers' Encoder.forward / Decoder.forward; every layer is diffusers' own.
+"""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from . import vae_attention
+from .vae_tiling import Box, Stage, TileProgress, run_chain
+
+# Activations of a full-resolution resnet's width alive at once, for the memory estimates below.
+# Checked against the peak RSS of tiny-VAE passes on the CPU in float32: whole 1024x1024 decode
+# 336 MB measured / 396 estimated; 2048x2048 in 512-px tiles 235 / 264 MB.
+_LIVE_ACTIVATIONS = 6
+# The middle block at latent resolution: input, normalised, q, k, v, output.
+_LIVE_MID = 6
+# Candidate tiles for the automatic choice, largest first.
+_AUTO_TILES = (3072, 2048, 1536, 1024, 768, 512, 384, 256)
+
+
+def _to_pixels(image: torch.Tensor, box: Box | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """Image in [0, 1] (float) or uint8 -> VAE input in [-1, 1]; x/255*2-1 as the whole-image path."""
+    if box is not None:
+        top, left, height, width = box
+        image = image[:, :, top:top + height, left:left + width]
+    image = image.to(device)
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    return (image * 2 - 1).to(dtype)
 
 
 class VaeCodec:
-    """Whole-image VAE passes. `dtype` is the VAE's compute dtype; results come back float32."""
+    """VAE passes; results come back float32."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, attention_window: int = 0):
         self.vae = vae
+        self.attention_window = -1
+        self.set_attention_window(attention_window)
+
+    def set_attention_window(self, window: int) -> None:
+        if window != self.attention_window:
+            vae_attention.install(self.vae, window)
+            self.attention_window = window
 
     @property
     def scaling_factor(self) -> float:
         return self.vae.config.scaling_factor
 
-    def _input(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device=self.vae.device, dtype=self.vae.dtype)
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def encode_moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`image` in [0, 1], (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8)."""
-        posterior = self.vae.encode(self._input(image * 2 - 1)).latent_dist
+    def _covers(self, tile: int, height: int, width: int) -> bool:
+        return tile <= 0 or tile >= max(height, width)
+
+    # -- encode --------------------------------------------------------------------------------
+
+    def _encoder_stages(self) -> list[Stage]:
+        """conv_in and the down blocks, one stage per block (cut points after downsampling)."""
+        encoder = self.vae.encoder
+        stages, scale = [], Fraction(1)
+        for index, block in enumerate(encoder.down_blocks):
+            scale /= 2 ** len(block.downsamplers or ())
+            parts = ((encoder, "conv_in"),) if index == 0 else ()
+
+            def run(x, block=block, first=index == 0):
+                return block(encoder.conv_in(x) if first else x)
+
+            stages.append(Stage(run, parts + ((encoder.down_blocks, str(index)),),
+                                block.resnets[-1].out_channels, scale))
+        return stages
+
+    def encode_moments(self, image: torch.Tensor, tile: int = 0, exact: bool = True,
+                       on_tile: TileProgress | None = None,
+                       checkpoint_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`image` in [0, 1] or uint8, (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8).
+        `tile` is the side of a tile's core in pixels; 0 or at least the image: untiled.
+        `checkpoint_bytes` may hold whole-image activations between blocks (vae_tiling)."""
+        height, width = image.shape[-2:]
+        vae = self.vae
+        if self._covers(tile, height, width):
+            posterior = vae.encode(_to_pixels(image, None, vae.dtype, vae.device)).latent_dist
+        else:
+            features = run_chain(self._encoder_stages(),
+                                 lambda box: _to_pixels(image, box, vae.dtype, vae.device),
+                                 (height, width), tile, exact, checkpoint_bytes, vae.dtype.itemsize, on_tile)
+            posterior = DiagonalGaussianDistribution(self._encoder_tail(features))
         return posterior.mean.float(), posterior.std.float()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents -> decoder output in about [-1, 1], before clamping."""
-        return self.vae.decode(self._input(latents)).sample.float()
+    def _encoder_tail(self, features: torch.Tensor) -> torch.Tensor:
+        encoder = self.vae.encoder
+        x = encoder.mid_block(features)
+        del features
+        x = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(x)))
+        return self.vae.quant_conv(x) if self.vae.quant_conv is not None else x
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def _decoder_stages(self) -> list[Stage]:
+        """The up blocks after the middle block, cut before each upsampling (where the
+        activation is 4x smaller than after it); the last stage ends with the output conv."""
+        decoder = self.vae.decoder
+        blocks = decoder.up_blocks
+        stages, scale = [], Fraction(1)
+        for index, block in enumerate(blocks):
+            last = index == len(blocks) - 1
+            previous = blocks[index - 1] if index > 0 else None
+            parts = ((previous, "upsamplers"),) if previous is not None and previous.upsamplers else ()
+            parts += ((block, "resnets"),)
+            if last:
+                parts += ((block, "upsamplers"),) if block.upsamplers else ()
+                parts += ((decoder, "conv_norm_out"), (decoder, "conv_out"))
+
+            def run(x, previous=previous, block=block, last=last):
+                # UpDecoderBlock2D.forward, split at its upsampler.
+                for upsampler in (previous.upsamplers or ()) if previous is not None else ():
+                    x = upsampler(x)
+                for resnet in block.resnets:
+                    x = resnet(x, temb=None)
+                if last:
+                    for upsampler in block.upsamplers or ():
+                        x = upsampler(x)
+                    x = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
+                return x
+
+            if previous is not None:
+                scale *= 2 ** len(previous.upsamplers or ())
+            if last:
+                stages.append(Stage(run, parts, self.vae.config.out_channels,
+                                    scale * 2 ** len(block.upsamplers or ())))
+            else:
+                stages.append(Stage(run, parts, block.resnets[-1].out_channels, scale))
+        return stages
+
+    def decode(self, latents: torch.Tensor, tile: int = 0, exact: bool = True,
+               on_tile: TileProgress | None = None, checkpoint_bytes: int = 0) -> torch.Tensor:
+        """Unscaled latents -> decoder output in about [-1, 1], before clamping, float32.
+        `tile` is the side of a tile's core in output pixels; 0 or at least the image: untiled."""
+        vae = self.vae
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        height, width = latents.shape[-2:]
+        factor = self.factor
+        if self._covers(tile, height * factor, width * factor):
+            return vae.decode(latents).sample.float()
+        decoder = vae.decoder
+        if vae.post_quant_conv is not None:
+            latents = vae.post_quant_conv(latents)
+        features = decoder.mid_block(decoder.conv_in(latents), None)
+        out = torch.empty((latents.shape[0], vae.config.out_channels, height * factor, width * factor),
+                          dtype=torch.float32, device=latents.device)
+
+        def crop(box: Box) -> torch.Tensor:
+            top, left, box_h, box_w = box
+            return features[:, :, top:top + box_h, left:left + box_w]
+
+        return run_chain(self._decoder_stages(), crop, (height, width), max(1, tile // factor), exact,
+                         checkpoint_bytes, vae.dtype.itemsize, on_tile, out=out)
+
+
+def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:
+    """Rough peak memory of a VAE pass over an image of height x width pixels, untiled or with
+    tiles of `tile` pixels (their halo included). The middle block runs on the whole latent
+    before (decoder) or after (encoder) the tiles, which meanwhile hold one copy of its tensor."""
+    channels = list(config.block_out_channels)
+    factor = 2 ** (len(channels) - 1)
+    mid = channels[-1] * (height // factor) * (width // factor)
+    if tile <= 0 or tile >= max(height, width):
+        tile_pixels = height * width
+    else:
+        halo = 16 * factor  # a little above the SD decoder's 98 px and encoder's 72 px
+        tile_pixels = min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
+    full = _LIVE_ACTIVATIONS * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
+    return max(_LIVE_MID * mid, full + mid) * dtype_bytes
+
+
+def choose_vae_tile(config, height: int, width: int, dtype_bytes: int, budget: int) -> int:
+    """0 (untiled) when the whole image fits the memory budget, else the largest tile that does.
+
+    Tiling is exact, so this choice changes the cost, not the result."""
+    if vae_peak_bytes(config, height, width, dtype_bytes) <= budget:
+        return 0
+    for tile in _AUTO_TILES:
+        if vae_peak_bytes(config, height, width, dtype_bytes, tile) <= budget:
+            return tile
+    return _AUTO_TILES[-1]

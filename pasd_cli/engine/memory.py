@@ -1,0 +1,61 @@
+"""Retrying a stage with smaller tiles when the device runs out of memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from ..errors import DeviceError
+
+T = TypeVar("T")
+Warn = Callable[[str], None]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; MPS a RuntimeError that says so.
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class TileShrinker:
+    """Runs a stage at a tile size; after an out-of-memory error halves the tile and runs it
+    again, until it fits or the tile reaches its minimum. Warns once per image (the first time),
+    through `warn`; the engine itself never prints."""
+
+    def __init__(self, device: torch.device, warn: Warn | None = None):
+        self.device = torch.device(device)
+        self.warn = warn
+        self.warned = False
+
+    def _free_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def run(self, stage: Callable[[int], T], tile: int, whole: int, minimum: int, what: str,
+            changes_result: bool = False) -> tuple[T, int]:
+        """`stage(tile)`; `tile` <= 0 or >= `whole` means untiled. Returns (result, tile used)."""
+        while True:
+            failed = False
+            try:
+                return stage(tile), tile
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                failed = True  # retry outside the handler, so the traceback's tensors are freed
+            if failed:
+                current = whole if tile <= 0 or tile >= whole else tile
+                smaller = current // 2
+                self._free_cache()
+                if smaller < minimum:
+                    raise DeviceError(f"out of memory on {self.device.type} even with {what} tiles of {current}",
+                                      hint="close other programs using the device, or use a smaller --scale")
+                if self.warn and not self.warned:
+                    note = "; the result will differ slightly from the requested tiling" if changes_result else ""
+                    self.warn(f"out of memory on {self.device.type}; retrying with smaller tiles "
+                              f"({what} tile {smaller}){note}")
+                    self.warned = True
+                tile = smaller

@@ -1,0 +1,52 @@
+"""Tiling through the real `pasd` command: chosen automatically, switched off by options, and the
+same image either way (the VAE tiling is exact)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import LR_INPUT, run_pasd, tiny_model_args
+from pasd_cli.engine.pipeline import image_to_tensor
+
+# 100x60 -> 800x480 output, latent 100x60; one step, no guidance, to keep it quick.
+BASE = ["--scale", "8", "--process-size", "64", "--steps", "1", "--guidance", "1", "--device", "cpu",
+        "--dtype", "fp32", "--caption", "none", "--json"]
+
+
+def _upscale(tmp_path, name, *options):
+    out = tmp_path / name
+    proc = run_pasd("upscale", LR_INPUT, "-o", out, *tiny_model_args(), *BASE, *options)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.splitlines()[0])  # the image's record; the summary follows
+    vae = f"{record['vae_tile']} px" if record["vae_tile"] else "untiled"
+    return image_to_tensor(Image.open(out / "lr_input.png")), record["latent_tiles"], vae
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-tiling")
+    return {
+        # 100 MB for the VAE: the whole 800x480 image would need ~150 MB, a 256-px tile ~100.
+        "auto": _upscale(tmp, "auto", "--latent-tile", "32", "--vae-memory", "100"),
+        "vae off": _upscale(tmp, "off", "--latent-tile", "32", "--vae-memory", "100", "--vae-tile", "0"),
+        "latent off": _upscale(tmp, "latent-off", "--latent-tile", "100", "--vae-tile", "0"),
+    }
+
+
+def test_tiling_is_chosen_automatically(runs):
+    _, latent_tiles, vae = runs["auto"]
+    assert latent_tiles == 12  # 32-latent tiles over 100x60: 4 across, 3 down
+    assert vae == "256 px"
+
+
+def test_options_turn_tiling_off(runs):
+    assert runs["vae off"][2] == "untiled"
+    assert runs["latent off"][1:] == (1, "untiled")
+
+
+def test_vae_tiling_does_not_change_the_image(runs):
+    diff = (runs["auto"][0].int() - runs["vae off"][0].int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01

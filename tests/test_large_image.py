@@ -1,0 +1,35 @@
+"""An 8192x8192 output from the real command with the tiny model, in bounded memory.
+
+Slow (about 20 minutes on 2 CPU cores): run with `-m slow`. benchmarks/bench_tiling.py reports
+the same run with stage times beside smaller sizes.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_pasd, tiny_model_args
+
+pytestmark = pytest.mark.slow
+
+
+def test_8k_output_in_under_6_gb(tmp_path):
+    side = 2048
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    Image.fromarray((np.stack([xx, yy, (xx + yy) / 2], -1) * 255).astype(np.uint8)).save(tmp_path / "scan.png")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = run_pasd("upscale", tmp_path / "scan.png", "-o", tmp_path / "out", *tiny_model_args(),
+                    "--scale", "4", "--process-size", "64", "--steps", "1", "--guidance", "1",
+                    "--latent-tile", "32", "--latent-overlap", "8", "--latent-blend", "ramp", "--tile-batch", "4",
+                    "--vae-memory", "1024", "--vae-attention-window", "32", "--device", "cpu", "--dtype", "fp32",
+                    timeout=3 * 3600)
+    assert proc.returncode == 0, proc.stderr
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: kB
+    assert peak > before * 1024
+    with Image.open(tmp_path / "out" / "scan.png") as result:
+        assert result.size == (8192, 8192)
+    assert peak < 6 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB"

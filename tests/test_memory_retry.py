@@ -1,0 +1,83 @@
+"""Out of memory: the pipeline halves the latent or VAE tile and runs the stage again, with one
+warning. A device that cannot hold large activations is stood in for by hooks that raise
+torch.OutOfMemoryError above a size, exactly as CUDA's allocator would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import LR_INPUT
+from pasd_cli.engine.memory import TileShrinker, is_out_of_memory
+from pasd_cli.engine.pipeline import image_to_tensor
+from pasd_cli.errors import DeviceError
+from pasd_cli.settings import UpscaleSettings
+
+SETTINGS = UpscaleSettings(steps=1, guidance=1.0, scale=4, process_size=112, latent_tile=64, latent_overlap=4,
+                           vae_tile=0)
+
+
+class _Ceiling:
+    """A forward pre-hook: inputs of more than `pixels` spatial elements do not fit."""
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self.refused = 0
+
+    def __call__(self, module, args):
+        if args[0].shape[-2] * args[0].shape[-1] > self.pixels:
+            self.refused += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.fixture
+def ceilings(tiny_pipeline):
+    hooks = []
+
+    def limit(module, pixels):
+        ceiling = _Ceiling(pixels)
+        hooks.append(module.register_forward_pre_hook(ceiling))
+        return ceiling
+
+    yield limit
+    for hook in hooks:
+        hook.remove()
+
+
+def test_out_of_memory_halves_tiles_and_warns_once(tiny_pipeline, ceilings):
+    lr = Image.open(LR_INPUT)  # 400x240 hint, latent 50x30: untiled by default
+    expected = tiny_pipeline.upscale(lr, UpscaleSettings(**{**SETTINGS.__dict__, "latent_tile": 25, "vae_tile": 200}))
+    unet_ceiling = ceilings(tiny_pipeline.unet.conv_in, 26 * 26)  # the whole 50x30 latent fails
+    # The whole image fails; 200-px tiles with their halo (at most 272x192) fit.
+    vae_ceiling = ceilings(tiny_pipeline.vae.vae.decoder.conv_out, 240 * 240)
+    warnings = []
+    result = tiny_pipeline.upscale(lr, SETTINGS, on_warning=warnings.append)
+    assert unet_ceiling.refused >= 1 and vae_ceiling.refused >= 1
+    assert len(warnings) == 1 and "out of memory" in warnings[0], warnings
+    # Latent 50 -> 25 (the tiles asked for directly above); VAE 400 -> 200 px.
+    assert result.latent_tiles == expected.latent_tiles > 1 and result.vae_tile == 200
+    diff = (image_to_tensor(result.image).int() - image_to_tensor(expected.image).int()).abs()
+    assert diff.max() <= 1
+
+
+def test_out_of_memory_at_the_smallest_tile_is_a_device_error():
+    shrinker = TileShrinker(torch.device("cpu"))
+    calls = []
+
+    def stage(tile):
+        calls.append(tile)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(DeviceError, match="out of memory") as info:
+        shrinker.run(stage, 0, 1000, 64, "VAE")
+    assert info.value.exit_code == 4
+    assert calls == [0, 500, 250, 125]
+
+
+def test_other_errors_are_not_retried():
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape"):
+        TileShrinker(torch.device("cpu")).run(lambda tile: (_ for _ in ()).throw(RuntimeError("shape")),
+                                              0, 100, 8, "VAE")
