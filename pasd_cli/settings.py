@@ -17,6 +17,13 @@ BASE_MODEL = "sd15"
 MIN_VAE_TILE = 64
 
 
+def _require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ValueError with the message of the first failed check."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class UpscaleSettings:
     steps: int = 20
@@ -42,7 +49,7 @@ class UpscaleSettings:
     vae_attention_window: int = 0
 
     def __post_init__(self):
-        checks = [
+        _require([
             (self.steps >= 1, "steps must be at least 1"),
             (self.scale > 0, "scale must be positive"),
             (self.process_size >= 8, "process size must be at least 8"),
@@ -56,10 +63,7 @@ class UpscaleSettings:
             (self.vae_tile is None or self.vae_tile == 0 or self.vae_tile >= MIN_VAE_TILE,
              f"VAE tile must be 0 (off) or at least {MIN_VAE_TILE} pixels"),
             (self.vae_attention_window >= 0, "VAE attention window must not be negative"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
 
     @property
     def uses_cfg(self) -> bool:
@@ -89,15 +93,12 @@ class CaptionSettings:
     min_probability: float = 0.1
 
     def __post_init__(self):
-        checks = [
+        _require([
             (self.mode in CAPTION_MODES, f"caption must be one of {', '.join(CAPTION_MODES)}"),
             (self.num_beams >= 1, "caption beams must be at least 1"),
             (1 <= self.min_length <= self.max_length, "caption lengths must satisfy 1 <= min <= max"),
             (0.0 <= self.min_probability <= 1.0, "classify probability must be in [0, 1]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
 
 
 # Batch and output options, shared by every command that runs a model over many images.
@@ -126,7 +127,7 @@ class BatchSettings:
     lock: str | None = None
 
     def __post_init__(self):
-        checks = [
+        _require([
             (self.format in OUTPUT_FORMATS, f"format must be one of {', '.join(OUTPUT_FORMATS)}"),
             (self.on_exists in ON_EXISTS, f"--on-exists must be one of {', '.join(ON_EXISTS)}"),
             (self.quality is None or 1 <= self.quality <= 100, "quality must be in [1, 100]"),
@@ -134,10 +135,7 @@ class BatchSettings:
             (not (self.to_stdout and self.json), "-o - writes the image to stdout; it cannot be combined with --json"),
             (not (self.to_stdout and self.recursive), "-o - writes one image; --recursive makes no sense with it"),
             (self.name.strip() != "", "--name must not be empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
 
     @property
     def to_stdout(self) -> bool:

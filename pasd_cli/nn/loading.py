@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from ..engine.formats import safetensors_keys as read_keys
 from ..errors import ModelError
 from .controlnet import PASDControlNet
 from .unet import FULL, LIGHT, PASDUNet
@@ -69,14 +69,6 @@ def weights_path(folder: Path) -> Path:
         raise ModelError(f"{folder} holds only pickled weights ({pickles[0]}); "
                          "PASD loads safetensors only", hint="convert the file to .safetensors")
     raise ModelError(f"missing {path}")
-
-
-def read_keys(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as exc:  # safetensors raises several types for a damaged header
-        raise ModelError(f"cannot read {path}: {exc}") from None
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
