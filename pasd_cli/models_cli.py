@@ -84,7 +84,7 @@ def list_models(
     for row in rows:
         label = row["name"] + (" *" if row["default"] else "")
         size = human_size(row["size"]) if row["size"] is not None else "-"
-        print(f"{label:<{width}}  {row['kind']:<9}  {row['state']:<9}  {size:>9}  {row['path']}", flush=True)
+        print(f"{label:<{width}}  {row['kind']:<10}  {row['state']:<9}  {size:>9}  {row['path']}", flush=True)
     _say(f"store: {store.root}   (* = used by default)")
 
 
