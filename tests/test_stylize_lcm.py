@@ -45,6 +45,29 @@ def test_lcm_fast_mode_runs_in_few_steps_and_a_seed_fixes_the_result(tmp_path):
     assert first.shape == plain_render().shape and first.std() > 1.0
 
 
+def test_lcm_step_noise_follows_the_image_seed_during_denoising(tmp_path):
+    """Same initial latents, two seeds: LCM's between-step noise must come from the image's seed
+    (UniPC draws none, so there the seed only acts through the initial latents)."""
+    from dataclasses import replace
+
+    from pasd_cli.settings import UpscaleSettings
+
+    components = fresh_components()
+    use_lcm(components, _tiny_lcm_lora(components, tmp_path / "lcm.safetensors"))
+    pipeline = PASDPipeline(components, torch.device("cpu"), torch.float32)
+    settings = UpscaleSettings(steps=FAST_STEPS, guidance=FAST_GUIDANCE, seed=7)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hint = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    embeds = pipeline.encode_prompts("a photo", "", cfg=False)
+
+    def run(seed):
+        with torch.inference_mode():
+            return pipeline.denoise(latents, embeds, hint, replace(settings, seed=seed), settings.latent_tile)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
 def test_lcm_sigmas_give_the_schedulers_own_noising():
     """The adjustable-noise schedule works from sigmas; for LCM, derived ones must noise a latent
     exactly as LCMScheduler.add_noise does at each of its timesteps."""

@@ -138,7 +138,7 @@ class PASDPipeline:
 
     def denoise(self, latents: torch.Tensor, prompt_embeds, hint, settings: UpscaleSettings,
                 latent_tile: int, progress: Progress | None = None, trace: Trace = _no_trace) -> torch.Tensor:
-        scheduler = self.new_scheduler(settings.steps)
+        scheduler = self.new_scheduler(settings.steps, settings.seed)  # fresh: a retry starts over
         predict = self.noise_predictor(prompt_embeds, hint, settings, progress, latent_tile)
         for index, t in enumerate(scheduler.timesteps):
             eps = predict(latents, t)
