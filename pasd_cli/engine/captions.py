@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import ModelError
 from ..settings import CaptionSettings
+from .pretrained import from_pretrained
 
 DESCRIBER_KINDS = ("blip", "classify")
 # How an ImageNet class name becomes prompt text; part of the classifier's identity, so a change
@@ -126,17 +127,11 @@ def _require_folder(folder: Path, what: str) -> None:
         raise ModelError(f"{what} folder not found: {folder}")
 
 
-def _from_pretrained(model_class, folder: Path, **kwargs):
-    from .loading import _from_pretrained as load  # imports diffusers: only when a model loads
-
-    return load(model_class, folder, **kwargs)
-
-
 def _pil_image_processor(folder: Path):
     from transformers import AutoImageProcessor
 
     # The PIL backend: the default torchvision one is not installed, and must not be.
-    return _from_pretrained(AutoImageProcessor, folder, backend="pil")
+    return from_pretrained(AutoImageProcessor, folder, backend="pil")
 
 
 class _HubModel:
@@ -177,8 +172,8 @@ class BlipCaptioner(_HubModel):
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
         _require_folder(folder, "captioner")
-        model = _from_pretrained(BlipForConditionalGeneration, folder, use_safetensors=True)
-        return cls(model, _pil_image_processor(folder), _from_pretrained(AutoTokenizer, folder),
+        model = from_pretrained(BlipForConditionalGeneration, folder, use_safetensors=True)
+        return cls(model, _pil_image_processor(folder), from_pretrained(AutoTokenizer, folder),
                    settings, device, dtype)
 
     def describe(self, image: Image.Image) -> Description:
@@ -207,7 +202,7 @@ class ImageNetClassifier(_HubModel):
         from transformers import ResNetForImageClassification
 
         _require_folder(folder, "classifier")
-        model = _from_pretrained(ResNetForImageClassification, folder, use_safetensors=True)
+        model = from_pretrained(ResNetForImageClassification, folder, use_safetensors=True)
         return cls(model, _pil_image_processor(folder), settings, device, dtype)
 
     def describe(self, image: Image.Image) -> Description:

@@ -12,6 +12,7 @@ from ..errors import ModelError
 from ..nn.controlnet import PASDControlNet
 from ..nn.loading import load_pasd_controlnet, load_pasd_unet
 from ..nn.unet import PASDUNet
+from .pretrained import from_pretrained
 
 BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -36,23 +37,15 @@ def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
         raise ModelError(f"{what} folder {folder} lacks {', '.join(p + '/' for p in missing)}")
 
 
-def _from_pretrained(loader, folder: Path, **kwargs):
-    try:
-        return loader.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {folder}: {first_line}") from None
-
-
 def load_base_parts(base_dir: Path) -> tuple[object, object, object, dict]:
     """(vae, text_encoder, tokenizer, scheduler_config) from a diffusers SD 1.5 folder."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _require_dir(base_dir, "base model", BASE_PARTS)
-    vae = _from_pretrained(AutoencoderKL, base_dir / "vae", use_safetensors=True)
-    text_encoder = _from_pretrained(CLIPTextModel, base_dir / "text_encoder", use_safetensors=True)
-    tokenizer = _from_pretrained(CLIPTokenizer, base_dir / "tokenizer")
+    vae = from_pretrained(AutoencoderKL, base_dir / "vae", use_safetensors=True)
+    text_encoder = from_pretrained(CLIPTextModel, base_dir / "text_encoder", use_safetensors=True)
+    tokenizer = from_pretrained(CLIPTokenizer, base_dir / "tokenizer")
     config_path = base_dir / "scheduler" / "scheduler_config.json"
     try:
         scheduler_config = json.loads(config_path.read_text())
@@ -72,7 +65,7 @@ def load_components(pasd_dir: Path, base_dir: Path) -> Components:
     return Components(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config)
 
 
-def model_dtypes(device: torch.device, dtype: torch.dtype, vae) -> tuple[torch.dtype, torch.dtype]:
+def model_dtypes(dtype: torch.dtype, vae) -> tuple[torch.dtype, torch.dtype]:
     """(networks dtype, VAE dtype). The SD VAE overflows in float16, so it runs in float32 then,
     as diffusers pipelines do for VAEs flagged `force_upcast`."""
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):

@@ -76,7 +76,7 @@ class PASDPipeline:
 
         self.memory_budget = memory_budget
         self.device, self.dtype = torch.device(device), dtype
-        net_dtype, vae_dtype = model_dtypes(self.device, dtype, components.vae)
+        net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
         self.unet = components.unet.to(self.device, net_dtype)
         self.controlnet = components.controlnet.to(self.device, net_dtype)
         self.text_encoder = components.text_encoder.to(self.device, net_dtype)
