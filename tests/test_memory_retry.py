@@ -91,6 +91,7 @@ def test_out_of_memory_at_the_smallest_tile_is_a_device_error():
 
 def test_other_errors_are_not_retried():
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert is_out_of_memory(RuntimeError("Invalid buffer size: 19.45 GB"))  # MPS: above Metal's largest buffer
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape"):
         TileShrinker(torch.device("cpu")).run(lambda tile: (_ for _ in ()).throw(RuntimeError("shape")),

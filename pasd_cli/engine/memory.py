@@ -13,10 +13,15 @@ T = TypeVar("T")
 Warn = Callable[[str], None]
 
 
+# What MPS says in a RuntimeError: out of memory, or one tensor above Metal's largest buffer
+# ("Invalid buffer size: 19.45 GB", e.g. an attention score matrix); smaller tiles cure both.
+_MPS_MEMORY_ERRORS = ("out of memory", "invalid buffer size")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; MPS a RuntimeError that says so.
+    # CUDA raises torch.OutOfMemoryError.
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MPS_MEMORY_ERRORS))
 
 
 class TileShrinker:
