@@ -24,6 +24,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MPS_MEMORY_ERRORS))
 
 
+def free_device_cache(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back to the device, for the next attempt or model."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 class TileShrinker:
     """Runs a stage at a tile size; after an out-of-memory error halves the tile and runs it
     again, until it fits or the tile reaches its minimum. Warns once per image (the first time),
@@ -33,12 +41,6 @@ class TileShrinker:
         self.device = torch.device(device)
         self.warn = warn
         self.warned = False
-
-    def _free_cache(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif self.device.type == "mps":
-            torch.mps.empty_cache()
 
     def run(self, stage: Callable[[int], T], tile: int, whole: int, minimum: int, what: str,
             changes_result: bool = False) -> tuple[T, int]:
@@ -54,7 +56,7 @@ class TileShrinker:
             if failed:
                 current = whole if tile <= 0 or tile >= whole else tile
                 smaller = current // 2
-                self._free_cache()
+                free_device_cache(self.device)
                 if smaller < minimum:
                     raise DeviceError(f"out of memory on {self.device.type} even with {what} tiles of {current}",
                                       hint="close other programs using the device, or use a smaller --scale")
