@@ -136,7 +136,7 @@ class NoisePredictor:
             tile_latents = torch.cat([latents[(..., *tile.slices())] for tile in batch])
             embeddings = torch.cat([self._hint_embedding(tile) for tile in batch])
             eps = self._run(tile_latents, t, embeddings)
-            for tile, weight, tile_eps in zip(batch, weights[first:], eps):
+            for tile, weight, tile_eps in zip(batch, weights[first:first + len(batch)], eps):
                 total[(..., *tile.slices())] += tile_eps * weight
             if self.on_tile:
                 self.on_tile(first + len(batch), len(tiles))
