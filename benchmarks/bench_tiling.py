@@ -11,7 +11,9 @@ decode) come from wrapping the pipeline's methods in the child.
 Modes: `tiled` (latent tiles + VAE tiles), `vae-untiled` (latent tiles, whole-image VAE),
 `untiled` (neither); the untiled modes only up to the sizes given by --vae-untiled-up-to and
 --untiled-up-to, beyond which they do not fit or take too long (the tiny UNet's attention cost
-grows with the square of the latent area).
+grows with the square of the latent area). At each size the baseline mode (--baseline, default
+`untiled`) runs first where it fits, and the other rows give their time and peak RSS as ratios
+to it (`x time`, `x RSS`).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--untiled-up-to", type=int, default=1024)
     parser.add_argument("--vae-untiled-up-to", type=int, default=2048)
     parser.add_argument("--modes", default="tiled,vae-untiled,untiled")
+    parser.add_argument("--baseline", default="untiled", help="the mode the others are compared with")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.child:
@@ -156,11 +159,14 @@ def main() -> None:
           f"latent tile {args.latent_tile}/{args.latent_overlap} (ramp, batch {args.tile_batch}), "
           f"VAE {'tile ' + str(args.vae_tile) if args.vae_tile else 'auto'}, VAE memory {args.vae_memory} MB, "
           f"VAE attention window {window} from {from_size} px", flush=True)
-    header = (f"{'size':>5} {'mode':<11} {'tiles':>5} {'vae':>5} {'s':>8} {'s/MP':>6} {'enc':>7} {'denoise':>8} "
-              f"{'dec':>7} {'peak RSS':>9} {'+load':>7} {'CUDA':>8} {'outputs':>8}")
+    header = (f"{'size':>5} {'mode':<11} {'tiles':>5} {'vae':>5} {'s':>8} {'s/MP':>6} {'x time':>6} {'enc':>7} "
+              f"{'denoise':>8} {'dec':>7} {'peak RSS':>9} {'x RSS':>5} {'+load':>7} {'CUDA':>8} {'outputs':>8}")
     print(header, flush=True)
+    modes = args.modes.split(",")
+    modes.sort(key=lambda mode: mode != args.baseline)  # the baseline first, the rest in the given order
     for size in (int(s) for s in args.sizes.split(",")):
-        for mode in args.modes.split(","):
+        baseline = None
+        for mode in modes:
             limit = {"tiled": math.inf, "vae-untiled": args.vae_untiled_up_to, "untiled": args.untiled_up_to}[mode]
             if size > limit:
                 continue
@@ -178,13 +184,16 @@ def main() -> None:
                 continue
             row = {**config, "mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1])}
             rows.append(row)
+            if mode == args.baseline:
+                baseline = row
+            ratio = lambda key: f"{row[key] / baseline[key]:.2f}" if baseline else "-"  # noqa: E731
             mp = size * size / 1e6
             gb = lambda b: f"{b / 2**30:.2f}G" if b is not None else "-"  # noqa: E731
             stage = lambda name: f"{row['stages'].get(name, 0):.1f}"  # noqa: E731
             print(f"{size:>5} {mode:<11} {row['latent_tiles']:>5} {row['vae_tile'] or 'off':>5} {row['seconds']:>8.1f} "
-                  f"{row['seconds'] / mp:>6.1f} {stage('encode'):>7} {stage('denoise'):>8} {stage('decode'):>7} "
-                  f"{gb(row['peak_rss']):>9} {gb(row['rss_after_load']):>7} {gb(row['cuda_peak']):>8} "
-                  f"{gb(output_array_bytes(size)):>8}", flush=True)
+                  f"{row['seconds'] / mp:>6.1f} {ratio('seconds'):>6} {stage('encode'):>7} {stage('denoise'):>8} "
+                  f"{stage('decode'):>7} {gb(row['peak_rss']):>9} {ratio('peak_rss'):>5} {gb(row['rss_after_load']):>7} "
+                  f"{gb(row['cuda_peak']):>8} {gb(output_array_bytes(size)):>8}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -7,6 +7,13 @@ precise failures the command line reports.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception's message cut to its first line (its type if it has none), for our
+    one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PasdError(Exception):
     """Base class: a failure we can explain in one line."""
 

@@ -51,6 +51,8 @@ class UpscaleSettings:
     def __post_init__(self):
         _require([
             (self.steps >= 1, "steps must be at least 1"),
+            # What torch.Generator.manual_seed accepts; beyond it every image would fail alike.
+            (-2**63 <= self.seed < 2**64, "seed must fit in 64 bits"),
             (self.scale > 0, "scale must be positive"),
             (self.process_size >= 8, "process size must be at least 8"),
             (0 <= self.added_noise_level < 1000, "added noise level must be in [0, 999]"),

@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import LR_INPUT
+from conftest import LR_INPUT, run_pasd
 from pasd_cli.engine.color import adain_color_fix
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
 from pasd_cli.engine.prompts import encode_texts
+from pasd_cli.engine.resize import make_hint
+from pasd_cli.errors import InputError
 from pasd_cli.settings import UpscaleSettings
 
 BASE = dict(steps=2, scale=2, process_size=112, prompt="a tiny test image", seed=1234)
@@ -86,3 +88,19 @@ def test_reduced_precision_stays_close_to_float32(tiny_pipeline, dtype):
     assert seen["latents_after_step"][0].dtype == torch.float32
     diff = (image_to_tensor(full.image).float() - image_to_tensor(reduced.image).float()).abs()
     assert diff.mean() < 8, diff.mean()
+
+
+def test_an_image_too_small_to_process_is_an_input_error():
+    """A typed error for one image, not a ValueError that callers would have to tell from a bug."""
+    with pytest.raises(InputError, match="too small"):
+        make_hint(Image.new("RGB", (3, 2)), 1.0, 4)
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1])
+def test_a_seed_no_generator_takes_is_a_usage_error(tmp_path, seed):
+    """Refused with the options (exit 2), not as a failure of every image (exit 1)."""
+    with pytest.raises(ValueError, match="seed"):
+        UpscaleSettings(seed=seed)
+    UpscaleSettings(seed=seed - 1 if seed > 0 else seed + 1)  # the range's ends are fine
+    run = run_pasd("upscale", LR_INPUT, "-o", tmp_path, "--seed", str(seed), "--dry-run")
+    assert run.returncode == 2 and "seed" in run.stderr, run.stderr

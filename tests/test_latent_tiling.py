@@ -185,3 +185,17 @@ def test_hint_cache_is_bounded_and_exact(networks, inputs):
         predictor(latents, t)
     assert len(cached._embedded) == 6 and len(uncached._embedded) == 0 and len(two._embedded) == 2
     torch.testing.assert_close(uncached(latents, t), cached(latents, t), rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_blend_weights_go_to_the_device_once_per_image(networks, inputs, monkeypatch):
+    """Not at every tile of every step: a copy from the CPU waits for the device's queued work."""
+    unet, controlnet = networks
+    latents, hint, embeds, t = inputs
+    made = []
+    weight = TileGrid.weight
+    monkeypatch.setattr(TileGrid, "weight", lambda grid, tile, blend: made.append(tile) or weight(grid, tile, blend))
+    predictor = NoisePredictor(unet, controlnet, embeds, hint, Guidance(9.0, 1.0), 16, 4, blend="ramp")
+    first, second = predictor(latents, t), predictor(latents, t)
+    assert len(made) == len(set(made)) == 6
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import LR_INPUT
 from pasd_cli.engine.memory import TileShrinker, is_out_of_memory
 from pasd_cli.engine.pipeline import image_to_tensor
+from pasd_cli.engine.tiling import TileGrid
 from pasd_cli.errors import DeviceError
 from pasd_cli.settings import UpscaleSettings
 
@@ -61,6 +62,19 @@ def test_out_of_memory_halves_tiles_and_warns_once(tiny_pipeline, ceilings):
     assert diff.max() <= 1
 
 
+def test_halved_latent_tiles_keep_a_bounded_overlap(tiny_pipeline, ceilings):
+    """A large requested overlap must not survive the halving as is: clamped to the halved tile it
+    leaves a stride of one latent pixel (here 341 tiles a step instead of 8)."""
+    lr = Image.open(LR_INPUT)  # latent 50x30: untiled with tile 40 (1500 <= 1600 latent pixels)
+    settings = UpscaleSettings(**{**SETTINGS.__dict__, "latent_tile": 40, "latent_overlap": 30})
+    ceilings(tiny_pipeline.unet.conv_in, 26 * 26)  # 40 -> 20
+    tiles = []
+    result = tiny_pipeline.upscale(lr, settings, progress=lambda stage, done, total: tiles.append(total)
+                                   if stage == "tile" else None)
+    assert result.latent_tiles == len(TileGrid.build(30, 50, 20, 10).tiles) == 8
+    assert set(tiles) == {8}
+
+
 def test_out_of_memory_at_the_smallest_tile_is_a_device_error():
     shrinker = TileShrinker(torch.device("cpu"))
     calls = []
@@ -77,6 +91,7 @@ def test_out_of_memory_at_the_smallest_tile_is_a_device_error():
 
 def test_other_errors_are_not_retried():
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert is_out_of_memory(RuntimeError("Invalid buffer size: 19.45 GB"))  # MPS: above Metal's largest buffer
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape"):
         TileShrinker(torch.device("cpu")).run(lambda tile: (_ for _ in ()).throw(RuntimeError("shape")),

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import ModelError
 from ..settings import CaptionSettings
+from .memory import free_device_cache
 from .pretrained import from_pretrained
 
 DESCRIBER_KINDS = ("blip", "classify")
@@ -152,10 +153,7 @@ class _HubModel:
         """Drop the weights so the diffusion gets the memory back."""
         self.model = None
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif self.device.type == "mps":
-            torch.mps.empty_cache()
+        free_device_cache(self.device)
 
 
 class BlipCaptioner(_HubModel):

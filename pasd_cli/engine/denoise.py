@@ -72,6 +72,7 @@ class NoisePredictor:
         self.hint_cache_bytes = hint_cache_bytes
         self._embedded: dict[Tile | None, torch.Tensor] = {}
         self._cached_bytes = 0
+        self._blend: tuple[tuple, list[Tile], list[torch.Tensor], torch.Tensor] | None = None
 
     def _hint_embedding(self, tile: Tile | None) -> torch.Tensor:
         if tile in self._embedded:
@@ -104,24 +105,39 @@ class NoisePredictor:
             return self._run(latents, t, self._hint_embedding(None))
         return self._tiled(latents, t)
 
+    def _blend_weights(self, latents: torch.Tensor) -> tuple[list[Tile], list[torch.Tensor], torch.Tensor]:
+        """The tiles, their blend weights and the weights' sum, on the latents' device; made once
+        per predictor, since a copy from the CPU at every tile of every step would each time wait
+        for the device to finish its queued work."""
+        height, width = latents.shape[-2:]
+        key = (height, width, latents.device)
+        if self._blend is None or self._blend[0] != key:
+            grid = TileGrid.build(height, width, self.tile, self.overlap)
+            moved: dict[int, torch.Tensor] = {}  # the released blend gives every tile one tensor
+            weights = []
+            weight_sum = torch.zeros((1, 1, height, width), device=latents.device)
+            for tile in grid.tiles:
+                weight = grid.weight(tile, self.blend)
+                if id(weight) not in moved:
+                    moved[id(weight)] = weight.to(latents.device)
+                weights.append(moved[id(weight)])
+                weight_sum[(..., *tile.slices())] += weights[-1]
+            self._blend = (key, grid.tiles, weights, weight_sum)
+        return self._blend[1:]
+
     def _tiled(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Blend of the tiles' guided predictions. Guidance is linear and every tile's weight is
         the same for both halves of the CFG pair, so guiding before blending equals the released
         order (blend, then guide) up to rounding."""
-        height, width = latents.shape[-2:]
-        grid = TileGrid.build(height, width, self.tile, self.overlap)
-        tiles = grid.tiles
+        tiles, weights, weight_sum = self._blend_weights(latents)
         total = torch.zeros_like(latents, dtype=torch.float32)
-        weight_sum = torch.zeros((1, 1, height, width), device=latents.device)
         for first in range(0, len(tiles), self.tile_batch):
             batch = tiles[first:first + self.tile_batch]
             tile_latents = torch.cat([latents[(..., *tile.slices())] for tile in batch])
             embeddings = torch.cat([self._hint_embedding(tile) for tile in batch])
             eps = self._run(tile_latents, t, embeddings)
-            for tile, tile_eps in zip(batch, eps):
-                weight = grid.weight(tile, self.blend).to(latents.device)
+            for tile, weight, tile_eps in zip(batch, weights[first:first + len(batch)], eps):
                 total[(..., *tile.slices())] += tile_eps * weight
-                weight_sum[(..., *tile.slices())] += weight
             if self.on_tile:
                 self.on_tile(first + len(batch), len(tiles))
         return total / weight_sum

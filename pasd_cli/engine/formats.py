@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -84,8 +84,7 @@ def safetensors_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="numpy") as handle:
             return list(handle.keys())
     except Exception as exc:  # safetensors raises several types for a damaged header
-        text = str(exc).strip()
-        raise ModelError(f"cannot read {path}: {text.splitlines()[0] if text else type(exc).__name__}") from None
+        raise ModelError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def is_lora_keys(keys) -> bool:

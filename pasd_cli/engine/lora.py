@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from .bases import stock_unet_keys
 from .loading import Components
 from .single_file import TEXT_MODEL_PREFIX
@@ -101,8 +101,7 @@ def _to_peft_names(state: dict[str, torch.Tensor], unet_config, source: Path) ->
         unet = convert_unet_state_dict_to_peft(unet)
         text = convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS_OLD)
     except (ValueError, KeyError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{source} is not a Stable Diffusion 1.5 LoRA: {first}") from None
+        raise ModelError(f"{source} is not a Stable Diffusion 1.5 LoRA: {first_line(exc)}") from None
     if other:
         raise ModelError(f"{source} is not a Stable Diffusion 1.5 LoRA: unknown keys such as {other[0]}")
     return {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in text.items()}}

@@ -13,10 +13,23 @@ T = TypeVar("T")
 Warn = Callable[[str], None]
 
 
+# What MPS says in a RuntimeError: out of memory, or one tensor above Metal's largest buffer
+# ("Invalid buffer size: 19.45 GB", e.g. an attention score matrix); smaller tiles cure both.
+_MPS_MEMORY_ERRORS = ("out of memory", "invalid buffer size")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; MPS a RuntimeError that says so.
+    # CUDA raises torch.OutOfMemoryError.
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MPS_MEMORY_ERRORS))
+
+
+def free_device_cache(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back to the device, for the next attempt or model."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 class TileShrinker:
@@ -28,12 +41,6 @@ class TileShrinker:
         self.device = torch.device(device)
         self.warn = warn
         self.warned = False
-
-    def _free_cache(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif self.device.type == "mps":
-            torch.mps.empty_cache()
 
     def run(self, stage: Callable[[int], T], tile: int, whole: int, minimum: int, what: str,
             changes_result: bool = False) -> tuple[T, int]:
@@ -49,7 +56,7 @@ class TileShrinker:
             if failed:
                 current = whole if tile <= 0 or tile >= whole else tile
                 smaller = current // 2
-                self._free_cache()
+                free_device_cache(self.device)
                 if smaller < minimum:
                     raise DeviceError(f"out of memory on {self.device.type} even with {what} tiles of {current}",
                                       hint="close other programs using the device, or use a smaller --scale")

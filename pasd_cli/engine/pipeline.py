@@ -20,7 +20,7 @@ from .noise import initial_latents, standard_normal_draws
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
 from .schedulers import schedule_sigmas
-from .tiling import TileGrid, needs_tiling
+from .tiling import TileGrid, needs_tiling, shrunk_overlap
 from .vae import VaeCodec, choose_vae_tile, vae_peak_bytes
 
 # progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
@@ -130,11 +130,12 @@ class PASDPipeline:
     def noise_predictor(self, prompt_embeds, hint, settings, progress: Progress | None = None,
                         latent_tile: int | None = None):
         on_tile = (lambda done, total: progress("tile", done, total)) if progress else None
+        tile = latent_tile or settings.latent_tile
         return NoisePredictor(
             self.unet, self.controlnet, prompt_embeds, hint,
             Guidance(settings.guidance, settings.conditioning_scale),
-            latent_tile or settings.latent_tile, settings.latent_overlap, settings.tile_batch, settings.blend,
-            dtype=self.unet.dtype, on_tile=on_tile)
+            tile, shrunk_overlap(settings.latent_overlap, settings.latent_tile, tile), settings.tile_batch,
+            settings.blend, dtype=self.unet.dtype, on_tile=on_tile)
 
     def denoise(self, latents: torch.Tensor, prompt_embeds, hint, settings: UpscaleSettings,
                 latent_tile: int, progress: Progress | None = None, trace: Trace = _no_trace) -> torch.Tensor:
@@ -214,7 +215,8 @@ class PASDPipeline:
         # 7. Back to the requested output size.
         image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
         latent_h, latent_w = latents.shape[-2:]
-        latent_tiles = (len(TileGrid.build(latent_h, latent_w, latent_tile, settings.latent_overlap).tiles)
+        overlap = shrunk_overlap(settings.latent_overlap, settings.latent_tile, latent_tile)
+        latent_tiles = (len(TileGrid.build(latent_h, latent_w, latent_tile, overlap).tiles)
                         if needs_tiling(latent_h, latent_w, latent_tile) else 1)
         return UpscaleResult(image=image, prompt=prompt, hint_size=hint_image.size, latent_tiles=latent_tiles,
                              vae_tile=0 if vae_tile >= max(height, width) else vae_tile)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 
 def from_pretrained(loader, folder: Path, **kwargs):
     try:
         return loader.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {folder}: {first_line}") from None
+        raise ModelError(f"cannot load {folder}: {first_line(exc)}") from None

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ..errors import InputError
+
 
 def output_size(lr_size: tuple[int, int], scale: float) -> tuple[int, int]:
     width, height = lr_size
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def hint_size(lr_size: tuple[int, int], scale: float, process_size: int) -> tuple[int, int]:
-    """Size of the hint image for an LR image, without resizing anything."""
-    width, height = output_size(lr_size, scale)
-    if min(width, height) < process_size:
-        width, height = _short_side_to(width, height, process_size)
-    return width // 8 * 8, height // 8 * 8
 
 
 def _short_side_to(width: int, height: int, short: int) -> tuple[int, int]:
@@ -33,7 +27,8 @@ def make_hint(lr_image: Image.Image, scale: float, process_size: int) -> Image.I
         image = image.resize(_short_side_to(*image.size, process_size), Image.Resampling.BILINEAR)
     width, height = image.size
     if width < 8 or height < 8:
-        raise ValueError(f"image of {width}x{height} px is too small after scaling; use a larger --scale")
+        raise InputError(f"image of {width}x{height} px is too small after scaling",
+                         hint="use a larger scale or process size")
     return image.resize((width // 8 * 8, height // 8 * 8), Image.Resampling.BICUBIC)
 
 

@@ -13,14 +13,13 @@ import torch
 
 from ..errors import ModelError
 from ..nn.loading import check_state_dict
+from .formats import LDM_UNET_PREFIX, LORA_PREFIXES
 from .weights import read_state_dict
 
 SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
-LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 TEXT_MODEL_PREFIX = "text_model."
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 def sd15_config(part: str) -> dict:
@@ -76,7 +75,7 @@ def check_sd15_checkpoint(state: dict[str, torch.Tensor], source: Path) -> None:
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     if not any(k.startswith(LDM_UNET_PREFIX) for k in state):
-        if state and all(k.startswith(_KOHYA_PREFIXES) for k in state):
+        if state and all(k.startswith(LORA_PREFIXES) for k in state):
             raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it with --lora")
         raise ModelError(f"{source} holds no UNet in the original (LDM) layout "
                          f"(no keys under {LDM_UNET_PREFIX})")

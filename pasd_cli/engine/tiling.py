@@ -43,6 +43,13 @@ def needs_tiling(height: int, width: int, tile: int) -> bool:
     return height * width > tile * tile
 
 
+def shrunk_overlap(overlap: int, requested_tile: int, tile: int) -> int:
+    """The overlap for a tile smaller than requested (halved after running out of memory): at
+    most half the tile. Kept as requested, an overlap near the requested side would leave the
+    halved tile a stride of a pixel or two: hundreds of times the tiles, a retry that never ends."""
+    return overlap if tile >= requested_tile else min(overlap, tile // 2)
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """The released grid: square tiles of side min(tile, height, width), row-major."""

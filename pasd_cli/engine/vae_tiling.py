@@ -81,7 +81,7 @@ class PooledGroupNorm(nn.Module):
         self.section = section
         self.mode = "native"  # native | collect | apply
         self.stats = _GroupStats()
-        self._scale: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.section.probing is not None:
@@ -122,11 +122,11 @@ class PooledGroupNorm(nn.Module):
             weight, bias = norm.weight.detach().cpu().double(), norm.bias.detach().cpu().double()
             scale, shift = scale * weight, shift * weight + bias
         device = norm.weight.device if norm.affine else None
-        self._scale = tuple(t.float().to(device)[:, :, None, None] for t in (scale, shift))
+        self._scale_shift = tuple(t.float().to(device)[:, :, None, None] for t in (scale, shift))
         self.mode = "apply"
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        scale, shift = self._scale
+        scale, shift = self._scale_shift
         scale, shift = scale.to(x.device), shift.to(x.device)
         if x.dtype == torch.float32:
             return torch.addcmul(shift, x, scale)

@@ -11,13 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from .formats import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, refuse_untrusted_pickle
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _tensors_only(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -45,11 +40,11 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises several types for a damaged file
-            raise ModelError(f"cannot read {path}: {_first_line(exc)}") from None
+            raise ModelError(f"cannot read {path}: {first_line(exc)}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for bad zips
-        raise ModelError(f"restricted unpickling refused {path}: {_first_line(exc)}",
+        raise ModelError(f"restricted unpickling refused {path}: {first_line(exc)}",
                          hint="convert the file to .safetensors with the tool that made it") from None
     state = _tensors_only(obj, path)
     if not state:
