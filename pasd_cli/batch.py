@@ -125,6 +125,11 @@ def check_name_template(template: str, fields: dict[str, str]) -> None:
     if unknown or "" in used:
         raise UsageError(f"--name {template!r}: unknown field {{{sorted(unknown)[0] if unknown else ''}}}",
                          hint="fields: " + ", ".join("{" + f + "}" for f in sorted(allowed)))
+    try:  # every field is a string, so a format spec that fails here fails for every input
+        template.format(**{name: "x" for name in allowed})
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--name {template!r}: {exc}",
+                         hint='every field is text ({scale} is "4"): number formats such as {scale:d} do not apply') from None
 
 
 def _output_name(template: str, source: Path, fields: dict[str, str], suffix: str) -> str:

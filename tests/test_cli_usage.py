@@ -1,0 +1,48 @@
+"""Mistakes a user or a cron script makes on the command line: each is one `error:` line (and a
+`hint:`), the README's exit code, and no model work. The real `pasd` command in a subprocess;
+none of these load a model, so each run takes a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_pasd, tiny_model_args
+
+MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none",
+         "--steps", "1", "--process-size", "16", "--scale", "2"]
+
+
+def one_error(stderr: str) -> str:
+    """The `error:` line, after checking it is the only one and no traceback came with it."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def imported_modules(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), "red").save(path)
+    return path
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{foo}", "unknown field {foo}"),
+    ("{stem}/{scale}", "not a file name"),
+    ("{scale:d}", "Unknown format code 'd'"),  # every field is text
+    ("{stem:=5}", "alignment not allowed"),
+    ("{", "Single '{'"),
+])
+def test_name_templates_that_cannot_work_are_usage_errors(photo, tmp_path, template, message):
+    proc = run_pasd("upscale", photo, "-o", tmp_path / "out", "--name", template, "--dry-run")
+    assert proc.returncode == 2
+    assert message in one_error(proc.stderr)
