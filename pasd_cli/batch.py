@@ -424,6 +424,9 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
     finally:
         summary.seconds = time.monotonic() - started
         if failures is not None:
-            failures.save()
+            try:
+                failures.save()
+            except PasdError as exc:  # only costs a re-run its memory; the summary must still come
+                reporter.warn(f"{exc} (inputs that failed will be tried again next time)")
         reporter.summary(summary)
     return summary

@@ -12,6 +12,7 @@ parameter in place of the shared options:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,8 @@ def build_batch_settings(inputs, output, recursive, name, format, quality, on_ex
                          fail_fast, json_lines, dry_run, quiet, verbose, lock) -> defaults.BatchSettings:
     if quiet and verbose:
         raise UsageError("-q and -v contradict each other")
+    if not str(output).strip():  # `-o "$OUT"` with OUT unset must not mean the current folder
+        raise UsageError("-o is empty", hint="name a folder for the results, or - for stdout")
     try:
         return defaults.BatchSettings(
             inputs=tuple(inputs), output=str(output), recursive=recursive, name=name,
@@ -106,12 +109,25 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
         plan = plan_jobs(discovery, batch, name_fields, failures, output_size)
         if plan.collisions and not batch.dry_run:
             raise _collisions(plan.collisions, "nothing done")
+        if plan.todo and not batch.dry_run and not batch.to_stdout:
+            _make_output_folder(Path(batch.output))
         summary = run_jobs(plan, lambda: prepare(reporter), reporter, batch, seed=seed, failures=failures,
                            summary=summary, prepass=prepass)
     if plan.collisions:  # a dry run lists them all first
         raise _collisions(plan.collisions, "a run would refuse to start")
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
+
+
+def _make_output_folder(folder: Path) -> None:
+    """Before any model loads: an -o that cannot be written fails now, not image by image after
+    the load."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"-o {folder}: cannot make the folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {folder}: not writable")
 
 
 def _collisions(collisions: list[str], consequence: str) -> UsageError:

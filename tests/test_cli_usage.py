@@ -46,3 +46,27 @@ def test_name_templates_that_cannot_work_are_usage_errors(photo, tmp_path, templ
     proc = run_pasd("upscale", photo, "-o", tmp_path / "out", "--name", template, "--dry-run")
     assert proc.returncode == 2
     assert message in one_error(proc.stderr)
+
+
+def test_an_empty_output_is_refused_not_taken_for_the_current_folder(photo, tmp_path):
+    proc = run_pasd("upscale", photo, "-o", "", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and "-o is empty" in one_error(proc.stderr)
+
+
+def test_an_output_folder_that_cannot_be_made_fails_before_the_model_loads(photo, tmp_path):
+    blocked = photo.parent / "a.png" / "out"  # a file where a folder would have to be
+    proc = run_pasd("upscale", photo, "-o", blocked, *MODEL, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 2
+    assert "cannot make the folder" in one_error(proc.stderr)
+    assert "loading PASD" not in proc.stderr and "torch" not in imported_modules(proc.stderr)
+
+
+def test_a_failure_log_that_cannot_be_written_still_ends_with_the_summary(tmp_path, photo):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "notes.png").write_text("not a picture")  # fails from its header: no model, no -o needed
+    proc = run_pasd("upscale", folder, "-o", photo / "out", "--json")
+    assert proc.returncode == 1  # the input failed; the log is only a re-run's memory
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["type"] == "summary" and summary["failed"] == 1
+    assert "warning: cannot write" in proc.stderr and "Traceback" not in proc.stderr
