@@ -101,11 +101,13 @@ class StoreDescriber:
         return self.describer_spec(need_files=False).identity()
 
     def load(self, device, dtype):
+        from .devices import dtype_name
+
         spec = self.describer_spec(need_files=True)
         import transformers  # its loading bars would drown our own stderr lines
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         what = "captioner" if self.kind == "blip" else "classifier"
-        self.say(f"loading {what} {self.spec} from {spec.folder} on {device} ({str(dtype).removeprefix('torch.')})")
+        self.say(f"loading {what} {self.spec} from {spec.folder} on {device} ({dtype_name(dtype)})")
         return spec.load(device, dtype)

@@ -53,6 +53,14 @@ def test_an_empty_output_is_refused_not_taken_for_the_current_folder(photo, tmp_
     assert proc.returncode == 2 and "-o is empty" in one_error(proc.stderr)
 
 
+@pytest.mark.parametrize("option, value", [("--device", "gpu"), ("--dtype", "float16")])
+def test_an_unknown_device_or_dtype_is_refused_by_a_dry_run_too(photo, tmp_path, option, value):
+    proc = run_pasd("upscale", photo, "-o", tmp_path / "out", option, value, "--dry-run")
+    assert proc.returncode == 2 and f"{option} {value}: choose from" in one_error(proc.stderr)
+    upper = run_pasd("upscale", photo, "-o", tmp_path / "out", "--device", "CPU", "--dtype", "FP32", "--dry-run")
+    assert upper.returncode == 0, upper.stderr
+
+
 def test_an_output_folder_that_cannot_be_made_fails_before_the_model_loads(photo, tmp_path):
     blocked = photo.parent / "a.png" / "out"  # a file where a folder would have to be
     proc = run_pasd("upscale", photo, "-o", blocked, *MODEL, env={"PYTHONPROFILEIMPORTTIME": "1"})
