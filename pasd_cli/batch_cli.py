@@ -40,8 +40,11 @@ _BATCH_PARAMETERS = [
                                                   "{ext} and the command's own, e.g. {scale}."), str),
     ("format", typer.Option(_B.format, "--format", help="png, jpg, webp, tiff, or same (the input's; "
                                                         "BMP inputs give PNG)."), str),
+    # Not "[default: ...]" in the text: Rich would take it for markup and drop it.
     ("quality", typer.Option(_B.quality, "--quality", min=1, max=100, show_default=False,
-                             help="JPEG/WebP quality [default: 95]."), Optional[int]),
+                             help="JPEG and WebP quality (default: " + ", ".join(
+                                 f"{q} for {f}" for f, q in defaults.DEFAULT_QUALITY.items()) + ")."),
+     Optional[int]),
     ("on_exists", typer.Option(_B.on_exists, "--on-exists",
                                help="When an output exists: skip, overwrite, or error (fail that input)."), str),
     ("retry_failed", typer.Option(_B.retry_failed, "--retry-failed",

@@ -78,3 +78,9 @@ def test_a_failure_log_that_cannot_be_written_still_ends_with_the_summary(tmp_pa
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["type"] == "summary" and summary["failed"] == 1
     assert "warning: cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_shows_the_quality_default():
+    proc = run_pasd("upscale", "--help", env={"COLUMNS": "200"})
+    line = next(line for line in proc.stdout.splitlines() if "--quality" in line)
+    assert "JPEG and WebP quality (default: 95 for jpg" in line, line
