@@ -98,8 +98,8 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
     from .inputs import find_inputs
     from .report import Reporter
 
-    if not batch.to_stdout and Path(batch.output).exists() and not Path(batch.output).is_dir():
-        raise UsageError(f"-o {batch.output}: exists and is not a folder")
+    if not batch.to_stdout:
+        _check_output_folder(Path(batch.output))
     reporter = Reporter(verbosity=batch.verbosity, json_lines=batch.json, paths_to_stdout=not batch.to_stdout)
     with hold_lock(batch.lock):
         discovery = find_inputs(batch.inputs, batch.recursive, stdin=sys.stdin if "-" in batch.inputs else None)
@@ -112,8 +112,6 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
         plan = plan_jobs(discovery, batch, name_fields, failures, output_size)
         if plan.collisions and not batch.dry_run:
             raise _collisions(plan.collisions, "nothing done")
-        if plan.todo and not batch.dry_run and not batch.to_stdout:
-            _make_output_folder(Path(batch.output))
         summary = run_jobs(plan, lambda: prepare(reporter), reporter, batch, seed=seed, failures=failures,
                            summary=summary, prepass=prepass)
     if plan.collisions:  # a dry run lists them all first
@@ -122,15 +120,15 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
         raise typer.Exit(summary.exit_code)
 
 
-def _make_output_folder(folder: Path) -> None:
-    """Before any model loads: an -o that cannot be written fails now, not image by image after
-    the load."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"-o {folder}: cannot make the folder ({exc.strerror or exc})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {folder}: not writable")
+def _check_output_folder(folder: Path) -> None:
+    """Before any work, and without making anything: an -o that cannot be written fails now, not
+    image by image after the model has loaded."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    where = "" if existing == folder else f" ({existing} is in its path)"
+    if not existing.is_dir():
+        raise UsageError(f"-o {folder}: not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {folder}: not writable{where}")
 
 
 def _collisions(collisions: list[str], consequence: str) -> UsageError:

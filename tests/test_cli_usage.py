@@ -62,18 +62,21 @@ def test_an_unknown_device_or_dtype_is_refused_by_a_dry_run_too(photo, tmp_path,
 
 
 def test_an_output_folder_that_cannot_be_made_fails_before_the_model_loads(photo, tmp_path):
-    blocked = photo.parent / "a.png" / "out"  # a file where a folder would have to be
+    blocked = photo / "out"  # a file where a folder would have to be
     proc = run_pasd("upscale", photo, "-o", blocked, *MODEL, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert proc.returncode == 2
-    assert "cannot make the folder" in one_error(proc.stderr)
+    assert f"-o {blocked}: not a folder ({photo} is in its path)" in one_error(proc.stderr)
     assert "loading PASD" not in proc.stderr and "torch" not in imported_modules(proc.stderr)
+    dry = run_pasd("upscale", photo, "-o", blocked, "--dry-run")  # exits as the run would
+    assert dry.returncode == 2 and "not a folder" in one_error(dry.stderr)
 
 
-def test_a_failure_log_that_cannot_be_written_still_ends_with_the_summary(tmp_path, photo):
+def test_a_failure_log_that_cannot_be_written_still_ends_with_the_summary(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    (folder / "notes.png").write_text("not a picture")  # fails from its header: no model, no -o needed
-    proc = run_pasd("upscale", folder, "-o", photo / "out", "--json")
+    (folder / "notes.png").write_text("not a picture")  # fails from its header: no model needed
+    (tmp_path / "out" / ".pasd-failures.json").mkdir(parents=True)  # a folder where the log goes
+    proc = run_pasd("upscale", folder, "-o", tmp_path / "out", "--json")
     assert proc.returncode == 1  # the input failed; the log is only a re-run's memory
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["type"] == "summary" and summary["failed"] == 1
