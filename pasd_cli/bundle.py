@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelError
-from .store import RECORD_NAME, Record, Store, safe_relative
+from .store import RECORD_NAME, Record, Store, fetch_command, safe_relative
 
 BUNDLE_INDEX = "pasd-bundle.json"
 BUNDLE_FORMAT = 1
@@ -52,7 +52,8 @@ def export_models(store: Store, names: list[str], target: Path,
         store.manifest(name)
         problems = store.problems(name, full=True)
         if problems:
-            raise ModelError(f"cannot export {name}: {'; '.join(problems)}", hint=f"run: pasd download {name}")
+            raise ModelError(f"cannot export {name}: {'; '.join(problems)}",
+                             hint=f"fetch or repair it with: {fetch_command([name], store.root)}")
         records.append(store.read_record(name))
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +115,11 @@ def import_bundle(store: Store, source: Path, say: Callable[[str], None] | None 
         raise ModelError(f"{source}: no such bundle file")
     try:
         tar = tarfile.open(source, _tar_mode(source, writing=False))
-    except (tarfile.TarError, OSError) as exc:
-        raise ModelError(f"{source}: not a readable bundle ({exc})") from None
+    except tarfile.TarError:  # its message lists every compression tried, one line each
+        raise ModelError(f"{source}: not a bundle (not a tar file)",
+                         hint="bundles are written by: pasd models export NAME FILE") from None
+    except OSError as exc:
+        raise ModelError(f"{source}: cannot read ({exc.strerror or exc})") from None
     try:
         with tar:
             return _import_models(store, tar, source, say)

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="pasd")
     except PasdError as exc:
-        _say(f"error: {exc}")
+        # One line, whatever a library's message that ended up in ours looks like.
+        _say("error: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()))
         if exc.hint:
             _say(f"hint: {exc.hint}")
         sys.exit(exc.exit_code)

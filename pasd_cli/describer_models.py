@@ -80,14 +80,12 @@ class StoreDescriber:
 
     def _ensure_files(self) -> None:
         from .prompt_sources import describer_missing
-        from .store import ensure_model, may_download, store_root
+        from .store import ensure_model, fetch_command, may_download, not_fetched_because
 
-        fetch = f"pasd download {self.spec}"
-        if self.store.root != store_root():
-            fetch += f" --models-dir {self.store.root}"
+        fetch = fetch_command([self.spec], self.store.root)
         problems = self.store.problems(self.spec)
         if problems and not may_download(self.offline, self.interactive):
-            why = "offline" if self.offline else "no terminal, so no automatic download"
+            why = not_fetched_because(self.offline)
             raise describer_missing(self.kind, self.spec, f"{'; '.join(problems)} in {self.store.root} ({why})",
                                     fetch)
         try:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,7 @@ def load_manifests(folder: Path | None = None) -> dict[str, Manifest]:
 def get_manifest(name: str, manifests: Mapping[str, Manifest] | None = None) -> Manifest:
     manifests = load_manifests() if manifests is None else manifests
     if name not in manifests:
-        raise ModelError(f"unknown model '{name}'", hint=f"known models: {', '.join(sorted(manifests))}; "
-                                                         "or pass a folder path")
+        raise ModelError(f"unknown model '{name}'", hint=f"known models: {', '.join(sorted(manifests))}")
     return manifests[name]
 
 
@@ -167,6 +167,17 @@ def may_download(offline: bool, interactive: bool) -> bool:
     """A missing model is fetched on the fly only for a person at a terminal who did not ask for
     offline: a cron job must never download by surprise."""
     return interactive and not offline
+
+
+def not_fetched_because(offline: bool) -> str:
+    """Why a missing model was not fetched (`may_download` said no)."""
+    return "offline" if offline else "no terminal, so no automatic download"
+
+
+def fetch_command(names: Iterable[str], root: Path) -> str:
+    """The command that fetches (or repairs) `names` in the store at `root`, ready to paste."""
+    command = "pasd download " + " ".join(names)
+    return command + (f" --models-dir {shlex.quote(str(root))}" if Path(root) != store_root() else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,13 +319,9 @@ def _missing_message(store: Store, missing: dict[str, list[str]], offline: bool)
     for name, problems in missing.items():
         parts.append(f"'{name}' ({problems[0]})" if problems[0] == "not installed" else
                      f"'{name}' ({'; '.join(problems)})")
-    why = "offline" if offline else "no terminal, so no automatic download"
     noun = "model" if len(missing) == 1 else "models"
-    command = "pasd download " + " ".join(missing)
-    if store.root != store_root():
-        command += f" --models-dir {store.root}"
-    return ModelError(f"{noun} {', '.join(parts)} not usable in {store.root} ({why})",
-                      hint=f"fetch with: {command}")
+    return ModelError(f"{noun} {', '.join(parts)} not usable in {store.root} ({not_fetched_because(offline)})",
+                      hint=f"fetch with: {fetch_command(missing, store.root)}")
 
 
 def ensure_models(names: list[str], *, models_dir: str | Path | None = None, offline: bool = False,

@@ -87,3 +87,28 @@ def test_help_shows_the_quality_default():
     proc = run_pasd("upscale", "--help", env={"COLUMNS": "200"})
     line = next(line for line in proc.stdout.splitlines() if "--quality" in line)
     assert "JPEG and WebP quality (default: 95 for jpg" in line, line
+
+
+
+# ---- the model store's commands ------------------------------------------------------------------
+
+def test_importing_a_file_that_is_not_a_bundle_is_one_error_line(photo, tmp_path):
+    proc = run_pasd("models", "import", photo, "--models-dir", tmp_path / "store")
+    assert proc.returncode == 3
+    assert "not a bundle" in one_error(proc.stderr)
+    assert len(proc.stderr.splitlines()) == 2  # the error and its hint; tarfile's message had five lines
+
+
+def test_an_unknown_model_name_lists_the_known_ones(tmp_path):
+    proc = run_pasd("download", "nosuch", "--models-dir", tmp_path / "store")
+    assert proc.returncode == 3 and "unknown model 'nosuch'" in one_error(proc.stderr)
+    hint = proc.stderr.splitlines()[-1]
+    assert hint.startswith("hint: known models:") and "pasd-light" in hint
+    assert "folder" not in hint  # `pasd download` takes no folder
+
+
+def test_hints_name_the_store_that_was_given(tmp_path):
+    store = tmp_path / "my store"
+    proc = run_pasd("models", "export", "pasd", tmp_path / "pasd.tar", "--models-dir", store)
+    assert proc.returncode == 3 and "cannot export pasd" in one_error(proc.stderr)
+    assert proc.stderr.splitlines()[-1] == f"hint: fetch or repair it with: pasd download pasd --models-dir '{store}'"
