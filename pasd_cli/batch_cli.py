@@ -100,6 +100,9 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
 
     if not batch.to_stdout:
         _check_output_folder(Path(batch.output))
+    elif not batch.dry_run and sys.stdout.isatty():
+        raise UsageError("-o - writes the image's bytes to stdout, which is the terminal",
+                         hint="redirect it to a file or a program: pasd upscale photo.jpg -o - > big.png")
     reporter = Reporter(verbosity=batch.verbosity, json_lines=batch.json, paths_to_stdout=not batch.to_stdout)
     with hold_lock(batch.lock):
         discovery = find_inputs(batch.inputs, batch.recursive, stdin=sys.stdin if "-" in batch.inputs else None)

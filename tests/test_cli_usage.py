@@ -5,12 +5,14 @@ none of these load a model, so each run takes a fraction of a second."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import run_pasd, tiny_model_args
+from conftest import pasd_command, run_pasd, tiny_model_args
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none",
          "--steps", "1", "--process-size", "16", "--scale", "2"]
@@ -112,3 +114,15 @@ def test_hints_name_the_store_that_was_given(tmp_path):
     proc = run_pasd("models", "export", "pasd", tmp_path / "pasd.tar", "--models-dir", store)
     assert proc.returncode == 3 and "cannot export pasd" in one_error(proc.stderr)
     assert proc.stderr.splitlines()[-1] == f"hint: fetch or repair it with: pasd download pasd --models-dir '{store}'"
+
+
+def test_an_image_is_not_written_to_a_terminal(photo):
+    leader, terminal = os.openpty()
+    try:
+        proc = subprocess.run([*pasd_command(), "upscale", str(photo), "-o", "-", *MODEL], stdout=terminal,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=60)
+    finally:
+        os.close(terminal)
+        os.close(leader)
+    assert proc.returncode == 2 and "which is the terminal" in one_error(proc.stderr)
+    assert "loading PASD" not in proc.stderr
