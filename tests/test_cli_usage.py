@@ -126,3 +126,10 @@ def test_an_image_is_not_written_to_a_terminal(photo):
         os.close(leader)
     assert proc.returncode == 2 and "which is the terminal" in one_error(proc.stderr)
     assert "loading PASD" not in proc.stderr
+
+
+def test_an_empty_list_on_stdin_is_reported(tmp_path):
+    proc = subprocess.run([*pasd_command(), "upscale", "-", "-o", str(tmp_path / "out"), "--dry-run"],
+                          input="\n\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0  # nothing to do is not a failure
+    assert "warning: - (the list on stdin): no images found" in proc.stderr
