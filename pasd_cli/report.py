@@ -77,8 +77,8 @@ class Reporter:
                 print(record.output, file=self.stdout, flush=True)
             note = f" ({record.extra['notes']})" if record.extra.get("notes") else ""
             self.debug(f"done {record.input} -> {record.output} in {record.seconds:.1f}s{note}")
-        elif status == SKIPPED:
-            self.info(f"skip {record.input}: {record.reason}")
+        elif status == SKIPPED:  # a re-run over a big folder would mail one line per old output
+            self.debug(f"skip {record.input}: {record.reason}")
         elif status == PLANNED:
             self.info(f"plan {record.input} -> {record.output or 'stdout'}")
         elif status == CANCELLED:

@@ -133,3 +133,14 @@ def test_an_empty_list_on_stdin_is_reported(tmp_path):
                           input="\n\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0  # nothing to do is not a failure
     assert "warning: - (the list on stdin): no images found" in proc.stderr
+
+
+def test_skips_are_listed_only_with_v(photo, tmp_path):
+    """README: -v shows 'every step, skip and timing'; a cron re-run stays quiet but for the summary."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(photo.read_bytes())
+    quiet = run_pasd("upscale", photo, "-o", out, "--dry-run")
+    assert quiet.returncode == 0 and quiet.stderr.splitlines() == ["1 skipped in 0s"]
+    verbose = run_pasd("upscale", photo, "-o", out, "--dry-run", "-v")
+    assert f"skip {photo}: output exists" in verbose.stderr
