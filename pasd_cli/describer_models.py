@@ -19,14 +19,6 @@ MODEL_KINDS = {"blip": "captioner", "classify": "classifier"}
 DEFAULT_MODELS = {"blip": CAPTION_MODEL, "classify": CLASSIFY_MODEL}
 
 
-def is_folder_spec(spec: str, manifests) -> bool:
-    """The rule of `store.resolve_models`: a path-like spec, or a bare word that names no model
-    but an existing folder."""
-    from .store import looks_like_path
-
-    return looks_like_path(spec) or (spec not in manifests and Path(spec).expanduser().exists())
-
-
 class StoreDescriber:
     """`spec` is a model name from `models/` (of the mode's kind) or a folder. Store models are
     fetched when `interactive` allows it (as `pasd upscale` fetches PASD), else refused with the
@@ -35,7 +27,7 @@ class StoreDescriber:
     def __init__(self, mode: str, spec: str | None, settings: CaptionSettings, *, models_dir=None,
                  offline: bool = False, interactive: bool = False,
                  say: Callable[[str], None] = lambda text: None):
-        from .store import Store, offline_requested, store_root
+        from .store import Store, names_a_path, offline_requested, store_root
 
         if mode not in MODEL_KINDS:
             raise ValueError(f"--caption {mode} uses no model")
@@ -44,7 +36,7 @@ class StoreDescriber:
         self.store = Store(store_root(models_dir))
         self.spec = spec or DEFAULT_MODELS[mode]
         self.folder: Path | None = None
-        if is_folder_spec(self.spec, self.store.manifests):
+        if names_a_path(self.spec, self.store.manifests):
             self.folder = Path(self.spec).expanduser()
         elif self.spec not in self.store.manifests:
             raise UsageError(f"--caption-model {self.spec}: unknown model name and no such folder",

@@ -314,6 +314,13 @@ def looks_like_path(spec: str) -> bool:
         (".safetensors", ".ckpt", ".pt", ".bin")))
 
 
+def names_a_path(spec: str, manifests: Mapping[str, Manifest]) -> bool:
+    """Whether a NAME|PATH option means a path: it looks like one, or it is a bare word that
+    names no model but an existing file or folder (a model name wins: write ./pasd for a folder
+    of that name)."""
+    return looks_like_path(spec) or (spec not in manifests and Path(spec).expanduser().exists())
+
+
 def _missing_message(store: Store, missing: dict[str, list[str]], offline: bool) -> ModelError:
     parts = []
     for name, problems in missing.items():
@@ -351,8 +358,7 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
                    offline: bool = False, interactive: bool = False,
                    say: Callable[[str], None] | None = None, endpoint: str | None = None) -> list[Path]:
     """Each (spec, option) pair to a local path: a spec is a model NAME from the manifests or a
-    path (a bare word that is a model name means the model: write ./pasd for a folder of that
-    name). Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
+    path (`names_a_path`). Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
     missing pair of models gives one error with one command."""
     manifests = load_manifests()
     resolved: list[Path | str] = []
@@ -360,7 +366,7 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
         if not spec:
             raise ModelError(f"no model given for {role}", hint=f"pass {role} NAME or {role} PATH")
         path = Path(spec).expanduser()
-        if looks_like_path(spec) or (spec not in manifests and path.exists()):
+        if names_a_path(spec, manifests):
             if not path.exists():
                 raise ModelError(f"{role} {spec}: no such file or folder")
             resolved.append(path)
