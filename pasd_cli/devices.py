@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import DeviceError
+from .settings import VAE_MEMORY_SHARE
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -50,7 +51,7 @@ def memory_budget(device) -> int:
     import psutil
     import torch
 
-    share = 0.5
+    share = VAE_MEMORY_SHARE
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * share)

@@ -69,7 +69,8 @@ def _parameters(d: defaults.UpscaleSettings, pasd_model: str, base_flag: str, ba
                                     help="Latent tiles per forward pass (same result, more memory)."), int),
         ("vae_tile", typer.Option(d.vae_tile, "--vae-tile", min=0, show_default="auto",
                                   help="VAE tile side in pixels; 0 = off. Exact either way."), Optional[int]),
-        ("vae_memory", typer.Option(None, "--vae-memory", min=1, show_default="half the free memory",
+        ("vae_memory", typer.Option(None, "--vae-memory", min=1,
+                                    show_default=f"{defaults.VAE_MEMORY_SHARE:.0%} of the free memory",
                                     help="MB the VAE may use; decides automatic VAE tiling."), Optional[int]),
         ("vae_attention_window", typer.Option(d.vae_attention_window, "--vae-attention-window", min=0,
                                               help="Approximate the VAE's global attention by a window of "
