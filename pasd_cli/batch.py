@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DeviceError, InputError, Interrupted, OutputError, PasdError, UsageError
-from .imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe, write_atomic
+from .atomic import write_atomic
+from .imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe
 from .inputs import Discovery
 from .settings import BatchSettings
 

@@ -1,5 +1,5 @@
-"""Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and writing results
-atomically with their metadata.
+"""Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and encoding results
+with their metadata (`atomic.write_atomic` puts them in place).
 
 The models see 8-bit RGB only. `load` splits an input into what the model sees and what it does
 not (alpha, gray-ness, 16-bit precision, metadata); `restore` puts the model's output back into
@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from . import metadata
-from .atomic import write_atomic  # noqa: F401  (part of this module's interface)
 from .errors import InputError
 from .settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
 
@@ -286,10 +285,6 @@ def encode(image: Image.Image, handle, fmt: str, loaded: LoadedImage, record: di
             params["subsampling"] = 0  # 4:4:4: chroma subsampling would blur the restored detail
     image.save(handle, format=spec.pillow, **params)
     return image
-
-
-def save_image(image: Image.Image, path: Path, format: str = "PNG", **params) -> None:
-    write_atomic(path, lambda handle: image.save(handle, format=format, **params))
 
 
 def read_rgb(path: Path) -> Image.Image:
