@@ -49,10 +49,6 @@ class StoreDescriber:
     def _names_of_kind(self) -> list[str]:
         return sorted(n for n, m in self.store.manifests.items() if m.kind == MODEL_KINDS[self.kind])
 
-    @property
-    def name(self) -> str:
-        return self.spec
-
     def describer_spec(self, need_files: bool):
         """The spec for the engine. Without `need_files`, a store model's install record is enough
         (its commit names the weights); with it, the files are checked, and fetched or refused."""

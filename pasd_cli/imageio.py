@@ -49,9 +49,6 @@ class ImageInfo:
 
     format: str  # one of READ_FORMATS
     size: tuple[int, int]  # as displayed, EXIF orientation applied
-    mode: str  # Pillow's mode of the stored pixels
-    bits: int  # 8 or 16
-    alpha: bool
     by_pasd: bool  # carries pasd's own record: an output of an earlier run
 
 
@@ -60,10 +57,6 @@ def _orientation_swaps(image: Image.Image) -> bool:
         return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     except Exception:  # a damaged EXIF block must not make the image unreadable
         return False
-
-
-def _bits(mode: str) -> int:
-    return 16 if mode.startswith("I") else 8
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -122,14 +115,12 @@ def probe(path: Path) -> ImageInfo:
         width, height = image.size
         if _orientation_swaps(image):
             width, height = height, width
-        return ImageInfo(_format(image), (width, height), image.mode, _bits(image.mode), _has_alpha(image),
-                         metadata.is_pasd_output(image.info))
+        return ImageInfo(_format(image), (width, height), metadata.is_pasd_output(image.info))
 
 
 @dataclass
 class LoadedImage:
     rgb: Image.Image  # 8-bit RGB, orientation applied: what the model sees
-    format: str
     gray: bool = False
     gray16: np.ndarray | None = None  # the full-precision pixels of a 16-bit gray input
     alpha: Image.Image | None = None  # "L"
@@ -139,10 +130,6 @@ class LoadedImage:
     dpi: tuple | None = None
     png_text: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def bits(self) -> int:
-        return 16 if self.gray16 is not None else 8
 
 
 def load(path: Path) -> LoadedImage:
@@ -156,7 +143,7 @@ def load(path: Path) -> LoadedImage:
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise InputError(f"{path}: cannot decode ({exc})") from None
         xmp = image.info.get("xmp") or image.info.get(metadata.XMP_PNG_KEY)
-        loaded = LoadedImage(rgb=image, format=_format(opened), icc=image.info.get("icc_profile"),
+        loaded = LoadedImage(rgb=image, icc=image.info.get("icc_profile"),
                              exif=exif, xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
                              dpi=image.info.get("dpi"), notes=notes)
         if opened.format == "PNG":

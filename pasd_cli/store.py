@@ -379,8 +379,3 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
     folders = iter(ensure_models(names, models_dir=models_dir, offline=offline, interactive=interactive, say=say,
                                  endpoint=endpoint) if names else [])
     return [r if isinstance(r, Path) else next(folders) for r in resolved]
-
-
-def resolve_model(spec: str | None, role: str, **kwargs) -> Path:
-    """A local path for `spec` (a model NAME or a path); `role` names the option for messages."""
-    return resolve_models([(spec, role)], **kwargs)[0]
