@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DeviceError, InputError, Interrupted, OutputError, PasdError, UsageError
-from .imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe, write_atomic
+from .atomic import write_atomic
+from .imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe
 from .inputs import Discovery
 from .settings import BatchSettings
 
@@ -31,6 +32,7 @@ FAILURES_FILE = ".pasd-failures.json"
 TODO, DONE, SKIPPED, FAILED = "todo", "done", "skipped", "failed"
 PLANNED, COLLISION, CANCELLED, INTERRUPTED = "planned", "collision", "cancelled", "interrupted"
 FAILING = (FAILED, COLLISION, INTERRUPTED)
+FAIL_FAST_STOPPED = "not started: --fail-fast stopped the batch"
 
 
 @dataclass
@@ -125,6 +127,11 @@ def check_name_template(template: str, fields: dict[str, str]) -> None:
     if unknown or "" in used:
         raise UsageError(f"--name {template!r}: unknown field {{{sorted(unknown)[0] if unknown else ''}}}",
                          hint="fields: " + ", ".join("{" + f + "}" for f in sorted(allowed)))
+    try:  # every field is a string, so a format spec that fails here fails for every input
+        template.format(**{name: "x" for name in allowed})
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--name {template!r}: {exc}",
+                         hint='every field is text ({scale} is "4"): number formats such as {scale:d} do not apply') from None
 
 
 def _output_name(template: str, source: Path, fields: dict[str, str], suffix: str) -> str:
@@ -351,10 +358,15 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
     todo_done = 0
     stop_reason = None
 
-    def fail_early(job: Job, error: InputError, remember: bool) -> bool:
+    def remember(job: Job, error: InputError, reason: str) -> None:
+        """Inputs found in folders that failed for what they contain are skipped next time."""
+        if failures is not None and job.found and not isinstance(error, OutputError):
+            failures.record(job.source, reason)
+
+    def fail_early(job: Job, error: InputError, remember_it: bool) -> bool:
         job.status, job.reason = FAILED, _reason(error, job.source)
-        if remember and failures is not None and job.found and not isinstance(error, OutputError):
-            failures.record(job.source, job.reason)
+        if remember_it:
+            remember(job, error, job.reason)
         return options.fail_fast
 
     def emit(job: Job, status: str, reason: str | None = None, seconds: float | None = None,
@@ -378,7 +390,7 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
             if job.status != TODO:
                 emit(job, job.status, job.reason)
                 if job.status in (FAILED, COLLISION) and options.fail_fast:
-                    stop_reason = "not started: --fail-fast stopped the batch"
+                    stop_reason = FAIL_FAST_STOPPED
                 continue
             if options.dry_run:
                 emit(job, PLANNED)
@@ -391,11 +403,10 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
                 result = worker(job, reporter.progress)
             except InputError as exc:
                 reason = _reason(exc, job.source)
-                if failures is not None and job.found and not isinstance(exc, OutputError):
-                    failures.record(job.source, reason)
+                remember(job, exc, reason)
                 emit(job, FAILED, reason, time.monotonic() - begin)
                 if options.fail_fast:
-                    stop_reason = "not started: --fail-fast stopped the batch"
+                    stop_reason = FAIL_FAST_STOPPED
             except PasdError as exc:
                 emit(job, INTERRUPTED if isinstance(exc, Interrupted) else FAILED, str(exc),
                      time.monotonic() - begin)
@@ -419,6 +430,9 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
     finally:
         summary.seconds = time.monotonic() - started
         if failures is not None:
-            failures.save()
+            try:
+                failures.save()
+            except PasdError as exc:  # only costs a re-run its memory; the summary must still come
+                reporter.warn(f"{exc} (inputs that failed will be tried again next time)")
         reporter.summary(summary)
     return summary

@@ -12,6 +12,7 @@ parameter in place of the shared options:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,11 @@ _BATCH_PARAMETERS = [
                                                   "{ext} and the command's own, e.g. {scale}."), str),
     ("format", typer.Option(_B.format, "--format", help="png, jpg, webp, tiff, or same (the input's; "
                                                         "BMP inputs give PNG)."), str),
+    # Not "[default: ...]" in the text: Rich would take it for markup and drop it.
     ("quality", typer.Option(_B.quality, "--quality", min=1, max=100, show_default=False,
-                             help="JPEG/WebP quality [default: 95]."), Optional[int]),
+                             help="JPEG and WebP quality (default: " + ", ".join(
+                                 f"{q} for {f}" for f, q in defaults.DEFAULT_QUALITY.items()) + ")."),
+     Optional[int]),
     ("on_exists", typer.Option(_B.on_exists, "--on-exists",
                                help="When an output exists: skip, overwrite, or error (fail that input)."), str),
     ("retry_failed", typer.Option(_B.retry_failed, "--retry-failed",
@@ -60,6 +64,8 @@ def build_batch_settings(inputs, output, recursive, name, format, quality, on_ex
                          fail_fast, json_lines, dry_run, quiet, verbose, lock) -> defaults.BatchSettings:
     if quiet and verbose:
         raise UsageError("-q and -v contradict each other")
+    if not str(output).strip():  # `-o "$OUT"` with OUT unset must not mean the current folder
+        raise UsageError("-o is empty", hint="name a folder for the results, or - for stdout")
     try:
         return defaults.BatchSettings(
             inputs=tuple(inputs), output=str(output), recursive=recursive, name=name,
@@ -92,8 +98,11 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
     from .inputs import find_inputs
     from .report import Reporter
 
-    if not batch.to_stdout and Path(batch.output).exists() and not Path(batch.output).is_dir():
-        raise UsageError(f"-o {batch.output}: exists and is not a folder")
+    if not batch.to_stdout:
+        _check_output_folder(Path(batch.output))
+    elif not batch.dry_run and sys.stdout.isatty():
+        raise UsageError("-o - writes the image's bytes to stdout, which is the terminal",
+                         hint="redirect it to a file or a program: pasd upscale photo.jpg -o - > big.png")
     reporter = Reporter(verbosity=batch.verbosity, json_lines=batch.json, paths_to_stdout=not batch.to_stdout)
     with hold_lock(batch.lock):
         discovery = find_inputs(batch.inputs, batch.recursive, stdin=sys.stdin if "-" in batch.inputs else None)
@@ -112,6 +121,17 @@ def run_batch_command(batch: defaults.BatchSettings, name_fields: dict[str, str]
         raise _collisions(plan.collisions, "a run would refuse to start")
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
+
+
+def _check_output_folder(folder: Path) -> None:
+    """Before any work, and without making anything: an -o that cannot be written fails now, not
+    image by image after the model has loaded."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    where = "" if existing == folder else f" ({existing} is in its path)"
+    if not existing.is_dir():
+        raise UsageError(f"-o {folder}: not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {folder}: not writable{where}")
 
 
 def _collisions(collisions: list[str], consequence: str) -> UsageError:

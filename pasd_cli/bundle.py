@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelError
-from .store import RECORD_NAME, Record, Store, safe_relative
+from .atomic import write_atomic
+from .errors import ModelError, OutputError
+from .store import RECORD_NAME, Record, Store, fetch_command, safe_relative
 
 BUNDLE_INDEX = "pasd-bundle.json"
 BUNDLE_FORMAT = 1
@@ -52,25 +53,24 @@ def export_models(store: Store, names: list[str], target: Path,
         store.manifest(name)
         problems = store.problems(name, full=True)
         if problems:
-            raise ModelError(f"cannot export {name}: {'; '.join(problems)}", hint=f"run: pasd download {name}")
+            raise ModelError(f"cannot export {name}: {'; '.join(problems)}",
+                             hint=f"fetch or repair it with: {fetch_command([name], store.root)}")
         records.append(store.read_record(name))
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, _tar_mode(target, writing=True)) as tar:
+
+    def write(handle) -> None:
+        with tarfile.open(fileobj=handle, mode=_tar_mode(target, writing=True)) as tar:
             _add_bytes(tar, BUNDLE_INDEX, json.dumps({"format": BUNDLE_FORMAT, "models": names}).encode())
             for record in records:
                 _add_bytes(tar, f"{record.name}/{RECORD_NAME}", json.dumps(record.to_json(), indent=2).encode())
                 for rel in sorted(record.files):
                     tar.add(store.model_dir(record.name) / rel, arcname=f"{record.name}/{rel}", recursive=False)
                 say(f"{record.name}: exported {len(record.files)} files")
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise ModelError(f"cannot write {target}: {exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    try:
+        write_atomic(target, write)  # a full disk stays a DeviceError (exit 4)
+    except OutputError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _read_json_member(tar: tarfile.TarFile, name: str) -> dict:
@@ -114,8 +114,11 @@ def import_bundle(store: Store, source: Path, say: Callable[[str], None] | None 
         raise ModelError(f"{source}: no such bundle file")
     try:
         tar = tarfile.open(source, _tar_mode(source, writing=False))
-    except (tarfile.TarError, OSError) as exc:
-        raise ModelError(f"{source}: not a readable bundle ({exc})") from None
+    except tarfile.TarError:  # its message lists every compression tried, one line each
+        raise ModelError(f"{source}: not a bundle (not a tar file)",
+                         hint="bundles are written by: pasd models export NAME FILE") from None
+    except OSError as exc:
+        raise ModelError(f"{source}: cannot read ({exc.strerror or exc})") from None
     try:
         with tar:
             return _import_models(store, tar, source, say)
@@ -161,9 +164,7 @@ def _swap_in(store: Store, name: str, staging: Path, record: Record) -> None:
     store.forget(name)
     final = store.model_dir(name)
     if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".trash-{name}-", dir=store.root))
-        os.replace(final, trash / name)
-        shutil.rmtree(trash, ignore_errors=True)
+        _discard(store, name)
     os.replace(staging, final)
     store.write_record(record)
 
@@ -171,11 +172,16 @@ def _swap_in(store: Store, name: str, staging: Path, record: Record) -> None:
 def remove_model(store: Store, name: str) -> bool:
     """Uninstall: the record goes first, so a half-deleted folder never counts as installed."""
     store.manifest(name)
-    folder = store.model_dir(name)
-    if not folder.exists():
+    if not store.model_dir(name).exists():
         return False
     store.forget(name)
-    trash = Path(tempfile.mkdtemp(prefix=f".trash-{name}-", dir=store.root))
-    os.replace(folder, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
+    _discard(store, name)
     return True
+
+
+def _discard(store: Store, name: str) -> None:
+    """Move the model's folder out of the way in one rename, then delete it: an interrupted
+    delete leaves a hidden trash folder, never a half-deleted model under its name."""
+    trash = Path(tempfile.mkdtemp(prefix=f".trash-{name}-", dir=store.root))
+    os.replace(store.model_dir(name), trash / name)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .engine.captions import Description
 from .errors import DeviceError, OutputError
-from .imageio import write_atomic
+from .atomic import write_atomic
 
 RECORD_FORMAT = 1
 

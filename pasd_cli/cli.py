@@ -15,6 +15,7 @@ from .batch_cli import batch_options, run_batch_command
 from .caption_cli import CaptionOptions, ImagePrompts, caption_options
 from .diffusion_cli import (DiffusionOptions, diffusion_options, model_identity, name_fields, pick_runtime,
                             planned_size, quiet_libraries, resolve_model_dirs, vae_memory_budget)
+from .devices import dtype_name
 from .errors import Interrupted, PasdError
 from .models_cli import download_command, models_app
 from .stylize_cli import (SD15_HELP, StyleChoice, fast_settings, given_on_command_line, preflight, resolve_style,
@@ -62,7 +63,7 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions
         from .image_job import image_worker
         from .upscale_job import upscale_record, upscale_transform
 
-        reporter.info(f"loading PASD from {pasd_dir} on {device} ({models.dtype})")
+        reporter.info(f"loading PASD from {pasd_dir} on {device} ({dtype_name(dtype)})")
         pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, device, dtype)
         pipeline.memory_budget = vae_memory_budget(models, device)
         identity = model_identity(pasd_dir, base_dir, pipeline, device, dtype)
@@ -104,7 +105,7 @@ def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: Diffus
         from .image_job import image_worker
         from .upscale_job import upscale_transform
 
-        reporter.info(f"loading PASD from {files.pasd} on {device} ({models.dtype})")
+        reporter.info(f"loading PASD from {files.pasd} on {device} ({dtype_name(dtype)})")
         components = load_components(files.pasd, files.sd15)
         # On the CPU in float32, before the move to the device: merges are exact and cost no VRAM.
         report = personalize(components, base=files.base, blend=style.blend, loras=files.loras,
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="pasd")
     except PasdError as exc:
-        _say(f"error: {exc}")
+        # One line, whatever a library's message that ended up in ours looks like.
+        _say("error: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()))
         if exc.hint:
             _say(f"hint: {exc.hint}")
         sys.exit(exc.exit_code)

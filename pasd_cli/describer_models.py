@@ -19,14 +19,6 @@ MODEL_KINDS = {"blip": "captioner", "classify": "classifier"}
 DEFAULT_MODELS = {"blip": CAPTION_MODEL, "classify": CLASSIFY_MODEL}
 
 
-def is_folder_spec(spec: str, manifests) -> bool:
-    """The rule of `store.resolve_models`: a path-like spec, or a bare word that names no model
-    but an existing folder."""
-    from .store import looks_like_path
-
-    return looks_like_path(spec) or (spec not in manifests and Path(spec).expanduser().exists())
-
-
 class StoreDescriber:
     """`spec` is a model name from `models/` (of the mode's kind) or a folder. Store models are
     fetched when `interactive` allows it (as `pasd upscale` fetches PASD), else refused with the
@@ -35,7 +27,7 @@ class StoreDescriber:
     def __init__(self, mode: str, spec: str | None, settings: CaptionSettings, *, models_dir=None,
                  offline: bool = False, interactive: bool = False,
                  say: Callable[[str], None] = lambda text: None):
-        from .store import Store, offline_requested, store_root
+        from .store import Store, names_a_path, offline_requested, store_root
 
         if mode not in MODEL_KINDS:
             raise ValueError(f"--caption {mode} uses no model")
@@ -44,7 +36,7 @@ class StoreDescriber:
         self.store = Store(store_root(models_dir))
         self.spec = spec or DEFAULT_MODELS[mode]
         self.folder: Path | None = None
-        if is_folder_spec(self.spec, self.store.manifests):
+        if names_a_path(self.spec, self.store.manifests):
             self.folder = Path(self.spec).expanduser()
         elif self.spec not in self.store.manifests:
             raise UsageError(f"--caption-model {self.spec}: unknown model name and no such folder",
@@ -56,10 +48,6 @@ class StoreDescriber:
 
     def _names_of_kind(self) -> list[str]:
         return sorted(n for n, m in self.store.manifests.items() if m.kind == MODEL_KINDS[self.kind])
-
-    @property
-    def name(self) -> str:
-        return self.spec
 
     def describer_spec(self, need_files: bool):
         """The spec for the engine. Without `need_files`, a store model's install record is enough
@@ -80,14 +68,12 @@ class StoreDescriber:
 
     def _ensure_files(self) -> None:
         from .prompt_sources import describer_missing
-        from .store import ensure_model, may_download, store_root
+        from .store import ensure_model, fetch_command, may_download, not_fetched_because
 
-        fetch = f"pasd download {self.spec}"
-        if self.store.root != store_root():
-            fetch += f" --models-dir {self.store.root}"
+        fetch = fetch_command([self.spec], self.store.root)
         problems = self.store.problems(self.spec)
         if problems and not may_download(self.offline, self.interactive):
-            why = "offline" if self.offline else "no terminal, so no automatic download"
+            why = not_fetched_because(self.offline)
             raise describer_missing(self.kind, self.spec, f"{'; '.join(problems)} in {self.store.root} ({why})",
                                     fetch)
         try:
@@ -101,11 +87,13 @@ class StoreDescriber:
         return self.describer_spec(need_files=False).identity()
 
     def load(self, device, dtype):
+        from .devices import dtype_name
+
         spec = self.describer_spec(need_files=True)
         import transformers  # its loading bars would drown our own stderr lines
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         what = "captioner" if self.kind == "blip" else "classifier"
-        self.say(f"loading {what} {self.spec} from {spec.folder} on {device} ({str(dtype).removeprefix('torch.')})")
+        self.say(f"loading {what} {self.spec} from {spec.folder} on {device} ({dtype_name(dtype)})")
         return spec.load(device, dtype)

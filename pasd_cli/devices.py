@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from .errors import DeviceError, UsageError
+from .errors import DeviceError
+from .settings import VAE_MEMORY_SHARE
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def pick_device(name: str):
+    """`name` is one of DEVICES (the option parser checks it)."""
     import torch
 
     if name == "auto":
@@ -22,23 +24,25 @@ def pick_device(name: str):
                           hint="use --device cpu, or install a CUDA build of torch")
     if name == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("MPS was asked for but this machine or torch build has no MPS")
-    if name not in DEVICES:
-        raise UsageError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
     return torch.device(name)
 
 
 def pick_dtype(name: str, device):
-    """auto: float16 on GPUs, as released; float32 on the CPU, where float16 is slow."""
+    """auto: float16 on GPUs, as released; float32 on the CPU, where float16 is slow. `name` is
+    one of DTYPES (the option parser checks it)."""
     import torch
 
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    if name not in table:
-        raise UsageError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     if name == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise DeviceError("bf16 on MPS needs macOS 14 or newer; use --dtype fp16")
     return table[name]
+
+
+def dtype_name(dtype) -> str:
+    """torch.float16 -> "float16", for messages and records."""
+    return str(dtype).removeprefix("torch.")
 
 
 def memory_budget(device) -> int:
@@ -47,7 +51,7 @@ def memory_budget(device) -> int:
     import psutil
     import torch
 
-    share = 0.5
+    share = VAE_MEMORY_SHARE
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * share)

@@ -69,7 +69,8 @@ def _parameters(d: defaults.UpscaleSettings, pasd_model: str, base_flag: str, ba
                                     help="Latent tiles per forward pass (same result, more memory)."), int),
         ("vae_tile", typer.Option(d.vae_tile, "--vae-tile", min=0, show_default="auto",
                                   help="VAE tile side in pixels; 0 = off. Exact either way."), Optional[int]),
-        ("vae_memory", typer.Option(None, "--vae-memory", min=1, show_default="half the free memory",
+        ("vae_memory", typer.Option(None, "--vae-memory", min=1,
+                                    show_default=f"{defaults.VAE_MEMORY_SHARE:.0%} of the free memory",
                                     help="MB the VAE may use; decides automatic VAE tiling."), Optional[int]),
         ("vae_attention_window", typer.Option(d.vae_attention_window, "--vae-attention-window", min=0,
                                               help="Approximate the VAE's global attention by a window of "
@@ -94,7 +95,13 @@ def diffusion_options(settings_class: type = defaults.UpscaleSettings,
     base_name = _parameter_name(base_flag)
 
     def build(pasd, offline, models_dir, device, dtype, vae_memory, **values) -> DiffusionOptions:
+        from .devices import DEVICES, DTYPES
+
         base = values.pop(base_name)
+        device, dtype = device.lower(), dtype.lower()
+        for flag, value, choices in (("--device", device, DEVICES), ("--dtype", dtype, DTYPES)):
+            if value not in choices:  # checked here too, so that a dry run refuses it
+                raise UsageError(f"{flag} {value}: choose from {', '.join(choices)}")
         try:
             run_settings = replace(preset, **values)
         except ValueError as exc:
@@ -147,8 +154,10 @@ def quiet_libraries() -> None:
 
 def model_identity(pasd_dir: Path, base_dir: Path, pipeline, device, dtype) -> dict:
     """What every output's metadata says about the model that made it."""
+    from .devices import dtype_name
+
     return {"pasd": str(pasd_dir), "base": str(base_dir), "variant": pipeline.unet.paca_variant,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+            "device": str(device), "dtype": dtype_name(dtype)}
 
 
 def name_fields(run_settings: defaults.UpscaleSettings) -> dict[str, str]:

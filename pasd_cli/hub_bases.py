@@ -17,7 +17,8 @@ from typing import Callable
 
 from .engine.formats import PART_STEMS, PICKLE_SUFFIXES
 from .errors import ModelError
-from .store import Manifest, Store, may_download, offline_requested, store_root
+from .store import (Manifest, Store, fetch_command, may_download, not_fetched_because, offline_requested,
+                    store_root)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -124,7 +125,6 @@ def ensure_hub_base(repo_id: str, *, models_dir: str | Path | None = None, offli
         return installed.model_path(store_name(repo_id))
     offline = offline_requested(offline)
     if not may_download(offline, interactive):
-        why = "offline" if offline else "no terminal, so no automatic download"
-        command = f"pasd download {repo_id}" + (f" --models-dir {root}" if root != store_root() else "")
-        raise ModelError(f"base {repo_id} not in {root} ({why})", hint=f"fetch with: {command}")
+        raise ModelError(f"base {repo_id} not in {root} ({not_fetched_because(offline)})",
+                         hint=f"fetch with: {fetch_command([repo_id], root)}")
     return download_hub_base(root, repo_id, say=say, show_bar=interactive)

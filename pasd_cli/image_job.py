@@ -11,6 +11,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from . import imageio
+from .atomic import write_atomic
 from .batch import Job, JobResult, Progress, Worker
 from .errors import DeviceError
 from .settings import BatchSettings
@@ -32,7 +33,7 @@ def image_worker(transform: Transform, record: dict, options: BatchSettings) -> 
             written = _to_stdout(image, job.format, loaded, meta, options.quality)
         else:
             holder = []
-            imageio.write_atomic(job.output, lambda handle: holder.append(
+            write_atomic(job.output, lambda handle: holder.append(
                 imageio.encode(image, handle, job.format, loaded, meta, options.quality)))
             written = holder[0]
         fields = {"mode": written.mode, "bits": 16 if written.mode == "I;16" else 8, **extra}

@@ -1,5 +1,5 @@
-"""Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and writing results
-atomically with their metadata.
+"""Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and encoding results
+with their metadata (`atomic.write_atomic` puts them in place).
 
 The models see 8-bit RGB only. `load` splits an input into what the model sees and what it does
 not (alpha, gray-ness, 16-bit precision, metadata); `restore` puts the model's output back into
@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from . import metadata
-from .atomic import write_atomic  # noqa: F401  (part of this module's interface)
 from .errors import InputError
 from .settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
 
@@ -50,9 +49,6 @@ class ImageInfo:
 
     format: str  # one of READ_FORMATS
     size: tuple[int, int]  # as displayed, EXIF orientation applied
-    mode: str  # Pillow's mode of the stored pixels
-    bits: int  # 8 or 16
-    alpha: bool
     by_pasd: bool  # carries pasd's own record: an output of an earlier run
 
 
@@ -61,10 +57,6 @@ def _orientation_swaps(image: Image.Image) -> bool:
         return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     except Exception:  # a damaged EXIF block must not make the image unreadable
         return False
-
-
-def _bits(mode: str) -> int:
-    return 16 if mode.startswith("I") else 8
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -123,14 +115,12 @@ def probe(path: Path) -> ImageInfo:
         width, height = image.size
         if _orientation_swaps(image):
             width, height = height, width
-        return ImageInfo(_format(image), (width, height), image.mode, _bits(image.mode), _has_alpha(image),
-                         metadata.is_pasd_output(image.info))
+        return ImageInfo(_format(image), (width, height), metadata.is_pasd_output(image.info))
 
 
 @dataclass
 class LoadedImage:
     rgb: Image.Image  # 8-bit RGB, orientation applied: what the model sees
-    format: str
     gray: bool = False
     gray16: np.ndarray | None = None  # the full-precision pixels of a 16-bit gray input
     alpha: Image.Image | None = None  # "L"
@@ -140,10 +130,6 @@ class LoadedImage:
     dpi: tuple | None = None
     png_text: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def bits(self) -> int:
-        return 16 if self.gray16 is not None else 8
 
 
 def load(path: Path) -> LoadedImage:
@@ -157,7 +143,7 @@ def load(path: Path) -> LoadedImage:
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise InputError(f"{path}: cannot decode ({exc})") from None
         xmp = image.info.get("xmp") or image.info.get(metadata.XMP_PNG_KEY)
-        loaded = LoadedImage(rgb=image, format=_format(opened), icc=image.info.get("icc_profile"),
+        loaded = LoadedImage(rgb=image, icc=image.info.get("icc_profile"),
                              exif=exif, xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
                              dpi=image.info.get("dpi"), notes=notes)
         if opened.format == "PNG":
@@ -286,10 +272,6 @@ def encode(image: Image.Image, handle, fmt: str, loaded: LoadedImage, record: di
             params["subsampling"] = 0  # 4:4:4: chroma subsampling would blur the restored detail
     image.save(handle, format=spec.pillow, **params)
     return image
-
-
-def save_image(image: Image.Image, path: Path, format: str = "PNG", **params) -> None:
-    write_atomic(path, lambda handle: image.save(handle, format=format, **params))
 
 
 def read_rgb(path: Path) -> Image.Image:

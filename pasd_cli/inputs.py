@@ -38,7 +38,7 @@ class Ignored:
 class Discovery:
     candidates: list[Candidate]
     ignored: list[Ignored]
-    empty_specs: list[str]  # globs and folders that held no images
+    empty_specs: list[str]  # globs, folders and stdin lists that held no images
 
 
 def is_hidden(name: str) -> bool:
@@ -59,8 +59,8 @@ def find_inputs(specs: Iterable[str], recursive: bool = False, stdin: TextIO | N
                     _add_named(Path(line), recursive, found, from_list=True)
         else:
             _add_named(Path(spec).expanduser(), recursive, found, from_list=False, spec=spec)
-        if len(found.candidates) == before and spec != "-":
-            found.empty_specs.append(spec)
+        if len(found.candidates) == before:
+            found.empty_specs.append("- (the list on stdin)" if spec == "-" else spec)
     found.candidates = _unique(found.candidates)
     return found
 

@@ -95,6 +95,7 @@ def verify_models(
 ):
     """Re-hash installed files against the sizes and sha256 recorded at download; no network."""
     from .hub import human_size
+    from .store import fetch_command
 
     store = _store(models_dir)
     if name is not None:
@@ -118,7 +119,7 @@ def verify_models(
     if failed:
         summary = "; ".join(f"{m}: {ps[0]}" + (f" (+{len(ps) - 1} more)" if len(ps) > 1 else "")
                             for m, ps in failed.items())
-        raise ModelError(f"verification failed: {summary}", hint=f"repair with: pasd download {' '.join(failed)}")
+        raise ModelError(f"verification failed: {summary}", hint=f"repair with: {fetch_command(failed, store.root)}")
 
 
 @models_app.command("path")

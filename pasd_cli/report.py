@@ -38,7 +38,6 @@ class Reporter:
         self._job_started = 0.0
         self._last_line = 0.0
         self._image_seconds: list[float] = []
-        self._position = (0, 0)
 
     @property
     def stdout(self) -> TextIO:
@@ -77,8 +76,8 @@ class Reporter:
                 print(record.output, file=self.stdout, flush=True)
             note = f" ({record.extra['notes']})" if record.extra.get("notes") else ""
             self.debug(f"done {record.input} -> {record.output} in {record.seconds:.1f}s{note}")
-        elif status == SKIPPED:
-            self.info(f"skip {record.input}: {record.reason}")
+        elif status == SKIPPED:  # a re-run over a big folder would mail one line per old output
+            self.debug(f"skip {record.input}: {record.reason}")
         elif status == PLANNED:
             self.info(f"plan {record.input} -> {record.output or 'stdout'}")
         elif status == CANCELLED:
@@ -98,7 +97,6 @@ class Reporter:
     # -- progress
     def start_job(self, job: Job, done: int, total: int) -> None:
         self._job_started = self._last_line = time.monotonic()
-        self._position = (done + 1, total)
         eta = self._eta(total - done)
         if self._live:
             self._live.start_job(str(job.source), done, total)

@@ -15,6 +15,9 @@ BLENDS = ("gaussian", "ramp")
 PASD_MODEL = "pasd"
 BASE_MODEL = "sd15"
 MIN_VAE_TILE = 64
+# Without --vae-memory, a VAE pass may use this share of the device's free memory (measured once
+# the models are loaded); the rest is headroom for the diffusion and other programs.
+VAE_MEMORY_SHARE = 0.5
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,7 @@ def load_manifests(folder: Path | None = None) -> dict[str, Manifest]:
 def get_manifest(name: str, manifests: Mapping[str, Manifest] | None = None) -> Manifest:
     manifests = load_manifests() if manifests is None else manifests
     if name not in manifests:
-        raise ModelError(f"unknown model '{name}'", hint=f"known models: {', '.join(sorted(manifests))}; "
-                                                         "or pass a folder path")
+        raise ModelError(f"unknown model '{name}'", hint=f"known models: {', '.join(sorted(manifests))}")
     return manifests[name]
 
 
@@ -167,6 +167,17 @@ def may_download(offline: bool, interactive: bool) -> bool:
     """A missing model is fetched on the fly only for a person at a terminal who did not ask for
     offline: a cron job must never download by surprise."""
     return interactive and not offline
+
+
+def not_fetched_because(offline: bool) -> str:
+    """Why a missing model was not fetched (`may_download` said no)."""
+    return "offline" if offline else "no terminal, so no automatic download"
+
+
+def fetch_command(names: Iterable[str], root: Path) -> str:
+    """The command that fetches (or repairs) `names` in the store at `root`, ready to paste."""
+    command = "pasd download " + " ".join(names)
+    return command + (f" --models-dir {shlex.quote(str(root))}" if Path(root) != store_root() else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,18 +314,21 @@ def looks_like_path(spec: str) -> bool:
         (".safetensors", ".ckpt", ".pt", ".bin")))
 
 
+def names_a_path(spec: str, manifests: Mapping[str, Manifest]) -> bool:
+    """Whether a NAME|PATH option means a path: it looks like one, or it is a bare word that
+    names no model but an existing file or folder (a model name wins: write ./pasd for a folder
+    of that name)."""
+    return looks_like_path(spec) or (spec not in manifests and Path(spec).expanduser().exists())
+
+
 def _missing_message(store: Store, missing: dict[str, list[str]], offline: bool) -> ModelError:
     parts = []
     for name, problems in missing.items():
         parts.append(f"'{name}' ({problems[0]})" if problems[0] == "not installed" else
                      f"'{name}' ({'; '.join(problems)})")
-    why = "offline" if offline else "no terminal, so no automatic download"
     noun = "model" if len(missing) == 1 else "models"
-    command = "pasd download " + " ".join(missing)
-    if store.root != store_root():
-        command += f" --models-dir {store.root}"
-    return ModelError(f"{noun} {', '.join(parts)} not usable in {store.root} ({why})",
-                      hint=f"fetch with: {command}")
+    return ModelError(f"{noun} {', '.join(parts)} not usable in {store.root} ({not_fetched_because(offline)})",
+                      hint=f"fetch with: {fetch_command(missing, store.root)}")
 
 
 def ensure_models(names: list[str], *, models_dir: str | Path | None = None, offline: bool = False,
@@ -344,8 +358,7 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
                    offline: bool = False, interactive: bool = False,
                    say: Callable[[str], None] | None = None, endpoint: str | None = None) -> list[Path]:
     """Each (spec, option) pair to a local path: a spec is a model NAME from the manifests or a
-    path (a bare word that is a model name means the model: write ./pasd for a folder of that
-    name). Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
+    path (`names_a_path`). Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
     missing pair of models gives one error with one command."""
     manifests = load_manifests()
     resolved: list[Path | str] = []
@@ -353,7 +366,7 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
         if not spec:
             raise ModelError(f"no model given for {role}", hint=f"pass {role} NAME or {role} PATH")
         path = Path(spec).expanduser()
-        if looks_like_path(spec) or (spec not in manifests and path.exists()):
+        if names_a_path(spec, manifests):
             if not path.exists():
                 raise ModelError(f"{role} {spec}: no such file or folder")
             resolved.append(path)
@@ -366,8 +379,3 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
     folders = iter(ensure_models(names, models_dir=models_dir, offline=offline, interactive=interactive, say=say,
                                  endpoint=endpoint) if names else [])
     return [r if isinstance(r, Path) else next(folders) for r in resolved]
-
-
-def resolve_model(spec: str | None, role: str, **kwargs) -> Path:
-    """A local path for `spec` (a model NAME or a path); `role` names the option for messages."""
-    return resolve_models([(spec, role)], **kwargs)[0]

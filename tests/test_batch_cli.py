@@ -73,6 +73,7 @@ def test_every_good_file_gets_a_faithful_output(folder_run):
     proc, photos, out = folder_run["proc"], folder_run["photos"], folder_run["out"]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("loading PASD") == 1  # the model is loaded once for the whole batch
+    assert "on cpu (float32)" in proc.stderr  # the dtype chosen, not the option's spelling
     for name, (size, mode) in GOOD.items():
         written = out / expected_output(name)
         assert written.is_file(), f"{name}: no output\n{proc.stderr}"

@@ -11,8 +11,8 @@ from PIL import Image
 from conftest import LR_INPUT, run_pasd, tiny_model_args
 from pasd_cli.engine.pipeline import image_to_tensor
 
-# 100x60 -> 800x480 output, latent 100x60; one step, no guidance, to keep it quick.
-BASE = ["--scale", "8", "--process-size", "64", "--steps", "1", "--guidance", "1", "--device", "cpu",
+# 100x60 -> 600x360 output, latent 75x45; one step, no guidance, to keep it quick.
+BASE = ["--scale", "6", "--process-size", "64", "--steps", "1", "--guidance", "1", "--device", "cpu",
         "--dtype", "fp32", "--caption", "none", "--json"]
 
 
@@ -29,16 +29,17 @@ def _upscale(tmp_path, name, *options):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli-tiling")
     return {
-        # 100 MB for the VAE: the whole 800x480 image would need ~150 MB, a 256-px tile ~100.
-        "auto": _upscale(tmp, "auto", "--latent-tile", "32", "--vae-memory", "100"),
-        "vae off": _upscale(tmp, "off", "--latent-tile", "32", "--vae-memory", "100", "--vae-tile", "0"),
-        "latent off": _upscale(tmp, "latent-off", "--latent-tile", "100", "--vae-tile", "0"),
+        # 75 MB for the VAE: the whole 600x360 image would need ~80 MB, a 256-px tile ~68 (and
+        # every larger automatic tile covers the whole image).
+        "auto": _upscale(tmp, "auto", "--latent-tile", "32", "--vae-memory", "75"),
+        "vae off": _upscale(tmp, "off", "--latent-tile", "32", "--vae-memory", "75", "--vae-tile", "0"),
+        "latent off": _upscale(tmp, "latent-off", "--latent-tile", "75", "--vae-tile", "0"),
     }
 
 
 def test_tiling_is_chosen_automatically(runs):
     _, latent_tiles, vae = runs["auto"]
-    assert latent_tiles == 12  # 32-latent tiles over 100x60: 4 across, 3 down
+    assert latent_tiles == 6  # 32-latent tiles over 75x45: 3 across, 2 down
     assert vae == "256 px"
 
 

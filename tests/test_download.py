@@ -391,3 +391,12 @@ def test_at_a_terminal_missing_models_download_with_a_progress_bar(tmp_path, hub
     assert "pasd: fetching 4 file(s)" in terminal and "sd15: fetching 10 file(s)" in terminal
     assert "blip: fetching 7 file(s)" in terminal
     assert "%|" in terminal  # tqdm's bar
+
+
+def test_export_to_a_path_that_cannot_be_written_is_one_error_line(tmp_path, hub):
+    env = clean_env(tmp_path)
+    install(hub, tmp_path / "store", names=("sd15",))
+    blocked = tmp_path / "notes.txt"
+    blocked.write_text("a file where a folder would have to be")
+    line = one_error(pasd("models", "export", "sd15", blocked / "sd15.tar", env=env))
+    assert f"cannot write {blocked / 'sd15.tar'}" in line

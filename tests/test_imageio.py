@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pasd_cli import imageio
+from pasd_cli.atomic import write_atomic
 from pasd_cli.errors import DeviceError, InputError, Interrupted, OutputError
 from pasd_cli.metadata import read_record
 
@@ -91,7 +92,7 @@ def test_write_atomic_turns_a_full_disk_into_device_error_and_leaves_nothing(tmp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(DeviceError, match="disk full"):
-        imageio.write_atomic(target, fill_the_disk)
+        write_atomic(target, fill_the_disk)
     assert list(target.parent.iterdir()) == []
 
 
@@ -105,7 +106,7 @@ def test_write_atomic_interrupted_keeps_the_old_file_and_no_temporary(tmp_path, 
         raise error
 
     with pytest.raises(type(error)):
-        imageio.write_atomic(target, interrupted)
+        write_atomic(target, interrupted)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     assert target.read_bytes() == b"the previous result"
 
@@ -113,7 +114,7 @@ def test_write_atomic_interrupted_keeps_the_old_file_and_no_temporary(tmp_path, 
 def test_results_get_the_usual_permissions(tmp_path):
     mask = os.umask(0o027)
     try:
-        imageio.write_atomic(tmp_path / "a.png", lambda handle: handle.write(b"x"))
+        write_atomic(tmp_path / "a.png", lambda handle: handle.write(b"x"))
     finally:
         os.umask(mask)
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o640
@@ -122,7 +123,7 @@ def test_results_get_the_usual_permissions(tmp_path):
 def test_other_write_errors_fail_only_that_output(tmp_path):
     (tmp_path / "a.png").mkdir()  # a folder where the file should go
     with pytest.raises(OutputError):
-        imageio.write_atomic(tmp_path / "a.png", lambda handle: handle.write(b"x"))
+        write_atomic(tmp_path / "a.png", lambda handle: handle.write(b"x"))
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
 
 
