@@ -157,7 +157,7 @@ def model_identity(pasd_dir: Path, base_dir: Path, pipeline, device, dtype) -> d
     from .devices import dtype_name
 
     return {"pasd": str(pasd_dir), "base": str(base_dir), "variant": pipeline.unet.paca_variant,
-            "device": str(device), "dtype": dtype_name(dtype)}
+            "rrdb_blocks": pipeline.controlnet.rrdb_blocks, "device": str(device), "dtype": dtype_name(dtype)}
 
 
 def name_fields(run_settings: defaults.UpscaleSettings) -> dict[str, str]:

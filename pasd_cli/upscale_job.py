@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from .batch import Job, Progress
-from .errors import DeviceError, InputError
+from .engine.memory import is_out_of_memory
+from .errors import DeviceError
 from .image_job import Transform
 from .settings import UpscaleSettings
 
@@ -23,15 +24,11 @@ def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=No
         try:
             result = pipeline.upscale(rgb, settings, progress=progress, on_warning=warn,
                                       **(chosen.pipeline_args() if chosen else {}))
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
             raise DeviceError(f"out of memory on {pipeline.device} upscaling {job.source}",
                               hint="use a smaller --latent-tile or --process-size") from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():  # MPS reports it this way
-                raise DeviceError(f"out of memory on {pipeline.device} upscaling {job.source}") from None
-            raise
-        except ValueError as exc:  # the engine's refusals of an image (e.g. too small to scale)
-            raise InputError(f"{job.source}: {exc}") from None
         # The JSON record also gets `chosen.to_json()`, from the pre-pass (ImagePrompts).
         tiles = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
         return result.image, {"prompt": result.prompt, **(chosen.provenance() if chosen else {}), **tiles}

@@ -96,3 +96,31 @@ def test_other_errors_are_not_retried():
     with pytest.raises(RuntimeError, match="shape"):
         TileShrinker(torch.device("cpu")).run(lambda tile: (_ for _ in ()).throw(RuntimeError("shape")),
                                               0, 100, 8, "VAE")
+
+
+def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pasd_cli.batch import Job
+    from pasd_cli.settings import UpscaleSettings
+    from pasd_cli.upscale_job import upscale_transform
+
+    class Failing:
+        device = torch.device("mps")
+
+        def __init__(self, error):
+            self.error = error
+
+        def upscale(self, *args, **kwargs):
+            raise self.error
+
+    job = Job(source=Path("photos/cat.png"), rel=Path("cat.png"), found=True)
+    rgb = Image.new("RGB", (8, 8))
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("MPS backend out of memory")):
+        with pytest.raises(DeviceError, match=r"out of memory on mps upscaling photos/cat\.png") as info:
+            upscale_transform(Failing(error), UpscaleSettings())(rgb, job, None)
+        assert info.value.exit_code == 4
+    with pytest.raises(RuntimeError, match="shape"):
+        upscale_transform(Failing(RuntimeError("shape mismatch")), UpscaleSettings())(rgb, job, None)
