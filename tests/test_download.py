@@ -400,3 +400,35 @@ def test_export_to_a_path_that_cannot_be_written_is_one_error_line(tmp_path, hub
     blocked.write_text("a file where a folder would have to be")
     line = one_error(pasd("models", "export", "sd15", blocked / "sd15.tar", env=env))
     assert f"cannot write {blocked / 'sd15.tar'}" in line
+
+
+# ---- The README's set-up-and-run command, as written, after its set-up part ----------------------
+
+def readme_run_command() -> list[str]:
+    """The README's 'Set up and run' line, split at `&&`."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## Set up and run", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [part.strip() for part in block.strip().split("&&")]
+
+
+def test_readme_run_command_downloads_then_upscales_with_every_default(tmp_path, hub):
+    steps = readme_run_command()
+    # The set-up part is what .ci/run does (installing here would need the network).
+    assert steps[:4] == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==2.13.0",
+                         "pip install ."], steps
+    job = " && ".join(steps[4:])
+    assert job == "pasd download && pasd upscale photo.jpg -o out/"
+    # Every default but the diffusion's size and length: at --process-size 768 and 20 steps even
+    # the tiny model takes over half an hour on two CPU cores. The captioner runs, as by default.
+    job += " --process-size 96 --steps 2"
+    Image.open(LR_INPUT).convert("RGB").crop((0, 0, 40, 24)).save(tmp_path / "photo.jpg", quality=90)
+    env = clean_env(tmp_path, hub, PATH=f"{Path(pasd_command()[0]).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = tmp_path / "out" / "photo.png"
+    assert str(out) in proc.stdout or "out/photo.png" in proc.stdout, proc.stdout
+    with Image.open(out) as image:  # default --scale 4
+        assert image.size == (160, 96) and image.mode == "RGB"
+    assert Counter(hub.downloads()) == wanted("pasd", "sd15", "blip")
