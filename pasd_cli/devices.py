@@ -40,6 +40,22 @@ def pick_dtype(name: str, device):
     return table[name]
 
 
+def use_true_fp32(device, dtype) -> None:
+    """fp32 asked for on CUDA means IEEE fp32: torch lets cuDNN convolutions run in TF32 by
+    default (10-bit mantissa), which would make `--dtype fp32` differ from the released model's
+    fp32 results well beyond rounding."""
+    import torch
+
+    if device.type != "cuda" or dtype != torch.float32:
+        return
+    if hasattr(torch.backends.cudnn, "conv"):
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # torch before 2.9
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def dtype_name(dtype) -> str:
     """torch.float16 -> "float16", for messages and records."""
     return str(dtype).removeprefix("torch.")

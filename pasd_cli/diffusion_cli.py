@@ -126,11 +126,13 @@ def resolve_model_dirs(models: ModelChoice, say, extra: list[tuple[str, str]] = 
 
 def pick_runtime(models: ModelChoice):
     """(torch device, torch dtype) from --device and --dtype."""
-    from .devices import limit_heap_fragmentation, pick_device, pick_dtype
+    from .devices import limit_heap_fragmentation, pick_device, pick_dtype, use_true_fp32
 
     limit_heap_fragmentation()
     device = pick_device(models.device)
-    return device, pick_dtype(models.dtype, device)
+    dtype = pick_dtype(models.dtype, device)
+    use_true_fp32(device, dtype)
+    return device, dtype
 
 
 def vae_memory_budget(models: ModelChoice, device) -> int:
