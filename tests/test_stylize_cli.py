@@ -374,3 +374,46 @@ def test_options_of_stylize_and_upscale():
     assert missing.returncode == 2 and "--base" in missing.stderr
     bad_weight = run_pasd("stylize", LR_INPUT, "-o", "out", "--base", "x.safetensors", "--lora", "l.safetensors:nan")
     assert bad_weight.returncode == 2 and "finite" in bad_weight.stderr
+
+
+# ---- batches: everything about them is as for `pasd upscale` ------------------------------------------
+
+def test_a_folder_is_a_batch_with_json_records_and_a_rerun_skips_it_all(tmp_path):
+    """Three images and a text file named .png in a folder; the tiny SD 1.5 folder as the base."""
+    photos = tmp_path / "in"
+    photos.mkdir()
+    sizes = {"a.png": (16, 16), "b.jpg": (20, 16), "c.webp": (16, 24)}
+    for i, (name, (width, height)) in enumerate(sizes.items()):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / name)
+    (photos / "notes.png").write_text("not a picture\n")
+    out = tmp_path / "out"
+    command = ["stylize", photos, "-o", out, "--base", TINY_BASE, *tiny_stylize_args(), "--steps", "1",
+               "--guidance", "1", "--process-size", "16", "--device", "cpu", "--dtype", "fp32", "--json"]
+    proc = run_pasd(*command)
+    assert proc.returncode == 1, proc.stderr  # one input failed
+    assert proc.stderr.count("loading PASD") == 1  # the model is loaded once for the whole batch
+    objects = [json.loads(line) for line in proc.stdout.splitlines()]
+    records, summary = objects[:-1], objects[-1]
+    assert [r["type"] for r in records] == ["image"] * 4 and summary["type"] == "summary"
+    by_name = {Path(r["input"]).name: r for r in records}
+    assert sorted(by_name) == ["a.png", "b.jpg", "c.webp", "notes.png"]
+    for name, size in sizes.items():
+        record = by_name[name]
+        written = out / (Path(name).stem + ".png")
+        assert (record["status"], record["output"]) == ("done", str(written)), record
+        assert record["output_size"] == list(size)  # scale 1: the input's size
+        with Image.open(written) as image:
+            assert image.size == size
+            assert read_record(image)["command"] == "stylize"
+    assert by_name["notes.png"]["status"] == "failed" and "not an image" in by_name["notes.png"]["reason"]
+    assert (summary["total"], summary["done"], summary["failed"], summary["skipped"]) == (4, 3, 1, 0)
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run_pasd(*command)
+    assert again.returncode == 0, again.stderr  # the known failure is skipped while unchanged
+    objects = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [r["status"] for r in objects[:-1]] == ["skipped"] * 4
+    assert (objects[-1]["total"], objects[-1]["skipped"]) == (4, 4)
+    assert "loading PASD" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
