@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
-from batch_images import srgb_icc
+from batch_images import rgb16_gradient, srgb_icc
 from pasd_cli import deep, imageio
 from pasd_cli.atomic import write_atomic
 from pasd_cli.errors import DeviceError, InputError, Interrupted, OutputError
@@ -62,12 +62,9 @@ def test_16_bit_tiff_stays_16_bit_with_its_metadata(tmp_path, fmt):
 
 
 def _gradient16(size, channels=3):
-    """Smooth 16-bit ramps (red rises left to right, green falls, blue and alpha rise top to
-    bottom) whose low bytes carry information: 8-bit values times 257 would not."""
-    width, height = size
-    ramp_x, ramp_y = np.linspace(700, 64800, width), np.linspace(1300, 64100, height)
-    planes = [np.tile(ramp_x, (height, 1)), np.tile(ramp_x[::-1], (height, 1)), np.tile(ramp_y[:, None], (1, width))]
-    return np.stack((planes + planes[2:])[:channels], -1).round().astype(np.uint16)
+    """`rgb16_gradient`, with an alpha that rises top to bottom as blue does."""
+    pixels = rgb16_gradient(size)
+    return np.dstack([pixels, pixels[..., 2]]) if channels == 4 else pixels
 
 
 def _png16(path, pixels, icc=None, exif=None):
