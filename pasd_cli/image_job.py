@@ -36,7 +36,7 @@ def image_worker(transform: Transform, record: dict, options: BatchSettings) -> 
             write_atomic(job.output, lambda handle: holder.append(
                 imageio.encode(image, handle, job.format, loaded, meta, options.quality)))
             written = holder[0]
-        fields = {"mode": written.mode, "bits": 16 if written.mode == "I;16" else 8, **extra}
+        fields = {"mode": written.mode, "bits": imageio.bits(written), **extra}
         if loaded.notes:
             fields["notes"] = "; ".join(loaded.notes)
         return JobResult(written.size, fields)

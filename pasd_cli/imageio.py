@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from . import metadata
+from . import deep, metadata
 from .errors import InputError
 from .settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
 
@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".b
 class OutputFormat:
     pillow: str
     suffix: str
-    bits16: bool  # can hold 16-bit gray
+    bits16: bool  # can hold 16-bit gray, RGB and RGBA
     alpha: bool
 
 
@@ -52,11 +52,15 @@ class ImageInfo:
     by_pasd: bool  # carries pasd's own record: an output of an earlier run
 
 
-def _orientation_swaps(image: Image.Image) -> bool:
+def _orientation(image: Image.Image) -> int:
     try:
-        return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return image.getexif().get(0x0112, 1)
     except Exception:  # a damaged EXIF block must not make the image unreadable
-        return False
+        return 1
+
+
+def _orientation_swaps(image: Image.Image) -> bool:
+    return _orientation(image) in (5, 6, 7, 8)
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -118,12 +122,38 @@ def probe(path: Path) -> ImageInfo:
         return ImageInfo(_format(image), (width, height), metadata.is_pasd_output(image.info))
 
 
+@dataclass(frozen=True)
+class RGB16:
+    """16-bit RGB or RGBA pixels, which Pillow has no mode for; `restore` makes them and `encode`
+    writes them (PNG, TIFF) or makes them 8-bit (the other formats)."""
+
+    pixels: np.ndarray  # uint16, (height, width, 3 or 4)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    @property
+    def mode(self) -> str:
+        return "RGBA" if self.pixels.shape[-1] == 4 else "RGB"
+
+    def to_8bit(self) -> Image.Image:
+        return Image.fromarray(_to8(self.pixels), self.mode)
+
+
+def bits(image: Image.Image | RGB16) -> int:
+    """Bits per sample of what `encode` wrote."""
+    return 16 if isinstance(image, RGB16) or image.mode == "I;16" else 8
+
+
 @dataclass
 class LoadedImage:
     rgb: Image.Image  # 8-bit RGB, orientation applied: what the model sees
     gray: bool = False
-    gray16: np.ndarray | None = None  # the full-precision pixels of a 16-bit gray input
+    # The full-precision pixels of a 16-bit input, orientation applied: (h, w) gray, (h, w, 3) RGB.
+    pixels16: np.ndarray | None = None
     alpha: Image.Image | None = None  # "L"
+    alpha16: np.ndarray | None = None  # a 16-bit RGBA input's alpha at full precision
     icc: bytes | None = None
     exif: Image.Exif | None = None  # orientation removed
     xmp: bytes | None = None
@@ -138,6 +168,7 @@ def load(path: Path) -> LoadedImage:
     notes: list[str] = []
     with _open(path) as opened:
         exif = _exif_without_orientation(opened, notes)  # a transposed copy would lose a TIFF's tags
+        orientation = _orientation(opened)  # before decoding: Pillow turns a TIFF as it decodes it
         try:
             image = ImageOps.exif_transpose(opened)  # also removes the orientation from XMP
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -148,8 +179,26 @@ def load(path: Path) -> LoadedImage:
                              dpi=image.info.get("dpi"), notes=notes)
         if opened.format == "PNG":
             loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}
-    _split_channels(image, loaded)
+        rgb16 = _read_rgb16(path, opened, orientation, image.size, notes) if deep.is_rgb16(path, opened) else None
+    _split_channels(image, loaded, rgb16)
     return loaded
+
+
+def _read_rgb16(path: Path, opened: Image.Image, orientation: int, size: tuple[int, int],
+                notes: list[str]) -> np.ndarray | None:
+    """A 16-bit RGB(A) PNG or TIFF at full precision, orientation applied; None (Pillow's 8 bits
+    are used, with a note) when the extra reader cannot decode it, such as an LZW-compressed TIFF,
+    which tifffile reads only with imagecodecs installed."""
+    try:
+        pixels = deep.read(path, _format(opened))
+    except Exception as exc:  # any reader failure leaves the 8-bit decode, which worked
+        notes.append(f"16-bit pixels unreadable ({exc}); read as 8-bit")
+        return None
+    pixels = deep.orient(pixels, orientation)
+    if (pixels.shape[1], pixels.shape[0]) != size:
+        notes.append("16-bit pixels do not match the image's size; read as 8-bit")
+        return None
+    return pixels
 
 
 def _exif_without_orientation(image: Image.Image, notes: list[str]) -> Image.Exif | None:
@@ -163,19 +212,25 @@ def _exif_without_orientation(image: Image.Image, notes: list[str]) -> Image.Exi
     return exif if len(exif) else None
 
 
-def _split_channels(image: Image.Image, loaded: LoadedImage) -> None:
+def _split_channels(image: Image.Image, loaded: LoadedImage, rgb16: np.ndarray | None = None) -> None:
     mode = image.mode
     if _has_alpha(image):
         loaded.alpha = image.convert("RGBA").getchannel("A")
+        if rgb16 is not None and rgb16.shape[-1] == 4:
+            loaded.alpha16 = rgb16[..., 3]
+            loaded.alpha = Image.fromarray(_to8(loaded.alpha16))
         image = image.convert("L" if mode in ("L", "LA", "La") else "RGB")
         mode = image.mode
-    if mode in ("1", "L"):
+    if rgb16 is not None:
+        loaded.pixels16 = rgb16[..., :3]
+        loaded.rgb = Image.fromarray(_to8(loaded.pixels16))
+    elif mode in ("1", "L"):
         loaded.gray = True
         loaded.rgb = image.convert("L").convert("RGB")
     elif mode.startswith("I"):
         pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
-        loaded.gray, loaded.gray16 = True, pixels
-        loaded.rgb = _gray8(pixels).convert("RGB")
+        loaded.gray, loaded.pixels16 = True, pixels
+        loaded.rgb = Image.fromarray(_to8(pixels)).convert("RGB")
     elif mode == "CMYK":
         loaded.rgb = _cmyk_to_rgb(image, loaded)
     else:
@@ -199,12 +254,21 @@ def _cmyk_to_rgb(image: Image.Image, loaded: LoadedImage) -> Image.Image:
     return image.convert("RGB")
 
 
-def restore(result: Image.Image, loaded: LoadedImage) -> Image.Image:
+def restore(result: Image.Image, loaded: LoadedImage) -> Image.Image | RGB16:
     """The model's 8-bit RGB output back into the input's kind: gray stays gray, 16-bit stays
-    16-bit, alpha (enlarged on its own, bicubic) is re-attached."""
+    16-bit, alpha (enlarged on its own, bicubic; at 16 bits when it was) is re-attached."""
     size = result.size
-    if loaded.gray16 is not None:
-        image = _gray16(result.convert("L"), loaded.gray16, size)
+    if loaded.pixels16 is not None and loaded.gray:
+        image = Image.fromarray(_deepen(np.asarray(result.convert("L")), loaded.pixels16, size))  # I;16
+    elif loaded.pixels16 is not None:
+        rgb16 = _deepen(np.asarray(result.convert("RGB")), loaded.pixels16, size)
+        if loaded.alpha is None:
+            return RGB16(rgb16)
+        if loaded.alpha16 is not None:
+            alpha16 = _enlarge(loaded.alpha16.astype(np.float32), size)
+        else:
+            alpha16 = _enlarge(np.asarray(loaded.alpha, dtype=np.float32), size) * 257
+        return RGB16(np.dstack([rgb16, _to16(alpha16)]))
     elif loaded.gray:
         image = result.convert("L")
     else:
@@ -212,24 +276,37 @@ def restore(result: Image.Image, loaded: LoadedImage) -> Image.Image:
     if loaded.alpha is not None:
         alpha = loaded.alpha.resize(size, Image.Resampling.BICUBIC)
         if image.mode == "I;16":  # no 16-bit gray+alpha mode in Pillow
-            image = _gray8(np.asarray(image))
+            image = Image.fromarray(_to8(np.asarray(image)))
             loaded.notes.append("16-bit gray with alpha written as 8-bit")
         image = image.convert("LA" if image.mode == "L" else "RGBA")
         image.putalpha(alpha)
     return image
 
 
-def _gray16(result_l: Image.Image, source: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """16-bit output from the model's 8-bit result plus the input's sub-8-bit detail, enlarged:
-    otherwise smooth 16-bit gradients would come back with 8-bit banding."""
-    fine = source.astype(np.float32) - np.round(source / 257).astype(np.float32) * 257
-    fine_big = np.asarray(Image.fromarray(fine).resize(size, Image.Resampling.BICUBIC))
-    out = np.asarray(result_l, dtype=np.float32) * 257 + fine_big
-    return Image.fromarray(np.clip(np.round(out), 0, 65535).astype(np.uint16))  # mode I;16
+def _deepen(result8: np.ndarray, source16: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """16-bit pixels from the model's 8-bit result plus the input's sub-8-bit detail, enlarged, per
+    channel: otherwise smooth 16-bit gradients would come back with 8-bit banding. `result8` is
+    (h, w) or (h, w, c) at `size`; `source16` the input's (full-precision) pixels of the same shape."""
+    fine = source16.astype(np.float32) - np.round(source16 / 257).astype(np.float32) * 257
+    if fine.ndim == 2:
+        fine_big = _enlarge(fine, size)
+    else:
+        fine_big = np.dstack([_enlarge(fine[..., c], size) for c in range(fine.shape[-1])])
+    return _to16(result8.astype(np.float32) * 257 + fine_big)
 
 
-def _gray8(pixels16: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.round(pixels16 / 257).astype(np.uint8))
+def _enlarge(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One float32 channel resized to `size`, bicubic."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
+        size, Image.Resampling.BICUBIC))
+
+
+def _to16(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(values), 0, 65535).astype(np.uint16)
+
+
+def _to8(pixels16: np.ndarray) -> np.ndarray:
+    return np.round(pixels16 / 257).astype(np.uint8)
 
 
 def output_format(name: str, info: ImageInfo | None) -> str:
@@ -239,14 +316,16 @@ def output_format(name: str, info: ImageInfo | None) -> str:
     return SAME_FORMAT[info.format] if info is not None else "png"
 
 
-def encode(image: Image.Image, handle, fmt: str, loaded: LoadedImage, record: dict,
-           quality: int | None = None) -> Image.Image:
+def encode(image: Image.Image | RGB16, handle, fmt: str, loaded: LoadedImage, record: dict,
+           quality: int | None = None) -> Image.Image | RGB16:
     """Write `image` as `fmt` with the input's metadata and pasd's `record`; returns what was written
     (after conversions the format forces)."""
     spec = OUTPUT_FORMATS[fmt]
-    if image.mode == "I;16" and not spec.bits16:
-        image = _gray8(np.asarray(image))
-    if image.mode in ("RGBA", "LA") and not spec.alpha:
+    if isinstance(image, RGB16) and not spec.bits16:
+        image = image.to_8bit()
+    if not isinstance(image, RGB16) and image.mode == "I;16" and not spec.bits16:
+        image = Image.fromarray(_to8(np.asarray(image)))
+    if image.mode in ("RGBA", "LA") and not spec.alpha:  # never an RGB16: PNG and TIFF have alpha
         background = Image.new(image.mode[:-1], image.size, "white")
         background.paste(image.convert(image.mode[:-1]), mask=image.getchannel("A"))
         image = background
@@ -270,7 +349,10 @@ def encode(image: Image.Image, handle, fmt: str, loaded: LoadedImage, record: di
         params.update(xmp=xmp, quality=quality or DEFAULT_QUALITY[fmt])
         if fmt == "jpg" and params["quality"] >= 90:
             params["subsampling"] = 0  # 4:4:4: chroma subsampling would blur the restored detail
-    image.save(handle, format=spec.pillow, **params)
+    if isinstance(image, RGB16):
+        deep.write(handle, image.pixels, spec.pillow, params)
+    else:
+        image.save(handle, format=spec.pillow, **params)
     return image
 
 

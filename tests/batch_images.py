@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import png
 from PIL import Image, ImageCms
 
 XMP = (b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>'
@@ -25,6 +26,7 @@ GOOD = {
     "gray.png": ((32, 32), "L"),
     "palette.png": ((32, 40), "RGB"),
     "gray16.png": ((32, 32), "I;16"),
+    "rgb16.png": ((32, 24), "RGB"),  # 16 bits a channel: Pillow shows it as RGB
     "cmyk.jpg": ((32, 32), "RGB"),
     "photo.webp": ((40, 32), "RGB"),
     "UPPER.JPG": ((32, 32), "RGB"),
@@ -68,6 +70,15 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
+def rgb16_gradient(size) -> np.ndarray:
+    """Red rises left to right, green falls, blue rises top to bottom: smooth 16-bit ramps whose
+    low bytes carry information (8-bit values times 257 would not)."""
+    width, height = size
+    ramp_x, ramp_y = np.linspace(700, 64800, width), np.linspace(1300, 64100, height)
+    planes = [np.tile(ramp_x, (height, 1)), np.tile(ramp_x[::-1], (height, 1)), np.tile(ramp_y[:, None], (1, width))]
+    return np.stack(planes, -1).round().astype(np.uint16)
+
+
 def make_photo_folder(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "sub").mkdir()
@@ -89,6 +100,8 @@ def make_photo_folder(root: Path) -> Path:
     _textured((16, 20), 2).quantize(16).save(root / "palette.png")
     gradient16 = np.tile(np.linspace(1000, 64000, 16).astype(np.uint16), (16, 1))
     Image.fromarray(gradient16).save(root / "gray16.png")
+    with open(root / "rgb16.png", "wb") as handle:  # Pillow cannot write 16-bit RGB
+        png.Writer(16, 12, greyscale=False, bitdepth=16).write_array(handle, rgb16_gradient((16, 12)).ravel())
     _textured((16, 16), 3).convert("CMYK").save(root / "cmyk.jpg", "JPEG")
     _textured((20, 16), 4).save(root / "photo.webp", "WEBP", quality=90)
     _textured((16, 16), 5).save(root / "UPPER.JPG", "JPEG")

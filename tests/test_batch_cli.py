@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import png
 import pytest
 from PIL import Image
 
@@ -117,6 +118,13 @@ def test_alpha_gray_and_16_bit_come_back(folder_run):
     # The gradient (1000 -> 64000, left to right) survives.
     assert gray16[:, :8].mean() < 20000 < 45000 < gray16[:, -8:].mean()
     assert Image.open(out / "gray_x2.png").mode == "L"
+    # 16-bit RGB, which Pillow reads at 8 bits, comes back 16-bit with its gradient.
+    width, height, flat, info = png.Reader(filename=str(out / "rgb16_x2.png")).read_flat()
+    assert (width, height, info["bitdepth"], info["planes"]) == (32, 24, 16, 3)
+    rgb16 = np.asarray(flat, dtype=np.uint16).reshape(height, width, 3)
+    assert np.any(rgb16 % 256 != rgb16 // 256) and len(np.unique(rgb16[..., 0] % 257)) > 8
+    left, right = rgb16[:, :8].mean((0, 1)), rgb16[:, -8:].mean((0, 1))
+    assert right[0] - left[0] > 15000 and left[1] - right[1] > 15000  # red rises, green falls
 
 
 def test_bad_files_are_reported_with_reasons_and_exit_1(folder_run):
@@ -138,6 +146,7 @@ def test_bad_files_are_reported_with_reasons_and_exit_1(folder_run):
         assert reason in record["reason"], record
         assert (f"error: {photos / name}: " in proc.stderr) == (name in BAD)
     assert by_input["gray16.png"]["bits"] == 16 and by_input["rgba.png"]["mode"] == "RGBA"
+    assert (by_input["rgb16.png"]["bits"], by_input["rgb16.png"]["mode"]) == (16, "RGB")
     assert (summary["done"], summary["failed"], summary["skipped"]) == (len(GOOD), len(BAD), len(HIDDEN))
     assert summary["total"] == len(records)
 
