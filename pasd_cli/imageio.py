@@ -63,6 +63,15 @@ def _orientation_swaps(image: Image.Image) -> bool:
     return _orientation(image) in (5, 6, 7, 8)
 
 
+def _size_turned_on_open(image: Image.Image) -> bool:
+    """Pillow's TIFF reader turns the image by its orientation tag as it opens it: its size is
+    then the stored width and height swapped."""
+    if image.format != "TIFF":
+        return False
+    stored = (image.tag_v2.get(256), image.tag_v2.get(257))
+    return image.size != stored
+
+
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
         image.mode in ("P", "L", "RGB") and "transparency" in image.info)
@@ -117,7 +126,7 @@ def probe(path: Path) -> ImageInfo:
     """Identify an input from its header; `InputError` with the reason when it is not usable."""
     with _open(Path(path)) as image:
         width, height = image.size
-        if _orientation_swaps(image):
+        if _orientation_swaps(image) and not _size_turned_on_open(image):
             width, height = height, width
         return ImageInfo(_format(image), (width, height), metadata.is_pasd_output(image.info))
 

@@ -259,3 +259,14 @@ def test_camera_jpeg_with_a_preview_picture_is_a_jpeg(tmp_path):
     assert (info.format, info.size) == ("JPEG", (24, 16))
     loaded = imageio.load(tmp_path / "phone.jpg")
     assert loaded.rgb.size == (24, 16) and loaded.rgb.getpixel((3, 3))[0] > 200
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG", "PNG"])
+def test_probe_gives_the_size_as_displayed_like_load(tmp_path, fmt):
+    """Orientation 6 (turned 90 degrees): the dry run's size is the size the image is upscaled at."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"turned.{fmt.lower()}"
+    Image.new("RGB", (16, 12), "red").save(path, fmt, exif=exif)
+    assert imageio.probe(path).size == (12, 16)
+    assert imageio.load(path).rgb.size == (12, 16)
