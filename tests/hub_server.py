@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -269,3 +270,13 @@ def tiny_hub_repos(reference: Path, describers: dict[str, Path] | None = None) -
         repos[repo_id] = Repo({**read_tree(folder, ""), "README.md": b"# model card\n",
                                "pytorch_model.bin": b"pickled weights, never fetched" * 100})
     return repos
+
+
+def clean_env(root: Path, hub: FakeHub | None = None, **extra) -> dict:
+    """The user's environment minus any hub / pasd settings, with a private HF cache and store
+    under `root`, pointed at `hub` when given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "PASD_"))}
+    env.update(HF_HOME=str(root / "hf-home"), PASD_HOME=str(root / "store"))
+    if hub is not None:
+        env["HF_ENDPOINT"] = hub.url
+    return {**env, **{k: str(v) for k, v in extra.items()}}

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import LR_INPUT, REFERENCE, REFERENCE_ARGS, TINY_BASE, TINY_LIGHT, run_pasd, tiny_model_args
-from hub_server import FakeHub, tiny_hub_repos
+from hub_server import FakeHub, clean_env, tiny_hub_repos
 from pasd_cli.caption_cache import CaptionCache, image_digest
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.engine.pipeline import image_to_tensor
@@ -27,7 +27,6 @@ from pasd_cli.imageio import read_rgb
 from pasd_cli.metadata import read_record
 from pasd_cli.settings import ADDED_PROMPT
 from pasd_cli.store import Store, load_manifests
-from test_download import clean_env
 from test_parity_pipeline import SETTINGS, assert_images_close
 from tiny_captioners import build_tiny_resnet, confident, one_torch_thread
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import LR_INPUT, REFERENCE, REFERENCE_ARGS, TINY_PASD, pasd_command
-from hub_server import FakeHub, Fault, Repo, tiny_hub_repos
+from hub_server import FakeHub, Fault, Repo, clean_env, tiny_hub_repos
 from pasd_cli.errors import ModelError
 from pasd_cli.hub import download
 from pasd_cli.store import Manifest, Store, load_manifests, resolve_models
@@ -36,16 +36,6 @@ QUICK = ["--steps", "1", "--scale", "1", "--process-size", "64", "--device", "cp
 def hub(tiny_blip_dir):
     with FakeHub(tiny_hub_repos(REFERENCE, {BLIP_REPO: tiny_blip_dir})) as server:
         yield server
-
-
-def clean_env(tmp_path: Path, hub: FakeHub | None = None, **extra) -> dict:
-    """The user's environment minus any hub / pasd settings, with a private HF cache and store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "PASD_"))}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), PASD_HOME=str(tmp_path / "store"))
-    if hub is not None:
-        env["HF_ENDPOINT"] = hub.url
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def pasd(*args, env: dict) -> subprocess.CompletedProcess:

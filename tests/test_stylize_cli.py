@@ -9,7 +9,6 @@ end to end: any PACA tensor lost, re-initialised or blended would change the pix
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT, run_pasd, tiny_stylize_args
-from hub_server import FakeHub, Repo
+from hub_server import FakeHub, Repo, clean_env
 from pasd_cli.metadata import read_record
 from tiny_bases import (fresh_components, kohya_name, lora_pair, perturbed, render, stock_state, write_checkpoint,
                         write_diffusers_folder, write_kohya_lora, write_unet_folder)
@@ -97,14 +96,6 @@ def hub(files):
     lcm = {"pytorch_lora_weights.safetensors": files["lcm"].read_bytes(), "README.md": b"# LCM-LoRA\n"}
     with FakeHub({HUB_BASE: Repo(base), LCM_REPO: Repo(lcm)}) as server:
         yield server
-
-
-def clean_env(root: Path, hub: FakeHub | None = None, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "PASD_"))}
-    env.update(HF_HOME=str(root / "hf-home"), PASD_HOME=str(root / "store"))
-    if hub is not None:
-        env["HF_ENDPOINT"] = hub.url
-    return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
 def pixels(path: Path) -> np.ndarray:
