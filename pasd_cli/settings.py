@@ -1,110 +1,26 @@
-"""Every option's default, in one place. Frozen dataclasses passed from the CLI to the engine."""
+"""Defaults of the command line that are not the engine's: model names, batch options, limits.
+The engine's settings live in `engine/settings.py` and are re-exported here."""
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
-# The released script's defaults (spec section 4); only the output scale differs (4, not 1).
-ADDED_PROMPT = "clean, high-resolution, 8k"
-NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
-COLOR_FIXES = ("wavelet", "adain", "none")
-BLENDS = ("gaussian", "ramp")
+from .engine.settings import (ADDED_PROMPT, BASE_BLEND, BLENDS, CAPTION_MODES, COLOR_FIXES, FAST_GUIDANCE,  # noqa: F401
+                              FAST_STEPS, MIN_VAE_TILE, NEGATIVE_PROMPT, CaptionSettings, LoraSpec,
+                              StylizeSettings, UpscaleSettings, _require)
+
 # Model names from models/*.json that `pasd upscale` uses, and `pasd download` fetches, by default.
 PASD_MODEL = "pasd"
 BASE_MODEL = "sd15"
-MIN_VAE_TILE = 64
 # Without --vae-memory, a VAE pass may use this share of the device's free memory (measured once
 # the models are loaded); the rest is headroom for the diffusion and other programs.
 VAE_MEMORY_SHARE = 0.5
 
 
-def _require(checks: list[tuple[bool, str]]) -> None:
-    """Raise ValueError with the message of the first failed check."""
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-@dataclass(frozen=True)
-class UpscaleSettings:
-    steps: int = 20
-    guidance: float = 9.0
-    conditioning_scale: float = 1.0
-    scale: float = 4.0
-    process_size: int = 768
-    added_noise_level: int = 900
-    prompt: str = ""
-    added_prompt: str = ADDED_PROMPT
-    negative_prompt: str = NEGATIVE_PROMPT
-    seed: int = 0
-    latent_tile: int = 320
-    latent_overlap: int = 8
-    tile_batch: int = 1
-    blend: str = "gaussian"
-    color_fix: str = "wavelet"
-    # VAE tile side in image pixels: None = automatic (by image size and the device memory the
-    # caller measured), 0 = untiled. Tiled and untiled results are equal up to float rounding.
-    vae_tile: int | None = None
-    # Latent pixels each pixel of the VAE's middle self-attention sees around it; 0 = all of
-    # them (exact; its cost grows with the square of the image area).
-    vae_attention_window: int = 0
-
-    def __post_init__(self):
-        _require([
-            (self.steps >= 1, "steps must be at least 1"),
-            # What torch.Generator.manual_seed accepts; beyond it every image would fail alike.
-            (-2**63 <= self.seed < 2**64, "seed must fit in 64 bits"),
-            (self.scale > 0, "scale must be positive"),
-            (self.process_size >= 8, "process size must be at least 8"),
-            (0 <= self.added_noise_level < 1000, "added noise level must be in [0, 999]"),
-            (self.conditioning_scale >= 0, "conditioning scale must not be negative"),
-            (self.latent_tile >= 8, "latent tile must be at least 8"),
-            (0 <= self.latent_overlap < self.latent_tile, "latent overlap must be in [0, latent tile)"),
-            (self.tile_batch >= 1, "tile batch must be at least 1"),
-            (self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
-            (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
-            (self.vae_tile is None or self.vae_tile == 0 or self.vae_tile >= MIN_VAE_TILE,
-             f"VAE tile must be 0 (off) or at least {MIN_VAE_TILE} pixels"),
-            (self.vae_attention_window >= 0, "VAE attention window must not be negative"),
-        ])
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.guidance > 1.0
-
-
-# High-level information for the prompt (spec section 5): a BLIP caption (released default:
-# caption), an ImageNet class (classify) or nothing (none).
-CAPTION_MODES = ("blip", "classify", "none")
 # Model names from models/*.json that --caption blip and --caption classify use by default;
 # `pasd download` fetches the captioner with the default PASD model, as upscale captions by default.
 CAPTION_MODEL = "blip"
 CLASSIFY_MODEL = "resnet-50"
-
-
-@dataclass(frozen=True)
-class CaptionSettings:
-    mode: str = "blip"
-    # BLIP as the released BLIP path runs it (LAVIS blip_caption, base_coco): the decoder is
-    # primed with "a picture of " and that prefix is cut from the caption; beam search with 3
-    # beams, 10 to 30 tokens counting the prefix. Deterministic: no sampling.
-    blip_prefix: str = "a picture of"
-    num_beams: int = 3
-    min_length: int = 10
-    max_length: int = 30
-    # The released classify rule: the top-1 ImageNet class when its probability is >= 0.1.
-    min_probability: float = 0.1
-
-    def __post_init__(self):
-        _require([
-            (self.mode in CAPTION_MODES, f"caption must be one of {', '.join(CAPTION_MODES)}"),
-            (self.num_beams >= 1, "caption beams must be at least 1"),
-            (1 <= self.min_length <= self.max_length, "caption lengths must satisfy 1 <= min <= max"),
-            (0.0 <= self.min_probability <= 1.0, "classify probability must be in [0, 1]"),
-        ])
-
 
 # Batch and output options, shared by every command that runs a model over many images.
 OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "same")
@@ -147,45 +63,7 @@ class BatchSettings:
         return self.output == "-"
 
 
-# Stylization (spec section 6): the SR model on a personalized SD 1.5 base. The authors advise
-# the light variant, conditioning scale 0.7 (smaller = more stylized) and no enlargement.
+# Stylization's default PASD model: the authors advise the light variant.
 STYLIZE_PASD = "pasd-light"
-BASE_BLEND = 1.0  # weight of a full checkpoint's stock UNet against the PASD file's (1: replace)
 # --fast: the LCM-LoRA with the LCM scheduler; its authors advise 4-8 steps and guidance 1-2.
 LCM_LORA = "lcm-lora-sdv1-5"
-FAST_STEPS = 4
-FAST_GUIDANCE = 1.0
-
-
-@dataclass(frozen=True)
-class StylizeSettings(UpscaleSettings):
-    conditioning_scale: float = 0.7
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One `--lora FILE[:WEIGHT]`."""
-
-    path: str
-    weight: float = 1.0
-
-    def __post_init__(self):
-        if not self.path:
-            raise ValueError("--lora needs a file")
-        if not math.isfinite(self.weight):
-            raise ValueError(f"LoRA weight must be a finite number, got {self.weight}")
-
-    @classmethod
-    def parse(cls, text: str, exists=os.path.exists) -> "LoraSpec":
-        """FILE or FILE:WEIGHT. The weight is whatever follows the LAST colon, and only when it
-        reads as a number and the text as a whole is not an existing file, so Windows paths
-        (C:\\loras\\x.safetensors) and names with colons stay intact."""
-        head, sep, tail = text.rpartition(":")
-        if not sep or not head or exists(text):
-            return cls(text)
-        try:
-            weight = float(tail)
-        except ValueError:
-            return cls(text)
-        return cls(head, weight)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import ModelError
-from ..settings import CaptionSettings
+from .settings import CaptionSettings
 from .memory import free_device_cache
 from .pretrained import from_pretrained
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from ..errors import ModelError, first_line
+from ..nn.keys import read_keys as safetensors_keys
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -74,17 +75,6 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
         if (folder / name).is_file():
             return [folder / name]
     raise ModelError(f"{folder} holds no {stem}.safetensors")
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a safetensors file's header; the tensors are not read."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return list(handle.keys())
-    except Exception as exc:  # safetensors raises several types for a damaged header
-        raise ModelError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def is_lora_keys(keys) -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..settings import MIN_VAE_TILE, UpscaleSettings
+from .settings import MIN_VAE_TILE, UpscaleSettings
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
 from .loading import Components, load_components, model_dtypes

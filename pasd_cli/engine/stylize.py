@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..settings import BASE_BLEND, LoraSpec
+from .settings import BASE_BLEND, LoraSpec
 from .bases import BaseReport, apply_base
 from .loading import Components
 from .lora import LoraReport, apply_lora

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..engine.formats import safetensors_keys as read_keys
 from ..errors import ModelError
+from .keys import read_keys
 from .controlnet import PASDControlNet
 from .unet import FULL, LIGHT, PASDUNet
 
