@@ -47,7 +47,6 @@ def lr_image(side: int):
 
 def sd_components():
     """SD 1.5-size PASD networks, VAE and text encoder with random weights (for timing only)."""
-    import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -56,12 +55,25 @@ def sd_components():
 
     unet = build_pasd_unet(json.loads((SD15 / "unet_config.json").read_text()), "full")
     controlnet = build_pasd_controlnet(json.loads((SD15 / "controlnet_config.json").read_text()), 0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        norm_num_groups=32, sample_size=512)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12,
-                                                max_position_embeddings=77))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+    )
     tokenizer = CLIPTokenizer.from_pretrained(str(TINY_BASE / "tokenizer"))  # its ids fit SD's vocabulary
     scheduler = json.loads((TINY_BASE / "scheduler" / "scheduler_config.json").read_text())
     for model in (unet, controlnet, vae, text_encoder):
@@ -85,9 +97,17 @@ def child(config: dict) -> dict:
         pipeline = PASDPipeline.from_folders(TINY_PASD, TINY_BASE, device, dtype)
     pipeline.memory_budget = config["vae_memory"] * 2**20 if config["vae_memory"] else None
     settings = UpscaleSettings(
-        steps=config["steps"], guidance=config["guidance"], scale=4, process_size=64,
-        latent_tile=config["latent_tile"], latent_overlap=config["latent_overlap"], tile_batch=config["tile_batch"],
-        blend="ramp", vae_tile=config["vae_tile"], vae_attention_window=config["attention_window"])
+        steps=config["steps"],
+        guidance=config["guidance"],
+        scale=4,
+        process_size=64,
+        latent_tile=config["latent_tile"],
+        latent_overlap=config["latent_overlap"],
+        tile_batch=config["tile_batch"],
+        blend="ramp",
+        vae_tile=config["vae_tile"],
+        vae_attention_window=config["attention_window"],
+    )
     stages: dict[str, float] = {}
 
     def timed(name, method):
@@ -99,6 +119,7 @@ def child(config: dict) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
         return wrapper
 
     pipeline.initial_latents = timed("encode", pipeline.initial_latents)
@@ -112,9 +133,13 @@ def child(config: dict) -> dict:
     result = pipeline.upscale(image, settings)
     seconds = time.perf_counter() - start
     return {
-        "seconds": seconds, "stages": stages, "size": result.image.size,
-        "latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_after_load": base_rss,
+        "seconds": seconds,
+        "stages": stages,
+        "size": result.image.size,
+        "latent_tiles": result.latent_tiles,
+        "vae_tile": result.vae_tile,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_load": base_rss,
         "cuda_peak": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
 
@@ -139,10 +164,18 @@ def main() -> None:
     parser.add_argument("--latent-overlap", type=int, default=8)
     parser.add_argument("--tile-batch", type=int, default=4)
     parser.add_argument("--vae-tile", type=int, default=None, help="pixels; default: automatic from --vae-memory")
-    parser.add_argument("--vae-memory", type=int, default=1024, help="MB for the automatic VAE choice; 0: none "
-                        "(then --vae-tile must be given, and no whole-image checkpoints are kept)")
-    parser.add_argument("--attention-window", default="4096:64",
-                        help="VAE attention window: 'SIZE:WINDOW' uses WINDOW from output SIZE up, else exact")
+    parser.add_argument(
+        "--vae-memory",
+        type=int,
+        default=1024,
+        help="MB for the automatic VAE choice; 0: none "
+        "(then --vae-tile must be given, and no whole-image checkpoints are kept)",
+    )
+    parser.add_argument(
+        "--attention-window",
+        default="4096:64",
+        help="VAE attention window: 'SIZE:WINDOW' uses WINDOW from output SIZE up, else exact",
+    )
     parser.add_argument("--untiled-up-to", type=int, default=1024)
     parser.add_argument("--vae-untiled-up-to", type=int, default=2048)
     parser.add_argument("--modes", default="tiled,vae-untiled,untiled")
@@ -155,12 +188,17 @@ def main() -> None:
 
     from_size, window = (int(v) for v in args.attention_window.split(":"))
     rows = []
-    print(f"model {args.model}, {args.device} {args.dtype}, {args.steps} step(s), guidance {args.guidance}, "
-          f"latent tile {args.latent_tile}/{args.latent_overlap} (ramp, batch {args.tile_batch}), "
-          f"VAE {'tile ' + str(args.vae_tile) if args.vae_tile else 'auto'}, VAE memory {args.vae_memory} MB, "
-          f"VAE attention window {window} from {from_size} px", flush=True)
-    header = (f"{'size':>5} {'mode':<11} {'tiles':>5} {'vae':>5} {'s':>8} {'s/MP':>6} {'x time':>6} {'enc':>7} "
-              f"{'denoise':>8} {'dec':>7} {'peak RSS':>9} {'x RSS':>5} {'+load':>7} {'CUDA':>8} {'outputs':>8}")
+    print(
+        f"model {args.model}, {args.device} {args.dtype}, {args.steps} step(s), guidance {args.guidance}, "
+        f"latent tile {args.latent_tile}/{args.latent_overlap} (ramp, batch {args.tile_batch}), "
+        f"VAE {'tile ' + str(args.vae_tile) if args.vae_tile else 'auto'}, VAE memory {args.vae_memory} MB, "
+        f"VAE attention window {window} from {from_size} px",
+        flush=True,
+    )
+    header = (
+        f"{'size':>5} {'mode':<11} {'tiles':>5} {'vae':>5} {'s':>8} {'s/MP':>6} {'x time':>6} {'enc':>7} "
+        f"{'denoise':>8} {'dec':>7} {'peak RSS':>9} {'x RSS':>5} {'+load':>7} {'CUDA':>8} {'outputs':>8}"
+    )
     print(header, flush=True)
     modes = args.modes.split(",")
     modes.sort(key=lambda mode: mode != args.baseline)  # the baseline first, the rest in the given order
@@ -170,15 +208,23 @@ def main() -> None:
             limit = {"tiled": math.inf, "vae-untiled": args.vae_untiled_up_to, "untiled": args.untiled_up_to}[mode]
             if size > limit:
                 continue
-            config = {"size": size, "model": args.model, "device": args.device, "dtype": args.dtype,
-                      "steps": args.steps, "guidance": args.guidance, "tile_batch": args.tile_batch,
-                      "latent_tile": args.latent_tile if mode != "untiled" else size // 8,
-                      "latent_overlap": args.latent_overlap,
-                      "vae_tile": 0 if mode != "tiled" else args.vae_tile,
-                      "vae_memory": args.vae_memory if mode == "tiled" else 0,
-                      "attention_window": window if size >= from_size else 0}
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True,
-                                  text=True, cwd=ROOT)
+            config = {
+                "size": size,
+                "model": args.model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "steps": args.steps,
+                "guidance": args.guidance,
+                "tile_batch": args.tile_batch,
+                "latent_tile": args.latent_tile if mode != "untiled" else size // 8,
+                "latent_overlap": args.latent_overlap,
+                "vae_tile": 0 if mode != "tiled" else args.vae_tile,
+                "vae_memory": args.vae_memory if mode == "tiled" else 0,
+                "attention_window": window if size >= from_size else 0,
+            }
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True, cwd=ROOT
+            )
             if proc.returncode != 0:
                 print(f"{size:>5} {mode:<11} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
@@ -186,14 +232,19 @@ def main() -> None:
             rows.append(row)
             if mode == args.baseline:
                 baseline = row
-            ratio = lambda key: f"{row[key] / baseline[key]:.2f}" if baseline else "-"  # noqa: E731
+            ratio = lambda key, row=row, baseline=baseline: (  # noqa: E731
+                f"{row[key] / baseline[key]:.2f}" if baseline else "-"
+            )
             mp = size * size / 1e6
             gb = lambda b: f"{b / 2**30:.2f}G" if b is not None else "-"  # noqa: E731
-            stage = lambda name: f"{row['stages'].get(name, 0):.1f}"  # noqa: E731
-            print(f"{size:>5} {mode:<11} {row['latent_tiles']:>5} {row['vae_tile'] or 'off':>5} {row['seconds']:>8.1f} "
-                  f"{row['seconds'] / mp:>6.1f} {ratio('seconds'):>6} {stage('encode'):>7} {stage('denoise'):>8} "
-                  f"{stage('decode'):>7} {gb(row['peak_rss']):>9} {ratio('peak_rss'):>5} {gb(row['rss_after_load']):>7} "
-                  f"{gb(row['cuda_peak']):>8} {gb(output_array_bytes(size)):>8}", flush=True)
+            stage = lambda name, row=row: f"{row['stages'].get(name, 0):.1f}"  # noqa: E731
+            print(
+                f"{size:>5} {mode:<11} {row['latent_tiles']:>5} {row['vae_tile'] or 'off':>5} {row['seconds']:>8.1f} "
+                f"{row['seconds'] / mp:>6.1f} {ratio('seconds'):>6} {stage('encode'):>7} {stage('denoise'):>8} "
+                f"{stage('decode'):>7} {gb(row['peak_rss']):>9} {ratio('peak_rss'):>5} {gb(row['rss_after_load']):>7} "
+                f"{gb(row['cuda_peak']):>8} {gb(output_array_bytes(size)):>8}",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -88,8 +88,9 @@ def _write_files(folder: Path) -> tuple[Path, Path]:
         vae = AutoencoderKL.from_config(sd15_config("vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(sd15_config("text_encoder")))
     stock = set(stock_unet_keys(unet))
-    meta = checkpoint_from_parts({k: v for k, v in unet.state_dict().items() if k in stock}, unet.config,
-                                 vae, text_encoder)
+    meta = checkpoint_from_parts(
+        {k: v for k, v in unet.state_dict().items() if k in stock}, unet.config, vae, text_encoder
+    )
     checkpoint, lora = folder / "base.safetensors", folder / "lora.safetensors"
     save_file({k: torch.full(v.shape, 0.01, dtype=torch.float16) for k, v in meta.items()}, str(checkpoint))
     save_file(_lora(Components(unet, None, vae, text_encoder, None, {}), stock), str(lora))
@@ -112,8 +113,10 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, lora = _write_files(Path(tmp))
-        print(f"checkpoint {checkpoint.stat().st_size / 2**30:.2f} GiB, lora {lora.stat().st_size / 2**20:.0f} MiB, "
-              f"peak RSS while writing {_peak_gib():.2f} GiB")
+        print(
+            f"checkpoint {checkpoint.stat().st_size / 2**30:.2f} GiB, lora {lora.stat().st_size / 2**20:.0f} MiB, "
+            f"peak RSS while writing {_peak_gib():.2f} GiB"
+        )
         components = _components()
         before = psutil.Process().memory_info().rss / 2**30
         print(f"SD 1.5-size components built: rss {before:.2f} GiB")
@@ -124,6 +127,8 @@ if __name__ == "__main__":
         # Baseline: the least any loader must do, read every tensor and upcast it to float32.
         state, baseline = _timed("baseline", lambda: {k: v.float() for k, v in load_file(str(checkpoint)).items()})
         del state
-    print(f"apply / baseline = {applied / baseline:.2f}; {report.unet_tensors} UNet tensors blended, "
-          f"replaced {', '.join(report.replaced)}; LoRA: {lora_report.unet_layers} layers in {merged:.2f} s; "
-          f"peak RSS through apply and LoRA {peak:.2f} GiB (components alone {before:.2f} GiB)")
+    print(
+        f"apply / baseline = {applied / baseline:.2f}; {report.unet_tensors} UNet tensors blended, "
+        f"replaced {', '.join(report.replaced)}; LoRA: {lora_report.unet_layers} layers in {merged:.2f} s; "
+        f"peak RSS through apply and LoRA {peak:.2f} GiB (components alone {before:.2f} GiB)"
+    )

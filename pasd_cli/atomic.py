@@ -58,6 +58,8 @@ def _remove_quietly(tmp: Path) -> None:
 
 def _write_error(path: Path, exc: OSError) -> Exception:
     if exc.errno in _FULL_DISK:
-        return DeviceError(f"cannot write {path}: {exc.strerror or exc} (disk full or quota exceeded)",
-                           hint="free some space, or write to another disk")
+        return DeviceError(
+            f"cannot write {path}: {exc.strerror or exc} (disk full or quota exceeded)",
+            hint="free some space, or write to another disk",
+        )
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")

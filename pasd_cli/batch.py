@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DeviceError, InputError, Interrupted, OutputError, PasdError, UsageError
 from .atomic import write_atomic
+from .errors import DeviceError, InputError, Interrupted, OutputError, PasdError, UsageError
 from .imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe
 from .inputs import Discovery
 from .settings import BatchSettings
@@ -85,12 +85,17 @@ class JobRecord:
     extra: dict = field(default_factory=dict)  # command-specific fields, e.g. "prompt"
 
     def to_json(self) -> dict:
-        record = {"type": "image", "input": self.input, "output": self.output, "status": self.status,
-                  "reason": self.reason,
-                  "seconds": None if self.seconds is None else round(self.seconds, 3),
-                  "input_size": list(self.input_size) if self.input_size else None,
-                  "output_size": list(self.output_size) if self.output_size else None,
-                  "seed": self.seed}
+        record = {
+            "type": "image",
+            "input": self.input,
+            "output": self.output,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "output_size": list(self.output_size) if self.output_size else None,
+            "seed": self.seed,
+        }
         record.update(self.extra)
         return record
 
@@ -108,14 +113,19 @@ class Summary:
 
     def to_json(self) -> dict:
         statuses = (DONE, SKIPPED, FAILED, PLANNED, COLLISION, CANCELLED, INTERRUPTED)
-        summary = {"type": "summary", "total": sum(self.counts.values()),
-                   **{status: self.counts[status] for status in statuses},
-                   "seconds": round(self.seconds, 3), "error": self.error}
+        summary = {
+            "type": "summary",
+            "total": sum(self.counts.values()),
+            **{status: self.counts[status] for status in statuses},
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
         summary.update(self.extra)
         return summary
 
 
 # ---------------------------------------------------------------------------------- planning
+
 
 def check_name_template(template: str, fields: dict[str, str]) -> None:
     allowed = {"stem", "ext", *fields}
@@ -125,13 +135,17 @@ def check_name_template(template: str, fields: dict[str, str]) -> None:
         raise UsageError(f"--name {template!r}: {exc}") from None
     unknown = used - allowed
     if unknown or "" in used:
-        raise UsageError(f"--name {template!r}: unknown field {{{sorted(unknown)[0] if unknown else ''}}}",
-                         hint="fields: " + ", ".join("{" + f + "}" for f in sorted(allowed)))
+        raise UsageError(
+            f"--name {template!r}: unknown field {{{sorted(unknown)[0] if unknown else ''}}}",
+            hint="fields: " + ", ".join("{" + f + "}" for f in sorted(allowed)),
+        )
     try:  # every field is a string, so a format spec that fails here fails for every input
         template.format(**{name: "x" for name in allowed})
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"--name {template!r}: {exc}",
-                         hint='every field is text ({scale} is "4"): number formats such as {scale:d} do not apply') from None
+        raise UsageError(
+            f"--name {template!r}: {exc}",
+            hint='every field is text ({scale} is "4"): number formats such as {scale:d} do not apply',
+        ) from None
 
 
 def _output_name(template: str, source: Path, fields: dict[str, str], suffix: str) -> str:
@@ -142,14 +156,21 @@ def _output_name(template: str, source: Path, fields: dict[str, str], suffix: st
     return name + suffix
 
 
-def plan_jobs(discovery: Discovery, options: BatchSettings, name_fields: dict[str, str],
-              failures: "FailureLog | None" = None,
-              output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None) -> Plan:
+def plan_jobs(
+    discovery: Discovery,
+    options: BatchSettings,
+    name_fields: dict[str, str],
+    failures: FailureLog | None = None,
+    output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
     `output_size(input_size)` is the command's size rule, for the plan's records."""
     check_name_template(options.name, name_fields)
-    jobs = [Job(item.path, Path(item.path.name), True, status=SKIPPED, reason=item.reason)
-            for item in discovery.ignored if item.image_like]
+    jobs = [
+        Job(item.path, Path(item.path.name), True, status=SKIPPED, reason=item.reason)
+        for item in discovery.ignored
+        if item.image_like
+    ]
     if options.to_stdout and len(discovery.candidates) != 1:
         raise UsageError(f"-o - writes one image to stdout, but {len(discovery.candidates)} inputs were given")
     out_dir = None if options.to_stdout else Path(options.output)
@@ -175,8 +196,7 @@ def plan_jobs(discovery: Discovery, options: BatchSettings, name_fields: dict[st
         job.output_size = output_size(job.info.size) if output_size else None
         if out_dir is not None:
             folder = out_dir / job.rel.parent if options.recursive else out_dir
-            job.output = folder / _output_name(options.name, job.source, name_fields,
-                                               OUTPUT_FORMATS[job.format].suffix)
+            job.output = folder / _output_name(options.name, job.source, name_fields, OUTPUT_FORMATS[job.format].suffix)
     plan = Plan(jobs)
     _find_collisions(plan)
     if out_dir is not None:
@@ -188,7 +208,7 @@ def _reason(exc: PasdError, source: Path) -> str:
     """The error message without the leading path: records carry the path already."""
     text = str(exc)
     prefix = f"{source}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -233,6 +253,7 @@ def _apply_on_exists(plan: Plan, on_exists: str) -> None:
 
 
 # ------------------------------------------------------------------------------ failure memory
+
 
 class FailureLog:
     """Inputs found in folders or globs that failed for what they contain, kept beside the outputs
@@ -290,6 +311,7 @@ class FailureLog:
 
 # --------------------------------------------------------------------------------------- lock
 
+
 @contextmanager
 def hold_lock(path: str | None) -> Iterator[None]:
     """`--lock FILE`: refuse to start while another run holds FILE. The OS drops the lock when the
@@ -308,8 +330,10 @@ def hold_lock(path: str | None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise DeviceError(f"another pasd run holds the lock {path} (pid {holder})",
-                              hint="wait for it to finish; the lock is released when it exits") from None
+            raise DeviceError(
+                f"another pasd run holds the lock {path} (pid {holder})",
+                hint="wait for it to finish; the lock is released when it exits",
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -318,6 +342,7 @@ def hold_lock(path: str | None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------- execution
+
 
 @dataclass
 class Pending:
@@ -340,9 +365,16 @@ class Pending:
         return self._fail(job, error, remember)
 
 
-def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: BatchSettings,
-             seed: int | None = None, failures: FailureLog | None = None,
-             summary: Summary | None = None, prepass: Callable[[Pending], None] | None = None) -> Summary:
+def run_jobs(
+    plan: Plan,
+    prepare: Callable[[], Worker],
+    reporter,
+    options: BatchSettings,
+    seed: int | None = None,
+    failures: FailureLog | None = None,
+    summary: Summary | None = None,
+    prepass: Callable[[Pending], None] | None = None,
+) -> Summary:
     """Run `prepare()` (once, only if there is work) and its worker over the plan's jobs, in order.
     Pass a `summary` to add counters of your own to its `extra` while the jobs run. `prepass`, when
     given, is called once with the jobs to do (dry runs included) before the loop, when there are
@@ -369,15 +401,23 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
             remember(job, error, job.reason)
         return options.fail_fast
 
-    def emit(job: Job, status: str, reason: str | None = None, seconds: float | None = None,
-             result: JobResult | None = None) -> None:
+    def emit(
+        job: Job, status: str, reason: str | None = None, seconds: float | None = None, result: JobResult | None = None
+    ) -> None:
         summary.counts[status] += 1
-        reporter.record(JobRecord(
-            input=str(job.source), output=None if job.output is None else str(job.output),
-            status=status, reason=reason, seconds=seconds,
-            input_size=job.info.size if job.info else None,
-            output_size=result.output_size if result else job.output_size if status == PLANNED else None,
-            seed=seed, extra={**job.extra, **(result.extra if result else {})}))
+        reporter.record(
+            JobRecord(
+                input=str(job.source),
+                output=None if job.output is None else str(job.output),
+                status=status,
+                reason=reason,
+                seconds=seconds,
+                input_size=job.info.size if job.info else None,
+                output_size=result.output_size if result else job.output_size if status == PLANNED else None,
+                seed=seed,
+                extra={**job.extra, **(result.extra if result else {})},
+            )
+        )
 
     try:
         if prepass is not None and plan.todo:
@@ -408,8 +448,7 @@ def run_jobs(plan: Plan, prepare: Callable[[], Worker], reporter, options: Batch
                 if options.fail_fast:
                     stop_reason = FAIL_FAST_STOPPED
             except PasdError as exc:
-                emit(job, INTERRUPTED if isinstance(exc, Interrupted) else FAILED, str(exc),
-                     time.monotonic() - begin)
+                emit(job, INTERRUPTED if isinstance(exc, Interrupted) else FAILED, str(exc), time.monotonic() - begin)
                 raise
             except Exception as exc:  # a bug on one image must not cost the rest of the batch
                 reporter.debug(traceback.format_exc())

@@ -20,8 +20,8 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .atomic import write_atomic
 from .errors import ModelError, OutputError
@@ -44,8 +44,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_models(store: Store, names: list[str], target: Path,
-                  say: Callable[[str], None] | None = None) -> None:
+def export_models(store: Store, names: list[str], target: Path, say: Callable[[str], None] | None = None) -> None:
     """Write the named installed models to `target`; every file is re-hashed first."""
     say = say or (lambda message: None)
     records = []
@@ -53,8 +52,10 @@ def export_models(store: Store, names: list[str], target: Path,
         store.manifest(name)
         problems = store.problems(name, full=True)
         if problems:
-            raise ModelError(f"cannot export {name}: {'; '.join(problems)}",
-                             hint=f"fetch or repair it with: {fetch_command([name], store.root)}")
+            raise ModelError(
+                f"cannot export {name}: {'; '.join(problems)}",
+                hint=f"fetch or repair it with: {fetch_command([name], store.root)}",
+            )
         records.append(store.read_record(name))
     target = Path(target)
 
@@ -115,8 +116,9 @@ def import_bundle(store: Store, source: Path, say: Callable[[str], None] | None 
     try:
         tar = tarfile.open(source, _tar_mode(source, writing=False))
     except tarfile.TarError:  # its message lists every compression tried, one line each
-        raise ModelError(f"{source}: not a bundle (not a tar file)",
-                         hint="bundles are written by: pasd models export NAME FILE") from None
+        raise ModelError(
+            f"{source}: not a bundle (not a tar file)", hint="bundles are written by: pasd models export NAME FILE"
+        ) from None
     except OSError as exc:
         raise ModelError(f"{source}: cannot read ({exc.strerror or exc})") from None
     try:
@@ -142,8 +144,10 @@ def _import_models(store: Store, tar: tarfile.TarFile, source: Path, say: Callab
         unsafe = [p for p in record.files if not safe_relative(p)]
         lacking = sorted(set(manifest.repo_paths) - set(record.files))
         if unsafe or lacking:
-            raise ModelError(f"{source}: the bundle's {name} " +
-                             (f"has unsafe paths {unsafe}" if unsafe else f"lacks {', '.join(lacking)}"))
+            raise ModelError(
+                f"{source}: the bundle's {name} "
+                + (f"has unsafe paths {unsafe}" if unsafe else f"lacks {', '.join(lacking)}")
+            )
         store.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=store.root))
         try:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .atomic import write_atomic
 from .engine.captions import Description
 from .errors import DeviceError, OutputError
-from .atomic import write_atomic
 
 RECORD_FORMAT = 1
 
@@ -59,16 +59,23 @@ class CaptionCache:
     def _read(self, identity: dict, digest: str) -> Description | None:
         try:
             record = json.loads(self.path(identity, digest).read_text(encoding="utf-8"))
-            if (record.get("format") != RECORD_FORMAT or record.get("identity") != identity
-                    or record.get("image_sha256") != digest):
+            if (
+                record.get("format") != RECORD_FORMAT
+                or record.get("identity") != identity
+                or record.get("image_sha256") != digest
+            ):
                 return None
             return Description.from_json(record.get("description"))
         except (OSError, ValueError, AttributeError):
             return None
 
     def put(self, identity: dict, digest: str, description: Description) -> None:
-        record = {"format": RECORD_FORMAT, "identity": identity, "image_sha256": digest,
-                  "description": description.to_json()}
+        record = {
+            "format": RECORD_FORMAT,
+            "identity": identity,
+            "image_sha256": digest,
+            "description": description.to_json(),
+        }
         data = (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
         try:
             write_atomic(self.path(identity, digest), lambda handle: handle.write(data))

@@ -51,22 +51,58 @@ class CaptionOptions:
 
 
 _PARAMETERS = [
-    ("caption", typer.Option(_C.mode, "--caption",
-                             help="High-level information for the prompt, from the original input: blip "
-                                  "(a caption), classify (its ImageNet class if p >= 0.1), or none."), str),
-    ("caption_model", typer.Option(None, "--caption-model", metavar="NAME|PATH", show_default=False,
-                                   help=f"The captioner or classifier: a model name or a folder (default: "
-                                        f"{defaults.CAPTION_MODEL}; {defaults.CLASSIFY_MODEL} for classify)."),
-     Optional[str]),
-    ("prompt_file", typer.Option(None, "--prompt-file", metavar="CSV", show_default=False,
-                                 help="Rows of file,prompt: that image's description, in place of its "
-                                      "caption."), Optional[Path]),
-    ("sidecars", typer.Option(True, "--sidecars/--no-sidecars",
-                              help="photo.txt beside photo.jpg describes it, in place of its caption "
-                                   "(before --prompt-file)."), bool),
-    ("caption_only", typer.Option(False, "--caption-only",
-                                  help="With --dry-run: print each image's description as --prompt-file "
-                                       "CSV (loads the captioner, never PASD)."), bool),
+    (
+        "caption",
+        typer.Option(
+            _C.mode,
+            "--caption",
+            help="High-level information for the prompt, from the original input: blip "
+            "(a caption), classify (its ImageNet class if p >= 0.1), or none.",
+        ),
+        str,
+    ),
+    (
+        "caption_model",
+        typer.Option(
+            None,
+            "--caption-model",
+            metavar="NAME|PATH",
+            show_default=False,
+            help=f"The captioner or classifier: a model name or a folder (default: "
+            f"{defaults.CAPTION_MODEL}; {defaults.CLASSIFY_MODEL} for classify).",
+        ),
+        Optional[str],
+    ),
+    (
+        "prompt_file",
+        typer.Option(
+            None,
+            "--prompt-file",
+            metavar="CSV",
+            show_default=False,
+            help="Rows of file,prompt: that image's description, in place of its caption.",
+        ),
+        Optional[Path],
+    ),
+    (
+        "sidecars",
+        typer.Option(
+            True,
+            "--sidecars/--no-sidecars",
+            help="photo.txt beside photo.jpg describes it, in place of its caption (before --prompt-file).",
+        ),
+        bool,
+    ),
+    (
+        "caption_only",
+        typer.Option(
+            False,
+            "--caption-only",
+            help="With --dry-run: print each image's description as --prompt-file "
+            "CSV (loads the captioner, never PASD).",
+        ),
+        bool,
+    ),
 ]
 
 
@@ -86,8 +122,9 @@ class ImagePrompts:
     """Every image's high-level information for one batch: filled by `prepass`, read by the
     worker through `for_job`."""
 
-    def __init__(self, options: CaptionOptions, batch: defaults.BatchSettings, diffusion,
-                 check_models: Optional[Callable] = None):
+    def __init__(
+        self, options: CaptionOptions, batch: defaults.BatchSettings, diffusion, check_models: Optional[Callable] = None
+    ):
         """`check_models(reporter)` finds (or fetches, or refuses) every model the command will
         load, before any captioning; by default the --pasd and base models. A command with more
         models (a style base, LoRAs) passes its own resolver, so a missing one is reported first."""
@@ -108,9 +145,14 @@ class ImagePrompts:
             from .describer_models import StoreDescriber
             from .store import runs_at_terminal
 
-            self.describer = StoreDescriber(options.settings.mode, options.model, options.settings,
-                                            models_dir=self.models.models_dir, offline=self.models.offline,
-                                            interactive=runs_at_terminal())
+            self.describer = StoreDescriber(
+                options.settings.mode,
+                options.model,
+                options.settings,
+                models_dir=self.models.models_dir,
+                offline=self.models.offline,
+                interactive=runs_at_terminal(),
+            )
         self._prompts: dict[Path, object] = {}
 
     def for_job(self, job):
@@ -123,8 +165,7 @@ class ImagePrompts:
 
     def record_fields(self, chosen) -> dict:
         """What the image's JSON record says about its prompt (dry runs included)."""
-        return {"prompt": chosen.build(self.run_settings.prompt, self.run_settings.added_prompt),
-                **chosen.to_json()}
+        return {"prompt": chosen.build(self.run_settings.prompt, self.run_settings.added_prompt), **chosen.to_json()}
 
     # ----------------------------------------------------------------------------- the pre-pass
 
@@ -179,8 +220,15 @@ class ImagePrompts:
         device, dtype = pick_runtime(self.models)
         self.describer.say = reporter.info
         cache = CaptionCache(store_root(self.models.models_dir) / "captions")
-        return PromptResolver(self.options.settings.mode, self.describer, device=device, dtype=dtype,
-                              prompt_file=self.prompt_file, cache=cache, use_sidecars=use_sidecars), cache
+        return PromptResolver(
+            self.options.settings.mode,
+            self.describer,
+            device=device,
+            dtype=dtype,
+            prompt_file=self.prompt_file,
+            cache=cache,
+            use_sidecars=use_sidecars,
+        ), cache
 
     def _report(self, reporter, job, chosen, rows) -> None:
         cached = " (cached)" if chosen.cached else ""
@@ -197,10 +245,12 @@ class ImagePrompts:
         stats["caption_cache_write_errors"] = cache.write_errors if cache is not None else 0
         pending.summary.extra["prompts"] = stats
         reporter = pending.reporter
-        parts = [f"{stats['captions_computed']} captioned" if stats["captions_computed"] else "",
-                 f"{stats['caption_cache_hits']} from the caption cache" if stats["caption_cache_hits"] else "",
-                 f"{stats['sidecar']} from sidecars" if stats["sidecar"] else "",
-                 f"{stats['prompt_file']} from --prompt-file" if stats["prompt_file"] else ""]
+        parts = [
+            f"{stats['captions_computed']} captioned" if stats["captions_computed"] else "",
+            f"{stats['caption_cache_hits']} from the caption cache" if stats["caption_cache_hits"] else "",
+            f"{stats['sidecar']} from sidecars" if stats["sidecar"] else "",
+            f"{stats['prompt_file']} from --prompt-file" if stats["prompt_file"] else "",
+        ]
         if any(parts):
             reporter.info("prompts: " + ", ".join(p for p in parts if p))
         if cache is not None and cache.last_write_error:
@@ -211,8 +261,7 @@ class ImagePrompts:
             unused = self.prompt_file.unused()
             if unused:
                 more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
-                reporter.warn(f"--prompt-file {self.prompt_file.path}: no input matches "
-                              f"{', '.join(unused[:3])}{more}")
+                reporter.warn(f"--prompt-file {self.prompt_file.path}: no input matches {', '.join(unused[:3])}{more}")
 
 
 class _PromptCsv:

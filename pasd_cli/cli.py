@@ -13,16 +13,36 @@ import typer
 from . import settings as defaults
 from .batch_cli import batch_options, run_batch_command
 from .caption_cli import CaptionOptions, ImagePrompts, caption_options
-from .diffusion_cli import (DiffusionOptions, diffusion_options, model_identity, name_fields, pick_runtime,
-                            planned_size, quiet_libraries, resolve_model_dirs, vae_memory_budget)
 from .devices import dtype_name
+from .diffusion_cli import (
+    DiffusionOptions,
+    diffusion_options,
+    model_identity,
+    name_fields,
+    pick_runtime,
+    planned_size,
+    quiet_libraries,
+    resolve_model_dirs,
+    vae_memory_budget,
+)
 from .errors import Interrupted, PasdError
 from .models_cli import download_command, models_app
-from .stylize_cli import (SD15_HELP, StyleChoice, fast_settings, given_on_command_line, preflight, resolve_style,
-                          style_identity, style_options, stylize_record)
+from .stylize_cli import (
+    SD15_HELP,
+    StyleChoice,
+    fast_settings,
+    given_on_command_line,
+    preflight,
+    resolve_style,
+    style_identity,
+    style_options,
+    stylize_record,
+)
 
-EXIT_CODES_HELP = ("Exit codes: 0 all done or skipped, 1 some inputs failed, 2 usage, "
-                   "3 model or weights, 4 device or resources, 130 interrupted.")
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all done or skipped, 1 some inputs failed, 2 usage, "
+    "3 model or weights, 4 device or resources, 130 interrupted."
+)
 
 app = typer.Typer(
     name="pasd",
@@ -70,8 +90,14 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions
         transform = upscale_transform(pipeline, run_settings, prompts, warn=reporter.warn)
         return image_worker(transform, upscale_record(run_settings, identity), batch)
 
-    run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
-                      prepare=load_worker, output_size=planned_size(run_settings), prepass=prompts.prepass)
+    run_batch_command(
+        batch,
+        name_fields=name_fields(run_settings),
+        seed=run_settings.seed,
+        prepare=load_worker,
+        output_size=planned_size(run_settings),
+        prepass=prompts.prepass,
+    )
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -79,8 +105,13 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions
 @batch_options
 @diffusion_options(defaults.StylizeSettings, defaults.STYLIZE_PASD, base_flag="--sd15", base_help=SD15_HELP)
 @caption_options
-def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: DiffusionOptions, style: StyleChoice,
-            captions: CaptionOptions):
+def stylize(
+    ctx: typer.Context,
+    batch: defaults.BatchSettings,
+    diffusion: DiffusionOptions,
+    style: StyleChoice,
+    captions: CaptionOptions,
+):
     """Stylize images: PASD on a personalized Stable Diffusion 1.5 base (--base), with LoRAs.
 
     Defaults follow the authors' advice: PASD-light, conditioning scale 0.7 (smaller is more stylized), scale 1.
@@ -91,8 +122,9 @@ def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: Diffus
     if style.fast:
         run_settings = fast_settings(run_settings, given_on_command_line(ctx))
     preflight(style)  # a refused base stops here: nothing loaded, nothing unpickled
-    prompts = ImagePrompts(captions, batch, diffusion,
-                           check_models=lambda reporter: resolve_style(style, models, reporter.info))
+    prompts = ImagePrompts(
+        captions, batch, diffusion, check_models=lambda reporter: resolve_style(style, models, reporter.info)
+    )
 
     def load_worker(reporter):
         """Called once, and only when some image needs the model."""
@@ -108,17 +140,29 @@ def stylize(ctx: typer.Context, batch: defaults.BatchSettings, diffusion: Diffus
         reporter.info(f"loading PASD from {files.pasd} on {device} ({dtype_name(dtype)})")
         components = load_components(files.pasd, files.sd15)
         # On the CPU in float32, before the move to the device: merges are exact and cost no VRAM.
-        report = personalize(components, base=files.base, blend=style.blend, loras=files.loras,
-                             lcm_lora=files.lcm_lora, trust_pickle=style.trust_pickle,
-                             on_stage=lambda what, source: reporter.info(f"applying {what} {source}"))
+        report = personalize(
+            components,
+            base=files.base,
+            blend=style.blend,
+            loras=files.loras,
+            lcm_lora=files.lcm_lora,
+            trust_pickle=style.trust_pickle,
+            on_stage=lambda what, source: reporter.info(f"applying {what} {source}"),
+        )
         pipeline = PASDPipeline(components, device, dtype)
         pipeline.memory_budget = vae_memory_budget(models, device)  # measured with the models in place
         identity = style_identity(model_identity(files.pasd, files.sd15, pipeline, device, dtype), style, report)
         transform = upscale_transform(pipeline, run_settings, prompts, warn=reporter.warn)
         return image_worker(transform, stylize_record(run_settings, identity), batch)
 
-    run_batch_command(batch, name_fields=name_fields(run_settings), seed=run_settings.seed,
-                      prepare=load_worker, output_size=planned_size(run_settings), prepass=prompts.prepass)
+    run_batch_command(
+        batch,
+        name_fields=name_fields(run_settings),
+        seed=run_settings.seed,
+        prepare=load_worker,
+        output_size=planned_size(run_settings),
+        prepass=prompts.prepass,
+    )
 
 
 app.command("download", epilog=EXIT_CODES_HELP)(download_command)

@@ -18,8 +18,36 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_POINTERS = (0x8769, 0x8825)  # the Exif and GPS sub-directories of a TIFF's first IFD
 _TIFF_POINTER_NAMES = {0x8769: "ExifTag", 0x8825: "GPSTag"}
 # Tags tifffile writes itself from the pixels and its arguments; the rest come from Pillow.
-_TIFF_OWN = {256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 282, 283, 284, 296, 317, 322, 323, 324, 325,
-             330, 338, 339, 400, 32997, 32998, 34665, 34853, 40965}
+_TIFF_OWN = {
+    256,
+    257,
+    258,
+    259,
+    262,
+    266,
+    273,
+    277,
+    278,
+    279,
+    282,
+    283,
+    284,
+    296,
+    317,
+    322,
+    323,
+    324,
+    325,
+    330,
+    338,
+    339,
+    400,
+    32997,
+    32998,
+    34665,
+    34853,
+    40965,
+}
 
 
 def is_rgb16(path, image: Image.Image) -> bool:
@@ -33,8 +61,13 @@ def is_rgb16(path, image: Image.Image) -> bool:
     if image.format == "TIFF":
         tags = image.tag_v2
         bits, samples = tuple(tags.get(258, ())), tags.get(277, 1)
-        return (tags.get(262) == 2 and samples in (3, 4) and bits == (16,) * samples
-                and _unsigned(tags.get(339)) and tuple(tags.get(338, ())) in ((), (0,), (2,)))
+        return (
+            tags.get(262) == 2
+            and samples in (3, 4)
+            and bits == (16,) * samples
+            and _unsigned(tags.get(339))
+            and tuple(tags.get(338, ())) in ((), (0,), (2,))
+        )
     return False
 
 
@@ -94,10 +127,14 @@ def _write_png(handle, pixels: np.ndarray, params: dict) -> None:
     rows = pixels.astype(">u2").reshape(height, width * planes)  # PNG samples are big-endian
     encoded = io.BytesIO()
     png.Writer(width, height, greyscale=False, alpha=planes == 4, bitdepth=16, compression=6).write_packed(
-        encoded, (row.tobytes() for row in rows))
+        encoded, (row.tobytes() for row in rows)
+    )
     image_chunks = list(png.Reader(bytes=encoded.getvalue()).chunks())  # IHDR, IDAT..., IEND
-    meta = [(cid, data) for cid, data, _ in PngImagePlugin.getchunks(Image.new("RGB", (1, 1)), **params)
-            if cid not in (b"IHDR", b"IDAT", b"IEND")]
+    meta = [
+        (cid, data)
+        for cid, data, _ in PngImagePlugin.getchunks(Image.new("RGB", (1, 1)), **params)
+        if cid not in (b"IHDR", b"IDAT", b"IEND")
+    ]
     png.write_chunks(handle, [image_chunks[0], *meta, *image_chunks[1:]])
 
 
@@ -117,12 +154,23 @@ def _write_tiff(handle, pixels: np.ndarray, params: dict) -> None:
     extratags += [(_TIFF_POINTER_NAMES[code], 4, 1, 0, True) for code in pointers]
     resolution = {}
     if 282 in tags and 283 in tags:
-        resolution = {"resolution": (tags[282].value, tags[283].value),
-                      "resolutionunit": tags[296].value if 296 in tags else 2}
+        resolution = {
+            "resolution": (tags[282].value, tags[283].value),
+            "resolutionunit": tags[296].value if 296 in tags else 2,
+        }
     encoded = io.BytesIO()
-    tifffile.imwrite(encoded, pixels, byteorder="<", photometric="rgb", compression="zlib",
-                     extrasamples=("unassalpha",) if pixels.shape[-1] == 4 else None, metadata=None,
-                     software=False, extratags=extratags, **resolution)
+    tifffile.imwrite(
+        encoded,
+        pixels,
+        byteorder="<",
+        photometric="rgb",
+        compression="zlib",
+        extrasamples=("unassalpha",) if pixels.shape[-1] == 4 else None,
+        metadata=None,
+        software=False,
+        extratags=extratags,
+        **resolution,
+    )
     data = bytearray(encoded.getvalue())
     if pointers:
         data += b"\0" * (len(data) % 2)

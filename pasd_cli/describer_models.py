@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelError, UsageError
-from .settings import CLASSIFY_MODEL, CAPTION_MODEL, CaptionSettings
+from .settings import CAPTION_MODEL, CLASSIFY_MODEL, CaptionSettings
 
 # The store's kind for each --caption mode that uses a model.
 MODEL_KINDS = {"blip": "captioner", "classify": "classifier"}
@@ -24,9 +24,17 @@ class StoreDescriber:
     fetched when `interactive` allows it (as `pasd upscale` fetches PASD), else refused with the
     two ways forward (exit 3)."""
 
-    def __init__(self, mode: str, spec: str | None, settings: CaptionSettings, *, models_dir=None,
-                 offline: bool = False, interactive: bool = False,
-                 say: Callable[[str], None] = lambda text: None):
+    def __init__(
+        self,
+        mode: str,
+        spec: str | None,
+        settings: CaptionSettings,
+        *,
+        models_dir=None,
+        offline: bool = False,
+        interactive: bool = False,
+        say: Callable[[str], None] = lambda text: None,
+    ):
         from .store import Store, names_a_path, offline_requested, store_root
 
         if mode not in MODEL_KINDS:
@@ -39,12 +47,16 @@ class StoreDescriber:
         if names_a_path(self.spec, self.store.manifests):
             self.folder = Path(self.spec).expanduser()
         elif self.spec not in self.store.manifests:
-            raise UsageError(f"--caption-model {self.spec}: unknown model name and no such folder",
-                             hint="known models: " + ", ".join(self._names_of_kind()))
+            raise UsageError(
+                f"--caption-model {self.spec}: unknown model name and no such folder",
+                hint="known models: " + ", ".join(self._names_of_kind()),
+            )
         elif self.store.manifest(self.spec).kind != MODEL_KINDS[mode]:
-            raise UsageError(f"--caption-model {self.spec} is a {self.store.manifest(self.spec).kind}; "
-                             f"--caption {mode} needs a {MODEL_KINDS[mode]}",
-                             hint="known models: " + ", ".join(self._names_of_kind()))
+            raise UsageError(
+                f"--caption-model {self.spec} is a {self.store.manifest(self.spec).kind}; "
+                f"--caption {mode} needs a {MODEL_KINDS[mode]}",
+                hint="known models: " + ", ".join(self._names_of_kind()),
+            )
 
     def _names_of_kind(self) -> list[str]:
         return sorted(n for n, m in self.store.manifests.items() if m.kind == MODEL_KINDS[self.kind])
@@ -63,8 +75,9 @@ class StoreDescriber:
         if record is None:
             self._ensure_files()
             record = self.store.read_record(self.spec)
-        return DescriberSpec(self.kind, self.store.model_path(self.spec), manifest.repo_id, record.commit,
-                             self.settings)
+        return DescriberSpec(
+            self.kind, self.store.model_path(self.spec), manifest.repo_id, record.commit, self.settings
+        )
 
     def _ensure_files(self) -> None:
         from .prompt_sources import describer_missing
@@ -74,11 +87,11 @@ class StoreDescriber:
         problems = self.store.problems(self.spec)
         if problems and not may_download(self.offline, self.interactive):
             why = not_fetched_because(self.offline)
-            raise describer_missing(self.kind, self.spec, f"{'; '.join(problems)} in {self.store.root} ({why})",
-                                    fetch)
+            raise describer_missing(self.kind, self.spec, f"{'; '.join(problems)} in {self.store.root} ({why})", fetch)
         try:
-            ensure_model(self.spec, models_dir=self.store.root, offline=self.offline,
-                         interactive=self.interactive, say=self.say)
+            ensure_model(
+                self.spec, models_dir=self.store.root, offline=self.offline, interactive=self.interactive, say=self.say
+            )
         except ModelError as exc:  # the download failed: still the same two ways forward
             raise describer_missing(self.kind, self.spec, str(exc), fetch) from None
 

@@ -20,8 +20,10 @@ def pick_device(name: str):
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA was asked for but torch sees no CUDA device",
-                          hint="use --device cpu, or install a CUDA build of torch")
+        raise DeviceError(
+            "CUDA was asked for but torch sees no CUDA device",
+            hint="use --device cpu, or install a CUDA build of torch",
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("MPS was asked for but this machine or torch build has no MPS")
     return torch.device(name)

@@ -15,10 +15,10 @@ import errno
 import hashlib
 import shutil
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from .errors import ModelError
 from .store import Manifest, Record, Store, offline_requested
@@ -90,9 +90,15 @@ def _is_network_error(exc: BaseException) -> bool:
 @contextmanager
 def hub_errors(manifest: Manifest, endpoint: str, path: str | None = None):
     """Translate huggingface_hub / network / disk failures into one-line ModelErrors."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo = manifest.repo_id
     token_hint = "set HF_TOKEN to a token that can read it (and accept its terms on the hub if it is gated)"
@@ -103,21 +109,26 @@ def hub_errors(manifest: Manifest, endpoint: str, path: str | None = None):
     except OfflineModeIsEnabled:
         raise ModelError("offline mode is on (HF_HUB_OFFLINE)", hint="unset HF_HUB_OFFLINE to download") from None
     except GatedRepoError as exc:
-        raise ModelError(f"access to {repo} refused (HTTP {exc.response.status_code}): {_first_line(exc)}",
-                         hint=token_hint) from None
+        raise ModelError(
+            f"access to {repo} refused (HTTP {exc.response.status_code}): {_first_line(exc)}", hint=token_hint
+        ) from None
     except RepositoryNotFoundError as exc:
         status = exc.response.status_code
         if status == 401:
-            raise ModelError(f"repository {repo} not found at {endpoint}, or access refused (HTTP 401)",
-                             hint=token_hint) from None
-        raise ModelError(f"repository {repo} not found at {endpoint}",
-                         hint="check HF_ENDPOINT and the manifest's repo_id") from None
+            raise ModelError(
+                f"repository {repo} not found at {endpoint}, or access refused (HTTP 401)", hint=token_hint
+            ) from None
+        raise ModelError(
+            f"repository {repo} not found at {endpoint}", hint="check HF_ENDPOINT and the manifest's repo_id"
+        ) from None
     except RevisionNotFoundError:
         raise ModelError(f"revision '{manifest.revision}' not found in {repo} at {endpoint}") from None
     except EntryNotFoundError as exc:
         if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
-            raise ModelError(f"cannot reach {endpoint}: {_first_line(exc.__cause__)}",
-                             hint="check the network (or HF_ENDPOINT); without one: pasd models import FILE") from None
+            raise ModelError(
+                f"cannot reach {endpoint}: {_first_line(exc.__cause__)}",
+                hint="check the network (or HF_ENDPOINT); without one: pasd models import FILE",
+            ) from None
         raise ModelError(f"file {path or '?'} not found in {repo}@{manifest.revision} at {endpoint}") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code
@@ -126,20 +137,24 @@ def hub_errors(manifest: Manifest, endpoint: str, path: str | None = None):
         raise ModelError(f"the hub at {endpoint} answered HTTP {status} for {repo}: {_first_line(exc)}") from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise ModelError(f"disk full while writing {path or repo}",
-                             hint="free some space or pass --models-dir on a bigger disk") from None
+            raise ModelError(
+                f"disk full while writing {path or repo}", hint="free some space or pass --models-dir on a bigger disk"
+            ) from None
         if "Consistency check failed" in str(exc):
-            raise ModelError(f"download of {path} stopped short: {_first_line(exc)}",
-                             hint="run the same command again; finished files are kept") from None
+            raise ModelError(
+                f"download of {path} stopped short: {_first_line(exc)}",
+                hint="run the same command again; finished files are kept",
+            ) from None
         if _is_network_error(exc):
             raise ModelError(f"cannot reach {endpoint}: {_first_line(exc)}") from None
         raise ModelError(f"cannot write {path or repo}: {exc}") from None
     except Exception as exc:
         if _is_network_error(exc):
             where = f"download of {path} was cut off" if path else f"cannot reach {endpoint}"
-            raise ModelError(f"{where}: {_first_line(exc)}",
-                             hint="check the network (or HF_ENDPOINT) and run the same command again; "
-                                  "finished files are kept") from None
+            raise ModelError(
+                f"{where}: {_first_line(exc)}",
+                hint="check the network (or HF_ENDPOINT) and run the same command again; finished files are kept",
+            ) from None
         raise
 
 
@@ -154,8 +169,10 @@ def check_free_space(folder: Path, needed: int, free_space: FreeSpace = disk_fre
     where = _existing_parent(folder)
     free = free_space(where)
     if free < needed:
-        raise ModelError(f"not enough disk space: {human_size(needed)} to download, {human_size(free)} free "
-                         f"in {where}", hint="free some space or pass --models-dir on a bigger disk")
+        raise ModelError(
+            f"not enough disk space: {human_size(needed)} to download, {human_size(free)} free in {where}",
+            hint="free some space or pass --models-dir on a bigger disk",
+        )
 
 
 def _progress_into(bar):
@@ -203,9 +220,16 @@ def _quiet_hub_logs() -> None:
     hub_logging.set_verbosity_error()
 
 
-def download(store: Store, name: str, *, endpoint: str | None = None, token: str | None = None,
-             say: Callable[[str], None] | None = None, show_bar: bool = False,
-             free_space: FreeSpace = disk_free) -> Record:
+def download(
+    store: Store,
+    name: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    say: Callable[[str], None] | None = None,
+    show_bar: bool = False,
+    free_space: FreeSpace = disk_free,
+) -> Record:
     """Install `name` into `store`, or repair it; returns the written record. Needs the network
     unless the model is already installed and every file's hash matches its record."""
     say = say or (lambda message: None)
@@ -215,8 +239,10 @@ def download(store: Store, name: str, *, endpoint: str | None = None, token: str
         say(f"{name}: already installed and verified ({human_size(record.size)}) in {store.model_dir(name)}")
         return record
     if offline_requested():
-        raise ModelError(f"cannot download {name}: offline mode is on (PASD_OFFLINE or HF_HUB_OFFLINE)",
-                         hint="unset them, or bring the model on a bundle: pasd models import FILE")
+        raise ModelError(
+            f"cannot download {name}: offline mode is on (PASD_OFFLINE or HF_HUB_OFFLINE)",
+            hint="unset them, or bring the model on a bundle: pasd models import FILE",
+        )
 
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.hf_api import RepoFile
@@ -226,14 +252,24 @@ def download(store: Store, name: str, *, endpoint: str | None = None, token: str
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(manifest, endpoint_url):
         commit = api.repo_info(manifest.repo_id, repo_type=manifest.repo_type, revision=manifest.revision).sha
-        remote = {entry.path: entry for entry in api.list_repo_tree(
-            manifest.repo_id, path_in_repo=manifest.subfolder or None, recursive=True, revision=commit,
-            repo_type=manifest.repo_type) if isinstance(entry, RepoFile)}
+        remote = {
+            entry.path: entry
+            for entry in api.list_repo_tree(
+                manifest.repo_id,
+                path_in_repo=manifest.subfolder or None,
+                recursive=True,
+                revision=commit,
+                repo_type=manifest.repo_type,
+            )
+            if isinstance(entry, RepoFile)
+        }
     absent = [p for p in manifest.repo_paths if p not in remote]
     if absent:
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise ModelError(f"file {absent[0]}{more} not found in {manifest.repo_id}@{manifest.revision} "
-                         f"at {endpoint_url}", hint=f"the manifest {name}.json may be out of date")
+        raise ModelError(
+            f"file {absent[0]}{more} not found in {manifest.repo_id}@{manifest.revision} at {endpoint_url}",
+            hint=f"the manifest {name}.json may be out of date",
+        )
 
     model_dir = store.model_dir(name)
     store.forget(name)  # from here on the model counts as not installed until every file checks out
@@ -248,32 +284,50 @@ def download(store: Store, name: str, *, endpoint: str | None = None, token: str
     needed = sum(remote[rel].size for rel in to_fetch)
     check_free_space(model_dir, needed, free_space)
     kept = f", {len(files)} already present" if files else ""
-    say(f"{name}: fetching {len(to_fetch)} file(s), {human_size(needed)}, from {manifest.repo_id} "
-        f"at {endpoint_url}{kept}")
+    say(
+        f"{name}: fetching {len(to_fetch)} file(s), {human_size(needed)}, from {manifest.repo_id} "
+        f"at {endpoint_url}{kept}"
+    )
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=needed, desc=name, unit="B", unit_scale=True, file=sys.stderr, disable=not show_bar,
-              leave=False) as bar:
+    with tqdm(
+        total=needed, desc=name, unit="B", unit_scale=True, file=sys.stderr, disable=not show_bar, leave=False
+    ) as bar:
         for rel in to_fetch:
             if not show_bar:
                 say(f"{name}: {rel} ({human_size(remote[rel].size)})")
             (model_dir / rel).unlink(missing_ok=True)
             with hub_errors(manifest, endpoint_url, rel):
-                hf_hub_download(manifest.repo_id, rel, repo_type=manifest.repo_type, revision=commit,
-                                local_dir=model_dir, endpoint=endpoint, token=token,
-                                tqdm_class=_progress_into(bar))
+                hf_hub_download(
+                    manifest.repo_id,
+                    rel,
+                    repo_type=manifest.repo_type,
+                    revision=commit,
+                    local_dir=model_dir,
+                    endpoint=endpoint,
+                    token=token,
+                    tqdm_class=_progress_into(bar),
+                )
             problem, sha256 = _check_file(model_dir / rel, remote[rel])
             if problem is not None:
                 (model_dir / rel).unlink(missing_ok=True)
-                raise ModelError(f"hash mismatch for {rel} of {name}: {problem}; the file was deleted",
-                                 hint="run the same command again; if it persists, the mirror is serving "
-                                      "a bad file")
+                raise ModelError(
+                    f"hash mismatch for {rel} of {name}: {problem}; the file was deleted",
+                    hint="run the same command again; if it persists, the mirror is serving a bad file",
+                )
             files[rel] = {"size": remote[rel].size, "sha256": sha256}
 
-    record = Record(name=name, repo_id=manifest.repo_id, revision=manifest.revision, commit=commit,
-                    subfolder=manifest.subfolder, entry=manifest.entry, files=files,
-                    source=f"{endpoint_url} {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    record = Record(
+        name=name,
+        repo_id=manifest.repo_id,
+        revision=manifest.revision,
+        commit=commit,
+        subfolder=manifest.subfolder,
+        entry=manifest.entry,
+        files=files,
+        source=f"{endpoint_url} {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+    )
     store.write_record(record)
     say(f"{name}: installed in {store.model_path(name)}")
     return record

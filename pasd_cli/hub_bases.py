@@ -12,13 +12,12 @@ usable offline later.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .engine.formats import PART_STEMS, PICKLE_SUFFIXES
 from .errors import ModelError
-from .store import (Manifest, Store, fetch_command, may_download, not_fetched_because, offline_requested,
-                    store_root)
+from .store import Manifest, Store, fetch_command, may_download, not_fetched_because, offline_requested, store_root
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -34,9 +33,16 @@ def store_name(repo_id: str) -> str:
 
 
 def _manifest(repo_id: str, files) -> Manifest:
-    return Manifest(name=store_name(repo_id), kind="base", description=f"{repo_id} (personalized base)",
-                    repo_id=repo_id, revision="main", subfolder="", files=tuple(sorted(files)),
-                    license="see the model card on the hub")
+    return Manifest(
+        name=store_name(repo_id),
+        kind="base",
+        description=f"{repo_id} (personalized base)",
+        repo_id=repo_id,
+        revision="main",
+        subfolder="",
+        files=tuple(sorted(files)),
+        license="see the model card on the hub",
+    )
 
 
 def _part_files(listing: set[str], repo_id: str, folder: str, stem: str) -> list[str]:
@@ -54,9 +60,10 @@ def _part_files(listing: set[str], repo_id: str, folder: str, stem: str) -> list
     shards = sorted(p for p in listing if shard.fullmatch(p))
     if index in listing and shards:
         return [config, index, *shards]
-    raise ModelError(f"{repo_id}: {folder or 'the repo root'} has no safetensors weights "
-                     "(pickled weights are never downloaded)",
-                     hint="download the weights yourself, convert them to .safetensors and pass the folder")
+    raise ModelError(
+        f"{repo_id}: {folder or 'the repo root'} has no safetensors weights (pickled weights are never downloaded)",
+        hint="download the weights yourself, convert them to .safetensors and pass the folder",
+    )
 
 
 def pick_base_files(listing, repo_id: str) -> list[str]:
@@ -69,14 +76,21 @@ def pick_base_files(listing, repo_id: str) -> list[str]:
         files = []
         for part, stem in PART_STEMS.items():
             files += _part_files(listing, repo_id, part, stem)
-        files += sorted(p for p in listing if p.startswith("tokenizer/") and "/" not in p[len("tokenizer/"):]
-                        and not p.lower().endswith(_WEIGHT_SUFFIXES))
+        files += sorted(
+            p
+            for p in listing
+            if p.startswith("tokenizer/")
+            and "/" not in p[len("tokenizer/") :]
+            and not p.lower().endswith(_WEIGHT_SUFFIXES)
+        )
         return files
     files = _part_files(listing, repo_id, "", PART_STEMS["unet"])
     if files:
         return files
-    raise ModelError(f"{repo_id} is not a Stable Diffusion model in diffusers layout (no unet/config.json)",
-                     hint="for a single-file checkpoint, download the .safetensors file and pass its path to --base")
+    raise ModelError(
+        f"{repo_id} is not a Stable Diffusion model in diffusers layout (no unet/config.json)",
+        hint="for a single-file checkpoint, download the .safetensors file and pass its path to --base",
+    )
 
 
 def _installed(root: Path, repo_id: str) -> Store | None:
@@ -89,8 +103,15 @@ def _installed(root: Path, repo_id: str) -> Store | None:
     return store if not store.problems(name) else None
 
 
-def download_hub_base(root: Path, repo_id: str, *, say: Callable[[str], None] | None = None,
-                      show_bar: bool = False, endpoint: str | None = None, token: str | None = None) -> Path:
+def download_hub_base(
+    root: Path,
+    repo_id: str,
+    *,
+    say: Callable[[str], None] | None = None,
+    show_bar: bool = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> Path:
     """Fetch (or repair) the base `repo_id` into the store at `root`; its local folder."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.hf_api import RepoFile
@@ -108,15 +129,26 @@ def download_hub_base(root: Path, repo_id: str, *, say: Callable[[str], None] | 
     probe = _manifest(repo_id, ())
     endpoint_url = endpoint or constants.ENDPOINT
     with hub_errors(probe, endpoint_url):
-        listing = [entry.path for entry in HfApi(endpoint=endpoint, token=token).list_repo_tree(
-            repo_id, recursive=True, revision=probe.revision) if isinstance(entry, RepoFile)]
+        listing = [
+            entry.path
+            for entry in HfApi(endpoint=endpoint, token=token).list_repo_tree(
+                repo_id, recursive=True, revision=probe.revision
+            )
+            if isinstance(entry, RepoFile)
+        ]
     store = Store(Path(root), manifests={name: _manifest(repo_id, pick_base_files(listing, repo_id))})
     download(store, name, endpoint=endpoint, token=token, say=say, show_bar=show_bar)
     return store.model_path(name)
 
 
-def ensure_hub_base(repo_id: str, *, models_dir: str | Path | None = None, offline: bool = False,
-                    interactive: bool = False, say: Callable[[str], None] | None = None) -> Path:
+def ensure_hub_base(
+    repo_id: str,
+    *,
+    models_dir: str | Path | None = None,
+    offline: bool = False,
+    interactive: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> Path:
     """The local folder of the base `repo_id`, fetched only when `may_download` allows it (a
     person at a terminal, not offline), as for the models with manifests."""
     root = store_root(models_dir)
@@ -125,6 +157,8 @@ def ensure_hub_base(repo_id: str, *, models_dir: str | Path | None = None, offli
         return installed.model_path(store_name(repo_id))
     offline = offline_requested(offline)
     if not may_download(offline, interactive):
-        raise ModelError(f"base {repo_id} not in {root} ({not_fetched_because(offline)})",
-                         hint=f"fetch with: {fetch_command([repo_id], root)}")
+        raise ModelError(
+            f"base {repo_id} not in {root} ({not_fetched_because(offline)})",
+            hint=f"fetch with: {fetch_command([repo_id], root)}",
+        )
     return download_hub_base(root, repo_id, say=say, show_bar=interactive)

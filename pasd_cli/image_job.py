@@ -33,8 +33,10 @@ def image_worker(transform: Transform, record: dict, options: BatchSettings) -> 
             written = _to_stdout(image, job.format, loaded, meta, options.quality)
         else:
             holder = []
-            write_atomic(job.output, lambda handle: holder.append(
-                imageio.encode(image, handle, job.format, loaded, meta, options.quality)))
+            write_atomic(
+                job.output,
+                lambda handle: holder.append(imageio.encode(image, handle, job.format, loaded, meta, options.quality)),
+            )
             written = holder[0]
         fields = {"mode": written.mode, "bits": imageio.bits(written), **extra}
         if loaded.notes:

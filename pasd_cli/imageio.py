@@ -74,7 +74,8 @@ def _size_turned_on_open(image: Image.Image) -> bool:
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
 
 
 def _open(path: Path) -> Image.Image:
@@ -101,13 +102,14 @@ def _open(path: Path) -> Image.Image:
         raise InputError(f"{path}: unreadable image header ({exc})") from None
     if image.format not in READ_FORMATS and image.format != "MPO":
         image.close()
-        raise InputError(f"{path}: {image.format} images are not supported "
-                         f"(only {', '.join(READ_FORMATS)})")
+        raise InputError(f"{path}: {image.format} images are not supported (only {', '.join(READ_FORMATS)})")
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
-        raise InputError(f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
-                         f"{MAX_INPUT_PIXELS / 1e6:.0f} MP input limit; not decoded")
+        raise InputError(
+            f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
+            f"{MAX_INPUT_PIXELS / 1e6:.0f} MP input limit; not decoded"
+        )
     # Phone and camera JPEGs often carry a second, preview picture (MPO); the first is the photo.
     if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
         image.close()
@@ -183,9 +185,14 @@ def load(path: Path) -> LoadedImage:
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise InputError(f"{path}: cannot decode ({exc})") from None
         xmp = image.info.get("xmp") or image.info.get(metadata.XMP_PNG_KEY)
-        loaded = LoadedImage(rgb=image, icc=image.info.get("icc_profile"),
-                             exif=exif, xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
-                             dpi=image.info.get("dpi"), notes=notes)
+        loaded = LoadedImage(
+            rgb=image,
+            icc=image.info.get("icc_profile"),
+            exif=exif,
+            xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
+            dpi=image.info.get("dpi"),
+            notes=notes,
+        )
         if opened.format == "PNG":
             loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}
         rgb16 = _read_rgb16(path, opened, orientation, image.size, notes) if deep.is_rgb16(path, opened) else None
@@ -193,8 +200,9 @@ def load(path: Path) -> LoadedImage:
     return loaded
 
 
-def _read_rgb16(path: Path, opened: Image.Image, orientation: int, size: tuple[int, int],
-                notes: list[str]) -> np.ndarray | None:
+def _read_rgb16(
+    path: Path, opened: Image.Image, orientation: int, size: tuple[int, int], notes: list[str]
+) -> np.ndarray | None:
     """A 16-bit RGB(A) PNG or TIFF at full precision, orientation applied; None (Pillow's 8 bits
     are used, with a note) when the extra reader cannot decode it, such as an LZW-compressed TIFF,
     which tifffile reads only with imagecodecs installed."""
@@ -306,8 +314,9 @@ def _deepen(result8: np.ndarray, source16: np.ndarray, size: tuple[int, int]) ->
 
 def _enlarge(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """One float32 channel resized to `size`, bicubic."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
-        size, Image.Resampling.BICUBIC))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(size, Image.Resampling.BICUBIC)
+    )
 
 
 def _to16(values: np.ndarray) -> np.ndarray:
@@ -325,8 +334,9 @@ def output_format(name: str, info: ImageInfo | None) -> str:
     return SAME_FORMAT[info.format] if info is not None else "png"
 
 
-def encode(image: Image.Image | RGB16, handle, fmt: str, loaded: LoadedImage, record: dict,
-           quality: int | None = None) -> Image.Image | RGB16:
+def encode(
+    image: Image.Image | RGB16, handle, fmt: str, loaded: LoadedImage, record: dict, quality: int | None = None
+) -> Image.Image | RGB16:
     """Write `image` as `fmt` with the input's metadata and pasd's `record`; returns what was written
     (after conversions the format forces)."""
     spec = OUTPUT_FORMATS[fmt]

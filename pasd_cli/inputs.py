@@ -54,7 +54,7 @@ def find_inputs(specs: Iterable[str], recursive: bool = False, stdin: TextIO | N
     for spec in specs:
         before = len(found.candidates)
         if spec == "-":
-            for line in (stdin.read().splitlines() if stdin is not None else []):
+            for line in stdin.read().splitlines() if stdin is not None else []:
                 if line.strip():
                     _add_named(Path(line), recursive, found, from_list=True)
         else:
@@ -81,8 +81,9 @@ def _add_named(path: Path, recursive: bool, found: Discovery, from_list: bool, s
 def _walk(root: Path, recursive: bool, found: Discovery) -> None:
     for folder, dirs, files in os.walk(root):  # symlinked folders are not followed: no loops
         if recursive:
-            found.ignored.extend(Ignored(Path(folder) / d, "hidden folder", image_like=False)
-                                 for d in sorted(dirs) if is_hidden(d))
+            found.ignored.extend(
+                Ignored(Path(folder) / d, "hidden folder", image_like=False) for d in sorted(dirs) if is_hidden(d)
+            )
         dirs[:] = sorted(d for d in dirs if recursive and not is_hidden(d))
         for name in sorted(files):
             _consider(Path(folder) / name, root, found)

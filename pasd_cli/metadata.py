@@ -26,16 +26,44 @@ _PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
 XMP_TIFF_TAG = 700
 # TIFF layout tags (sizes, strips, compression, sample format, ICC and XMP blocks): a TIFF input's
 # EXIF holds them, but they describe the input's encoding, not the output's.
-_LAYOUT_TAGS = {254, 255, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325,
-                338, 339, 347, 529, 530, 531, 532, XMP_TIFF_TAG, 34675}
+_LAYOUT_TAGS = {
+    254,
+    255,
+    256,
+    257,
+    258,
+    259,
+    262,
+    273,
+    277,
+    278,
+    279,
+    284,
+    317,
+    320,
+    322,
+    323,
+    324,
+    325,
+    338,
+    339,
+    347,
+    529,
+    530,
+    531,
+    532,
+    XMP_TIFF_TAG,
+    34675,
+}
 
-_NEW_XMP = ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
-            '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
-            '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            '</rdf:RDF></x:xmpmeta>\n<?xpacket end="w"?>')
+_NEW_XMP = (
+    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+    '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '</rdf:RDF></x:xmpmeta>\n<?xpacket end="w"?>'
+)
 _OUR_XMP = re.compile(r'\s*<rdf:Description[^>]*xmlns:pasd="' + re.escape(PASD_NS) + r'"[^>]*/>')
-_XMP_SIZES = (("exif:PixelXDimension", 0), ("exif:PixelYDimension", 1),
-              ("tiff:ImageWidth", 0), ("tiff:ImageLength", 1))
+_XMP_SIZES = (("exif:PixelXDimension", 0), ("exif:PixelYDimension", 1), ("tiff:ImageWidth", 0), ("tiff:ImageLength", 1))
 
 
 @lru_cache(maxsize=1)
@@ -84,8 +112,10 @@ def output_xmp(xmp: bytes | str | None, size: tuple[int, int], record: dict) -> 
         text = re.sub(rf'({re.escape(name)}=")\d+(")', rf"\g<1>{size[axis]}\2", text)
         text = re.sub(rf"(<{re.escape(name)}>)\d+(</{re.escape(name)}>)", rf"\g<1>{size[axis]}\2", text)
     text = _OUR_XMP.sub("", text)
-    ours = (f'<rdf:Description rdf:about="" xmlns:pasd="{PASD_NS}" '
-            f'pasd:software={_attr(software())} pasd:record={_attr(record_json(record))}/>')
+    ours = (
+        f'<rdf:Description rdf:about="" xmlns:pasd="{PASD_NS}" '
+        f"pasd:software={_attr(software())} pasd:record={_attr(record_json(record))}/>"
+    )
     head, tail = text.rsplit("</rdf:RDF>", 1)
     return (head + ours + "</rdf:RDF>" + tail).encode("utf-8")
 

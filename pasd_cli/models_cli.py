@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -17,8 +17,12 @@ from .errors import ModelError
 
 MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cache folder)."
 
-models_app = typer.Typer(help="List, verify, remove, export and import downloaded models.",
-                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(
+    help="List, verify, remove, export and import downloaded models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def _say(message: str) -> None:
@@ -32,9 +36,12 @@ def _store(models_dir: Optional[Path]):
 
 
 def download_command(
-    names: Optional[List[str]] = typer.Argument(None, help="Model names (default: what `pasd upscale` uses), "
-                                                           "or hub repo ids (owner/name) of bases for "
-                                                           "`pasd stylize`."),
+    names: Optional[list[str]] = typer.Argument(
+        None,
+        help="Model names (default: what `pasd upscale` uses), "
+        "or hub repo ids (owner/name) of bases for "
+        "`pasd stylize`.",
+    ),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Download models (and the models they need) into the store, or repair damaged ones."""
@@ -70,12 +77,23 @@ def list_models(
         problems = store.problems(name)
         record = store.read_record(name)
         state = "installed" if not problems else ("missing" if problems == ["not installed"] else "damaged")
-        rows.append({"name": name, "kind": manifest.kind, "default": name in defaults, "state": state,
-                     "installed": not problems, "size": record.size if record else None,
-                     "path": str(store.model_path(name)), "repo_id": manifest.repo_id,
-                     "revision": manifest.revision, "commit": record.commit if record else None,
-                     "needs": list(manifest.needs), "license": manifest.license,
-                     "description": manifest.description})
+        rows.append(
+            {
+                "name": name,
+                "kind": manifest.kind,
+                "default": name in defaults,
+                "state": state,
+                "installed": not problems,
+                "size": record.size if record else None,
+                "path": str(store.model_path(name)),
+                "repo_id": manifest.repo_id,
+                "revision": manifest.revision,
+                "commit": record.commit if record else None,
+                "needs": list(manifest.needs),
+                "license": manifest.license,
+                "description": manifest.description,
+            }
+        )
     if as_json:
         for row in rows:
             print(json.dumps(row), flush=True)
@@ -117,8 +135,9 @@ def verify_models(
             record = store.read_record(model)
             print(f"{model}: ok ({len(record.files)} files, {human_size(record.size)})", flush=True)
     if failed:
-        summary = "; ".join(f"{m}: {ps[0]}" + (f" (+{len(ps) - 1} more)" if len(ps) > 1 else "")
-                            for m, ps in failed.items())
+        summary = "; ".join(
+            f"{m}: {ps[0]}" + (f" (+{len(ps) - 1} more)" if len(ps) > 1 else "") for m, ps in failed.items()
+        )
         raise ModelError(f"verification failed: {summary}", hint=f"repair with: {fetch_command(failed, store.root)}")
 
 
@@ -151,8 +170,9 @@ def remove(
 def export(
     name: str = typer.Argument(..., help="The installed model to export."),
     file: Path = typer.Argument(..., help="Bundle to write (.tar, or .tar.gz to compress)."),
-    needs: bool = typer.Option(True, "--with-needs/--without-needs",
-                               help="Also bundle the models it needs (e.g. the SD 1.5 base)."),
+    needs: bool = typer.Option(
+        True, "--with-needs/--without-needs", help="Also bundle the models it needs (e.g. the SD 1.5 base)."
+    ),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Write an installed model (verified first) to a bundle for a machine without network."""

@@ -27,10 +27,15 @@ def option_group(target: str, parameters: list[Parameter], build: Callable[..., 
         if target not in signature.parameters:
             raise TypeError(f"{command.__name__} has no parameter {target!r}")
         hints = typing.get_type_hints(command)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in signature.parameters.values() if p.name != target]
-        shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
-                  for name, default, annotation in parameters]
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name != target
+        ]
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+            for name, default, annotation in parameters
+        ]
 
         @functools.wraps(command)
         def wrapper(**kwargs):

@@ -55,8 +55,10 @@ def read_sidecar(image_path: Path) -> str | None:
     except OSError as exc:
         raise SidecarError(f"{path}: cannot read prompt sidecar ({exc.strerror or exc})") from None
     if len(data) > SIDECAR_MAX_BYTES:
-        raise SidecarError(f"{path}: prompt sidecar is {len(data)} bytes; at most {SIDECAR_MAX_BYTES}",
-                           hint="a sidecar holds one prompt; CLIP reads only its first 77 tokens")
+        raise SidecarError(
+            f"{path}: prompt sidecar is {len(data)} bytes; at most {SIDECAR_MAX_BYTES}",
+            hint="a sidecar holds one prompt; CLIP reads only its first 77 tokens",
+        )
     try:
         return normalize_text(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
@@ -92,7 +94,7 @@ class PromptFile:
         self._used: set[str] = set()
 
     @classmethod
-    def read(cls, path: Path) -> "PromptFile":
+    def read(cls, path: Path) -> PromptFile:
         path = Path(path)
         try:
             text = path.read_bytes().decode("utf-8-sig")
@@ -108,8 +110,10 @@ class PromptFile:
                 continue
             where = f"--prompt-file {path}, line {line}"
             if len(row) != 2:
-                raise UsageError(f"{where}: {len(row)} fields; expected 2 (file,prompt)",
-                                 hint='quote a prompt that holds commas: photo.jpg,"a dog, on grass"')
+                raise UsageError(
+                    f"{where}: {len(row)} fields; expected 2 (file,prompt)",
+                    hint='quote a prompt that holds commas: photo.jpg,"a dog, on grass"',
+                )
             key, prompt = row[0].strip(), normalize_text(row[1])
             if not key:
                 raise UsageError(f"{where}: empty file name")
@@ -182,9 +186,13 @@ class PromptStats:
     none: int = 0
 
     def to_json(self) -> dict:
-        return {"sidecar": self.sidecar, "prompt_file": self.prompt_file,
-                "captions_computed": self.described, "caption_cache_hits": self.cache_hits,
-                "none": self.none}
+        return {
+            "sidecar": self.sidecar,
+            "prompt_file": self.prompt_file,
+            "captions_computed": self.described,
+            "caption_cache_hits": self.cache_hits,
+            "none": self.none,
+        }
 
 
 def describer_missing(mode: str, model: str, reason: str, fetch: str = "pasd download") -> ModelError:
@@ -192,9 +200,10 @@ def describer_missing(mode: str, model: str, reason: str, fetch: str = "pasd dow
     fetched (offline, or never downloaded): it names the two ways forward. `fetch` is the
     command that fetches them."""
     what = "captioner" if mode == "blip" else "classifier"
-    return ModelError(f"the {what} for --caption {mode} ({model}) is not available: {reason}",
-                      hint=f"run `{fetch}` to fetch it, or pass --caption none to go without "
-                           "prompts from the image")
+    return ModelError(
+        f"the {what} for --caption {mode} ({model}) is not available: {reason}",
+        hint=f"run `{fetch}` to fetch it, or pass --caption none to go without prompts from the image",
+    )
 
 
 class PromptResolver:
@@ -205,9 +214,17 @@ class PromptResolver:
     stays loaded until `close()`.
     """
 
-    def __init__(self, mode: str, describer: DescriberSpec | None = None, *, device=None, dtype=None,
-                 prompt_file: PromptFile | None = None, cache: CaptionCache | None = None,
-                 use_sidecars: bool = True):
+    def __init__(
+        self,
+        mode: str,
+        describer: DescriberSpec | None = None,
+        *,
+        device=None,
+        dtype=None,
+        prompt_file: PromptFile | None = None,
+        cache: CaptionCache | None = None,
+        use_sidecars: bool = True,
+    ):
         if mode != "none" and (describer is None or describer.kind != mode):
             raise ValueError(f"caption mode {mode} needs a {mode} describer")
         if mode != "none" and (device is None or dtype is None):
@@ -264,7 +281,7 @@ class PromptResolver:
             self._model.free()
             self._model = None
 
-    def __enter__(self) -> "PromptResolver":
+    def __enter__(self) -> PromptResolver:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,8 +25,15 @@ def _duration(seconds: float) -> str:
 
 
 class Reporter:
-    def __init__(self, verbosity: int = NORMAL, json_lines: bool = False, paths_to_stdout: bool = True,
-                 stdout: TextIO | None = None, stderr: TextIO | None = None, live: bool | None = None):
+    def __init__(
+        self,
+        verbosity: int = NORMAL,
+        json_lines: bool = False,
+        paths_to_stdout: bool = True,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        live: bool | None = None,
+    ):
         self.verbosity = verbosity
         self.json_lines = json_lines
         self.paths_to_stdout = paths_to_stdout and not json_lines
@@ -90,8 +97,9 @@ class Reporter:
         if self.json_lines:
             print(json.dumps(summary.to_json(), default=str), file=self.stdout, flush=True)
         counts = summary.counts
-        parts = [f"{counts[s]} {s}" for s in (DONE, PLANNED, SKIPPED, FAILED, COLLISION, CANCELLED, INTERRUPTED)
-                 if counts[s]]
+        parts = [
+            f"{counts[s]} {s}" for s in (DONE, PLANNED, SKIPPED, FAILED, COLLISION, CANCELLED, INTERRUPTED) if counts[s]
+        ]
         self.info(f"{', '.join(parts) or 'no images'} in {_duration(summary.seconds)}")
 
     # -- progress
@@ -135,15 +143,28 @@ class _LiveProgress:
 
     def __init__(self, stream: TextIO):
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(file=stream, stderr=True)
         # Rich redirects stdout around its bars; only right when stdout is the same screen. Piped
         # or redirected to a file, results must go there, not to the terminal.
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                                 transient=True, redirect_stdout=sys.stdout.isatty())
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            redirect_stdout=sys.stdout.isatty(),
+        )
         self.images = None
         self.stages: dict[str, int] = {}
         self.progress.start()

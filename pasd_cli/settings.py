@@ -5,9 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine.settings import (ADDED_PROMPT, BASE_BLEND, BLENDS, CAPTION_MODES, COLOR_FIXES, FAST_GUIDANCE,  # noqa: F401
-                              FAST_STEPS, MIN_VAE_TILE, NEGATIVE_PROMPT, CaptionSettings, LoraSpec,
-                              StylizeSettings, UpscaleSettings, _require)
+from .engine.settings import (  # noqa: F401  (re-exported for the CLI)
+    ADDED_PROMPT,
+    BASE_BLEND,
+    BLENDS,
+    CAPTION_MODES,
+    COLOR_FIXES,
+    FAST_GUIDANCE,
+    FAST_STEPS,
+    MIN_VAE_TILE,
+    NEGATIVE_PROMPT,
+    CaptionSettings,
+    LoraSpec,
+    StylizeSettings,
+    UpscaleSettings,
+    _require,
+)
 
 # Model names from models/*.json that `pasd upscale` uses, and `pasd download` fetches, by default.
 PASD_MODEL = "pasd"
@@ -48,15 +61,20 @@ class BatchSettings:
     lock: str | None = None
 
     def __post_init__(self):
-        _require([
-            (self.format in OUTPUT_FORMATS, f"format must be one of {', '.join(OUTPUT_FORMATS)}"),
-            (self.on_exists in ON_EXISTS, f"--on-exists must be one of {', '.join(ON_EXISTS)}"),
-            (self.quality is None or 1 <= self.quality <= 100, "quality must be in [1, 100]"),
-            (self.inputs.count("-") <= 1, "'-' (paths from stdin) may be given once"),
-            (not (self.to_stdout and self.json), "-o - writes the image to stdout; it cannot be combined with --json"),
-            (not (self.to_stdout and self.recursive), "-o - writes one image; --recursive makes no sense with it"),
-            (self.name.strip() != "", "--name must not be empty"),
-        ])
+        _require(
+            [
+                (self.format in OUTPUT_FORMATS, f"format must be one of {', '.join(OUTPUT_FORMATS)}"),
+                (self.on_exists in ON_EXISTS, f"--on-exists must be one of {', '.join(ON_EXISTS)}"),
+                (self.quality is None or 1 <= self.quality <= 100, "quality must be in [1, 100]"),
+                (self.inputs.count("-") <= 1, "'-' (paths from stdin) may be given once"),
+                (
+                    not (self.to_stdout and self.json),
+                    "-o - writes the image to stdout; it cannot be combined with --json",
+                ),
+                (not (self.to_stdout and self.recursive), "-o - writes one image; --recursive makes no sense with it"),
+                (self.name.strip() != "", "--name must not be empty"),
+            ]
+        )
 
     @property
     def to_stdout(self) -> bool:

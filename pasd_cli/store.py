@@ -22,9 +22,9 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from . import settings
 from .atomic import write_atomic
@@ -39,6 +39,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 # ---------------------------------------------------------------------------------------------
 # Manifests (data files in models/, shipped in the wheel as pasd_cli/models)
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -80,11 +81,20 @@ def _parse_manifest(path: Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         manifest = Manifest(
-            name=data["name"], kind=data["kind"], description=data.get("description", ""),
-            repo_id=data["repo_id"], revision=data.get("revision", "main"),
-            subfolder=data.get("subfolder", "").strip("/"), files=tuple(data["files"]),
-            license=data["license"], needs=tuple(data.get("needs", ())), entry=data.get("entry", "").strip("/"),
-            repo_type=data.get("repo_type", "model"), variant=data.get("variant"), note=data.get("note", ""))
+            name=data["name"],
+            kind=data["kind"],
+            description=data.get("description", ""),
+            repo_id=data["repo_id"],
+            revision=data.get("revision", "main"),
+            subfolder=data.get("subfolder", "").strip("/"),
+            files=tuple(data["files"]),
+            license=data["license"],
+            needs=tuple(data.get("needs", ())),
+            entry=data.get("entry", "").strip("/"),
+            repo_type=data.get("repo_type", "model"),
+            variant=data.get("variant"),
+            note=data.get("note", ""),
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"bad model manifest {path}: {exc}") from None
     if manifest.name != path.stem or not _NAME.match(manifest.name):
@@ -128,6 +138,7 @@ def default_models() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Where the store is, and whether we may go online
+
 
 def user_cache_dir(env: Mapping[str, str] | None = None, platform: str | None = None) -> Path:
     """The platform's per-user cache folder for pasd."""
@@ -183,6 +194,7 @@ def fetch_command(names: Iterable[str], root: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Install records and checks
 
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -214,22 +226,38 @@ class Record:
         return sum(f["size"] for f in self.files.values())
 
     def to_json(self) -> dict:
-        return {"format": RECORD_FORMAT, "name": self.name, "repo_id": self.repo_id, "revision": self.revision,
-                "commit": self.commit, "subfolder": self.subfolder, "entry": self.entry, "source": self.source,
-                "files": self.files}
+        return {
+            "format": RECORD_FORMAT,
+            "name": self.name,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "subfolder": self.subfolder,
+            "entry": self.entry,
+            "source": self.source,
+            "files": self.files,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Record":
+    def from_json(cls, data: dict) -> Record:
         if data.get("format") != RECORD_FORMAT:
             raise ValueError(f"unknown record format {data.get('format')!r}")
         files = data["files"]
         if not isinstance(files, dict) or not all(
-                isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)
-                for f in files.values()):
+            isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)
+            for f in files.values()
+        ):
             raise ValueError("bad file list")
-        return cls(name=data["name"], repo_id=data["repo_id"], revision=data["revision"], commit=data["commit"],
-                   subfolder=data.get("subfolder", ""), entry=data.get("entry", ""), files=files,
-                   source=data.get("source", ""))
+        return cls(
+            name=data["name"],
+            repo_id=data["repo_id"],
+            revision=data["revision"],
+            commit=data["commit"],
+            subfolder=data.get("subfolder", ""),
+            entry=data.get("entry", ""),
+            files=files,
+            source=data.get("source", ""),
+        )
 
 
 def safe_relative(path: str) -> bool:
@@ -309,9 +337,14 @@ class Store:
 # ---------------------------------------------------------------------------------------------
 # Resolving a NAME or a path
 
+
 def looks_like_path(spec: str) -> bool:
-    return ("/" in spec or "\\" in spec or spec.startswith((".", "~")) or spec.endswith(
-        (".safetensors", ".ckpt", ".pt", ".bin")))
+    return (
+        "/" in spec
+        or "\\" in spec
+        or spec.startswith((".", "~"))
+        or spec.endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+    )
 
 
 def names_a_path(spec: str, manifests: Mapping[str, Manifest]) -> bool:
@@ -324,16 +357,25 @@ def names_a_path(spec: str, manifests: Mapping[str, Manifest]) -> bool:
 def _missing_message(store: Store, missing: dict[str, list[str]], offline: bool) -> ModelError:
     parts = []
     for name, problems in missing.items():
-        parts.append(f"'{name}' ({problems[0]})" if problems[0] == "not installed" else
-                     f"'{name}' ({'; '.join(problems)})")
+        parts.append(
+            f"'{name}' ({problems[0]})" if problems[0] == "not installed" else f"'{name}' ({'; '.join(problems)})"
+        )
     noun = "model" if len(missing) == 1 else "models"
-    return ModelError(f"{noun} {', '.join(parts)} not usable in {store.root} ({not_fetched_because(offline)})",
-                      hint=f"fetch with: {fetch_command(missing, store.root)}")
+    return ModelError(
+        f"{noun} {', '.join(parts)} not usable in {store.root} ({not_fetched_because(offline)})",
+        hint=f"fetch with: {fetch_command(missing, store.root)}",
+    )
 
 
-def ensure_models(names: list[str], *, models_dir: str | Path | None = None, offline: bool = False,
-                  interactive: bool = False, say: Callable[[str], None] | None = None,
-                  endpoint: str | None = None) -> list[Path]:
+def ensure_models(
+    names: list[str],
+    *,
+    models_dir: str | Path | None = None,
+    offline: bool = False,
+    interactive: bool = False,
+    say: Callable[[str], None] | None = None,
+    endpoint: str | None = None,
+) -> list[Path]:
     """Local folders for the named models, downloading what is missing only when `may_download`
     allows it; otherwise one ModelError names every missing model and the command that fetches
     them. Reuse this from any command that needs models (stylize, captioners)."""
@@ -354,9 +396,15 @@ def ensure_model(name: str, **kwargs) -> Path:
     return ensure_models([name], **kwargs)[0]
 
 
-def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Path | None = None,
-                   offline: bool = False, interactive: bool = False,
-                   say: Callable[[str], None] | None = None, endpoint: str | None = None) -> list[Path]:
+def resolve_models(
+    specs: list[tuple[str | None, str]],
+    *,
+    models_dir: str | Path | None = None,
+    offline: bool = False,
+    interactive: bool = False,
+    say: Callable[[str], None] | None = None,
+    endpoint: str | None = None,
+) -> list[Path]:
     """Each (spec, option) pair to a local path: a spec is a model NAME from the manifests or a
     path (`names_a_path`). Paths must exist; names are checked (and fetched, see `ensure_models`) together, so a
     missing pair of models gives one error with one command."""
@@ -373,9 +421,16 @@ def resolve_models(specs: list[tuple[str | None, str]], *, models_dir: str | Pat
         elif spec in manifests:
             resolved.append(spec)
         else:
-            raise ModelError(f"{role} {spec}: unknown model name and no such folder",
-                             hint=f"known models: {', '.join(sorted(manifests))}")
+            raise ModelError(
+                f"{role} {spec}: unknown model name and no such folder",
+                hint=f"known models: {', '.join(sorted(manifests))}",
+            )
     names = [r for r in resolved if isinstance(r, str)]
-    folders = iter(ensure_models(names, models_dir=models_dir, offline=offline, interactive=interactive, say=say,
-                                 endpoint=endpoint) if names else [])
+    folders = iter(
+        ensure_models(
+            names, models_dir=models_dir, offline=offline, interactive=interactive, say=say, endpoint=endpoint
+        )
+        if names
+        else []
+    )
     return [r if isinstance(r, Path) else next(folders) for r in resolved]

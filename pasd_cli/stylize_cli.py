@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import List
 
 import typer
 
@@ -22,8 +21,10 @@ from .engine.formats import SAFETENSORS_SUFFIXES, check_base, check_lora_file
 from .errors import ModelError, UsageError
 from .option_groups import option_group
 
-SD15_HELP = ("Stable Diffusion 1.5 (a model name, or a folder in diffusers layout): the tokenizer and "
-             "scheduler, and the VAE and text encoder when BASE has none.")
+SD15_HELP = (
+    "Stable Diffusion 1.5 (a model name, or a folder in diffusers layout): the tokenizer and "
+    "scheduler, and the VAE and text encoder when BASE has none."
+)
 PATH, STORE, HUB = "path", "store", "hub"
 
 
@@ -37,24 +38,63 @@ class StyleChoice:
 
 
 _PARAMETERS = [
-    ("base", typer.Option(..., "--base", metavar="BASE", show_default=False,
-                          help="The personalized SD 1.5 base: a .safetensors checkpoint (civitai / LDM "
-                               "layout), a diffusers folder, a UNet folder, a model name, or a hub repo "
-                               "id (owner/name)."), str),
-    ("lora", typer.Option([], "--lora", metavar="FILE[:WEIGHT]", show_default=False,
-                          help="A LoRA (kohya or diffusers keys; alpha/rank honoured) merged at WEIGHT "
-                               "(default 1). Repeatable."), List[str]),
+    (
+        "base",
+        typer.Option(
+            ...,
+            "--base",
+            metavar="BASE",
+            show_default=False,
+            help="The personalized SD 1.5 base: a .safetensors checkpoint (civitai / LDM "
+            "layout), a diffusers folder, a UNet folder, a model name, or a hub repo "
+            "id (owner/name).",
+        ),
+        str,
+    ),
+    (
+        "lora",
+        typer.Option(
+            [],
+            "--lora",
+            metavar="FILE[:WEIGHT]",
+            show_default=False,
+            help="A LoRA (kohya or diffusers keys; alpha/rank honoured) merged at WEIGHT (default 1). Repeatable.",
+        ),
+        list[str],
+    ),
     # Not `blend`: that name is the latent tiles' blend in the shared diffusion settings.
-    ("base_blend", typer.Option(defaults.BASE_BLEND, "--blend", min=0.0, max=1.0,
-                           help="Weight of the base's UNet against SD 1.5's: 1 replaces it, 0 keeps it "
-                                "(the base's VAE and text encoder are used either way)."), float),
-    ("fast", typer.Option(False, "--fast",
-                          help=f"The LCM-LoRA ({defaults.LCM_LORA}) with the LCM scheduler: "
-                               f"{defaults.FAST_STEPS} steps and guidance {defaults.FAST_GUIDANCE:g} "
-                               "unless --steps / --guidance are given."), bool),
-    ("trust_pickle", typer.Option(False, "--trust-pickle",
-                                  help="Read pickled weights (.ckpt, .pt, .bin) with restricted "
-                                       "unpickling; refused otherwise."), bool),
+    (
+        "base_blend",
+        typer.Option(
+            defaults.BASE_BLEND,
+            "--blend",
+            min=0.0,
+            max=1.0,
+            help="Weight of the base's UNet against SD 1.5's: 1 replaces it, 0 keeps it "
+            "(the base's VAE and text encoder are used either way).",
+        ),
+        float,
+    ),
+    (
+        "fast",
+        typer.Option(
+            False,
+            "--fast",
+            help=f"The LCM-LoRA ({defaults.LCM_LORA}) with the LCM scheduler: "
+            f"{defaults.FAST_STEPS} steps and guidance {defaults.FAST_GUIDANCE:g} "
+            "unless --steps / --guidance are given.",
+        ),
+        bool,
+    ),
+    (
+        "trust_pickle",
+        typer.Option(
+            False,
+            "--trust-pickle",
+            help="Read pickled weights (.ckpt, .pt, .bin) with restricted unpickling; refused otherwise.",
+        ),
+        bool,
+    ),
 ]
 
 
@@ -72,9 +112,11 @@ style_options = option_group("style", _PARAMETERS, build_style)
 
 def fast_settings(run_settings: defaults.StylizeSettings, given: Callable[[str], bool]):
     """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
-    return replace(run_settings,
-                   steps=run_settings.steps if given("steps") else defaults.FAST_STEPS,
-                   guidance=run_settings.guidance if given("guidance") else defaults.FAST_GUIDANCE)
+    return replace(
+        run_settings,
+        steps=run_settings.steps if given("steps") else defaults.FAST_STEPS,
+        guidance=run_settings.guidance if given("guidance") else defaults.FAST_GUIDANCE,
+    )
 
 
 def given_on_command_line(ctx) -> Callable[[str], bool]:
@@ -86,6 +128,7 @@ def given_on_command_line(ctx) -> Callable[[str], bool]:
 
 
 # --- where a base or a LoRA comes from --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Source:
@@ -103,8 +146,10 @@ def base_source(spec: str, manifests: Mapping) -> Source:
     if spec in manifests:
         kind = manifests[spec].kind
         if kind != "base":
-            raise ModelError(f"--base {spec}: '{spec}' is a {kind} model, not a base",
-                             hint="pass a LoRA with --lora" if kind == "lora" else None)
+            raise ModelError(
+                f"--base {spec}: '{spec}' is a {kind} model, not a base",
+                hint="pass a LoRA with --lora" if kind == "lora" else None,
+            )
         if not {"unet/config.json", "config.json"} & set(manifests[spec].files):
             raise ModelError(f"--base {spec}: '{spec}' has no UNet (it serves as --sd15); name a personalized base")
         return Source(spec, STORE)
@@ -151,8 +196,7 @@ def _lora_file(folder: Path, manifest) -> Path:
     """The weights file of a LoRA model in the store."""
     weights = [f for f in manifest.files if f.lower().endswith(SAFETENSORS_SUFFIXES)]
     if len(weights) != 1 or manifest.entry:
-        raise ModelError(f"bad model manifest {manifest.name}: a LoRA lists exactly one .safetensors file "
-                         "and no entry")
+        raise ModelError(f"bad model manifest {manifest.name}: a LoRA lists exactly one .safetensors file and no entry")
     return folder / weights[0]
 
 
@@ -173,8 +217,9 @@ def resolve_style(style: StyleChoice, models: ModelChoice, say) -> StyleFiles:
     if base.origin == HUB:
         from .hub_bases import ensure_hub_base
 
-        base_path = ensure_hub_base(base.spec, models_dir=models.models_dir, offline=models.offline,
-                                    interactive=runs_at_terminal(), say=say)
+        base_path = ensure_hub_base(
+            base.spec, models_dir=models.models_dir, offline=models.offline, interactive=runs_at_terminal(), say=say
+        )
     else:
         base_path = base.path if base.origin == PATH else found[base.spec]
     check_base(base_path, style.trust_pickle)
@@ -189,13 +234,19 @@ def resolve_style(style: StyleChoice, models: ModelChoice, say) -> StyleFiles:
 
 # --- what the outputs record ----------------------------------------------------------------------
 
+
 def style_identity(model: dict, style: StyleChoice, report) -> dict:
     """The model identity of `diffusion_cli.model_identity` (its `base` is SD 1.5 here), plus the
     personalized base, the LoRAs and the LCM-LoRA, from the engine's report of what it applied."""
     identity = {k: v for k, v in model.items() if k != "base"}
     identity["sd15"] = model["base"]
-    identity["base"] = {"spec": style.base, "path": str(report.base.source), "kind": report.base.kind,
-                        "blend": report.base.blend, "replaced": list(report.base.replaced)}
+    identity["base"] = {
+        "spec": style.base,
+        "path": str(report.base.source),
+        "kind": report.base.kind,
+        "blend": report.base.blend,
+        "replaced": list(report.base.replaced),
+    }
     identity["loras"] = [{"path": str(lora.source), "weight": lora.weight} for lora in report.loras]
     identity["lcm_lora"] = str(report.lcm.source) if report.lcm else None
     return identity

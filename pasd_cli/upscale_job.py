@@ -22,13 +22,16 @@ def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=No
     def transform(rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict]:
         chosen = prompts.for_job(job) if prompts is not None else None
         try:
-            result = pipeline.upscale(rgb, settings, progress=progress, on_warning=warn,
-                                      **(chosen.pipeline_args() if chosen else {}))
+            result = pipeline.upscale(
+                rgb, settings, progress=progress, on_warning=warn, **(chosen.pipeline_args() if chosen else {})
+            )
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
-            raise DeviceError(f"out of memory on {pipeline.device} upscaling {job.source}",
-                              hint="use a smaller --latent-tile or --process-size") from None
+            raise DeviceError(
+                f"out of memory on {pipeline.device} upscaling {job.source}",
+                hint="use a smaller --latent-tile or --process-size",
+            ) from None
         # The JSON record also gets `chosen.to_json()`, from the pre-pass (ImagePrompts).
         tiles = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
         return result.image, {"prompt": result.prompt, **(chosen.provenance() if chosen else {}), **tiles}

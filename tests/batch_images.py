@@ -11,13 +11,15 @@ import numpy as np
 import png
 from PIL import Image, ImageCms
 
-XMP = (b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>'
-       b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-       b'<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
-       b'xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/" '
-       b'tiff:Orientation="6" exif:PixelXDimension="24" exif:PixelYDimension="16">'
-       b'<dc:creator><rdf:Seq><rdf:li>A. Photographer</rdf:li></rdf:Seq></dc:creator>'
-       b'</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
+XMP = (
+    b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+    b'xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+    b'tiff:Orientation="6" exif:PixelXDimension="24" exif:PixelYDimension="16">'
+    b"<dc:creator><rdf:Seq><rdf:li>A. Photographer</rdf:li></rdf:Seq></dc:creator>"
+    b'</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+)
 
 # name -> what the output must be: (size, mode) at --scale 2; None for inputs that must fail.
 GOOD = {
@@ -51,7 +53,7 @@ def _split_colours(size, first=(220, 30, 30), second=(30, 30, 220)) -> Image.Ima
     """Left half `first`, right half `second`: shows where a rotation put things."""
     pixels = np.zeros((size[1], size[0], 3), np.uint8)
     pixels[:, : size[0] // 2] = first
-    pixels[:, size[0] // 2:] = second
+    pixels[:, size[0] // 2 :] = second
     return Image.fromarray(pixels)
 
 
@@ -63,11 +65,14 @@ def _textured(size, seed) -> Image.Image:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels, with no pixel data worth decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def rgb16_gradient(size) -> np.ndarray:
@@ -88,8 +93,7 @@ def make_photo_folder(root: Path) -> Path:
     exif[0x010F] = "TestCam"
     exif.get_ifd(0x8769)[0xA002] = 24
     exif.get_ifd(0x8769)[0xA003] = 16
-    _split_colours((24, 16)).save(root / "rotated.jpg", "JPEG", quality=95, exif=exif, icc_profile=srgb_icc(),
-                                  xmp=XMP)
+    _split_colours((24, 16)).save(root / "rotated.jpg", "JPEG", quality=95, exif=exif, icc_profile=srgb_icc(), xmp=XMP)
 
     rgba = _textured((20, 16), 1).convert("RGBA")
     alpha = np.tile(np.linspace(0, 255, 20, dtype=np.uint8), (16, 1))

@@ -25,9 +25,28 @@ TINY_BASE = TINY / "stable-diffusion-v1-5"
 LR_INPUT = REFERENCE / "lr_input.png"
 
 # The reference pipeline run (reference README, section C); it had no prompt from the image.
-REFERENCE_ARGS = ["--steps", "2", "--scale", "2", "--process-size", "112", "--prompt", "a tiny test image",
-                  "--seed", "1234", "--guidance", "9", "--conditioning-scale", "1", "--dtype", "fp32",
-                  "--device", "cpu", "--caption", "none"]
+REFERENCE_ARGS = [
+    "--steps",
+    "2",
+    "--scale",
+    "2",
+    "--process-size",
+    "112",
+    "--prompt",
+    "a tiny test image",
+    "--seed",
+    "1234",
+    "--guidance",
+    "9",
+    "--conditioning-scale",
+    "1",
+    "--dtype",
+    "fp32",
+    "--device",
+    "cpu",
+    "--caption",
+    "none",
+]
 
 
 def pasd_command() -> list[str]:
@@ -40,8 +59,15 @@ def pasd_command() -> list[str]:
 
 def run_pasd(*args: str, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*pasd_command(), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL, **kwargs)
+    return subprocess.run(
+        [*pasd_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
+    )
 
 
 def tiny_model_args(pasd: Path = TINY_PASD, base: Path = TINY_BASE) -> list[str]:

@@ -89,7 +89,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._thread.start()
         return self
 
@@ -124,8 +124,14 @@ def _handler_for(hub: FakeHub):
             pass
 
         # -- plumbing
-        def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False,
-                  length: int | None = None):
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: dict | None = None,
+            head: bool = False,
+            length: int | None = None,
+        ):
             self.send_response(status)
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
@@ -148,8 +154,12 @@ def _handler_for(hub: FakeHub):
                 self._error(404, "RepoNotFound", "Repository not found", head)
                 return None
             if repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
-                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must be "
-                                              "authenticated to access it.", head)
+                self._error(
+                    401,
+                    "GatedRepo",
+                    f"Access to model {repo_id} is restricted. You must be authenticated to access it.",
+                    head,
+                )
                 return None
             return repo
 
@@ -169,8 +179,9 @@ def _handler_for(hub: FakeHub):
         def _route(self, head: bool):
             url = urlsplit(self.path)
             path = unquote(url.path)
-            hub.log(Request("HEAD" if head else "GET", path, self.headers.get("Range"),
-                            self.headers.get("Authorization")))
+            hub.log(
+                Request("HEAD" if head else "GET", path, self.headers.get("Range"), self.headers.get("Authorization"))
+            )
             if (m := _TREE.match(path)) is not None:
                 return self._tree(m["repo"], m["rev"], m["path"] or "", parse_qs(url.query), head)
             if (m := _INFO.match(path)) is not None:
@@ -183,8 +194,13 @@ def _handler_for(hub: FakeHub):
             repo = self._repo(repo_id, head)
             if repo is None or not self._revision_ok(repo, revision, head):
                 return
-            body = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                    "siblings": [{"rfilename": p} for p in sorted(repo.files)]}
+            body = {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": repo.commit,
+                "private": False,
+                "siblings": [{"rfilename": p} for p in sorted(repo.files)],
+            }
             self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
 
         def _tree(self, repo_id: str, revision: str, folder: str, query: dict, head: bool):
@@ -198,10 +214,13 @@ def _handler_for(hub: FakeHub):
             prefix = f"{folder}/" if folder else ""
 
             def inside(p: str) -> bool:
-                return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
+                return p.startswith(prefix) and (recursive or "/" not in p[len(prefix) :])
 
-            entries = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d}
-                       for d in sorted(repo.folders()) if inside(d)]
+            entries = [
+                {"type": "directory", "oid": "0" * 40, "size": 0, "path": d}
+                for d in sorted(repo.folders())
+                if inside(d)
+            ]
             entries += [repo.tree_entry(p) for p in sorted(repo.files) if inside(p)]
             self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, head)
 
@@ -214,9 +233,13 @@ def _handler_for(hub: FakeHub):
             data = repo.files[file]
             key = f"{repo_id}/{file}"
             if key in hub.corrupt:
-                data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
-            headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{repo.etag(file)}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
+                data = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :]
+            headers = {
+                "X-Repo-Commit": repo.commit,
+                "ETag": f'"{repo.etag(file)}"',
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
             if repo.is_lfs(file):
                 headers["X-Linked-Etag"] = f'"{repo.etag(file)}"'
                 headers["X-Linked-Size"] = str(len(repo.files[file]))
@@ -254,21 +277,33 @@ def tiny_hub_repos(reference: Path, describers: dict[str, Path] | None = None) -
     tiny = reference / "tiny-pasd"
 
     def read_tree(folder: Path, prefix: str) -> dict[str, bytes]:
-        return {f"{prefix}{p.relative_to(folder).as_posix()}": p.read_bytes()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {
+            f"{prefix}{p.relative_to(folder).as_posix()}": p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
 
-    pasd = {**read_tree(tiny / "pasd" / "checkpoint-100000", "pasd/checkpoint-100000/"),
-            **read_tree(tiny / "pasd_light" / "checkpoint-120000", "pasd_light/checkpoint-120000/"),
-            "README.md": b"# PASD\n",
-            "pasd/checkpoint-100000/scaler.pt": b"training state, never needed" * 100,
-            "pasd/checkpoint-100000/optimizer.bin": b"\0" * 50_000}
-    sd15 = {**read_tree(tiny / "stable-diffusion-v1-5", ""),
-            "README.md": b"# SD 1.5\n",
-            "v1-5-pruned-emaonly.safetensors": b"\1" * 60_000}
+    pasd = {
+        **read_tree(tiny / "pasd" / "checkpoint-100000", "pasd/checkpoint-100000/"),
+        **read_tree(tiny / "pasd_light" / "checkpoint-120000", "pasd_light/checkpoint-120000/"),
+        "README.md": b"# PASD\n",
+        "pasd/checkpoint-100000/scaler.pt": b"training state, never needed" * 100,
+        "pasd/checkpoint-100000/optimizer.bin": b"\0" * 50_000,
+    }
+    sd15 = {
+        **read_tree(tiny / "stable-diffusion-v1-5", ""),
+        "README.md": b"# SD 1.5\n",
+        "v1-5-pruned-emaonly.safetensors": b"\1" * 60_000,
+    }
     repos = {"yangtao9009/PASD": Repo(pasd), "stable-diffusion-v1-5/stable-diffusion-v1-5": Repo(sd15)}
     for repo_id, folder in (describers or {}).items():
-        repos[repo_id] = Repo({**read_tree(folder, ""), "README.md": b"# model card\n",
-                               "pytorch_model.bin": b"pickled weights, never fetched" * 100})
+        repos[repo_id] = Repo(
+            {
+                **read_tree(folder, ""),
+                "README.md": b"# model card\n",
+                "pytorch_model.bin": b"pickled weights, never fetched" * 100,
+            }
+        )
     return repos
 
 

@@ -16,10 +16,21 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -32,13 +43,13 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: s
     per = layers_per_block + 1
     for diffusers, ldm in _UNET_TOP.items():
         if key.startswith(diffusers + "."):
-            return ldm + key[len(diffusers):]
+            return ldm + key[len(diffusers) :]
     if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        b, l, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{b * per + l + 1}.0.{_resnet(rest)}"
+        b, layer, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{b * per + layer + 1}.0.{_resnet(rest)}"
     if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        b, l, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{b * per + l + 1}.1.{rest}"
+        b, layer, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{b * per + layer + 1}.1.{rest}"
     if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
     if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", key):
@@ -46,11 +57,11 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: s
     if m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
     if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        b, l, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{b * per + l}.0.{_resnet(rest)}"
+        b, layer, rest = int(m[1]), int(m[2]), m[3]
+        return f"output_blocks.{b * per + layer}.0.{_resnet(rest)}"
     if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        b, l, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{b * per + l}.1.{rest}"
+        b, layer, rest = int(m[1]), int(m[2]), m[3]
+        return f"output_blocks.{b * per + layer}.1.{rest}"
     if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         b = int(m[1])
         slot = 2 if b in up_blocks_with_attention else 1
@@ -60,8 +71,7 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: s
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     with_attention = {i for i, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
-    return {UNET_PREFIX + unet_key_to_ldm(k, config["layers_per_block"], with_attention): v
-            for k, v in state.items()}
+    return {UNET_PREFIX + unet_key_to_ldm(k, config["layers_per_block"], with_attention): v for k, v in state.items()}
 
 
 def _vae_resnet(rest: str) -> str:
@@ -103,8 +113,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
 
 def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIPTextModel keys, with or without the `text_model.` wrapper, to the LDM layout."""
-    return {CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in state.items()}
+    return {CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
 
 
 def checkpoint_from_parts(unet_state, unet_config, vae, text_encoder) -> dict[str, torch.Tensor]:

@@ -7,11 +7,17 @@ import json
 
 import pytest
 import torch
-
 from conftest import FIXTURES, TINY_LIGHT, TINY_PASD
+
 from pasd_cli.errors import ModelError
-from pasd_cli.nn.loading import (build_pasd_controlnet, build_pasd_unet, detect_rrdb_blocks,
-                                 detect_unet_variant, read_keys, weights_path)
+from pasd_cli.nn.loading import (
+    build_pasd_controlnet,
+    build_pasd_unet,
+    detect_rrdb_blocks,
+    detect_unet_variant,
+    read_keys,
+    weights_path,
+)
 
 SD15 = FIXTURES / "sd15"
 
@@ -55,5 +61,6 @@ def test_variant_detection_from_released_files():
     with pytest.raises(ModelError, match="no PACA"):
         detect_unet_variant(["conv_in.weight"])
     with pytest.raises(ModelError, match="both"):
-        detect_unet_variant(["up_blocks.0.pixel_attentions.0.norm.weight",
-                             "up_blocks.1.attentions.0.proj_in_plus.weight"])
+        detect_unet_variant(
+            ["up_blocks.0.pixel_attentions.0.norm.weight", "up_blocks.1.attentions.0.proj_in_plus.weight"]
+        )

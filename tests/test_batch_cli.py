@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import png
 import pytest
-from PIL import Image
-
 from batch_images import BAD, GOOD, HIDDEN, make_photo_folder
 from conftest import TINY_PASD, pasd_command, run_pasd, tiny_model_args
+from PIL import Image
+
 from pasd_cli.metadata import read_record
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
@@ -66,8 +66,15 @@ def folder_run(tmp_path_factory):
     out = root / "out"
     command = ["upscale", photos, "-o", out, *NAMING, *FAST, *MODEL, "--json"]
     proc = run_pasd(*command, cwd=work)
-    return {"root": root, "photos": photos, "out": out, "work": work, "before": before, "command": command,
-            "proc": proc}
+    return {
+        "root": root,
+        "photos": photos,
+        "out": out,
+        "work": work,
+        "before": before,
+        "command": command,
+        "proc": proc,
+    }
 
 
 def test_every_good_file_gets_a_faithful_output(folder_run):
@@ -183,8 +190,19 @@ def test_running_again_does_no_model_work_skips_everything_and_exits_0(folder_ru
 def test_dry_run_json_plans_without_loading_weights(folder_run, tmp_path):
     out = tmp_path / "planned"
     started = time.monotonic()
-    proc = run_pasd("upscale", folder_run["photos"], "-o", out, *NAMING, *FAST, *MODEL, "--json", "--dry-run",
-                    cwd=folder_run["work"], env={"PYTHONPROFILEIMPORTTIME": "1"})
+    proc = run_pasd(
+        "upscale",
+        folder_run["photos"],
+        "-o",
+        out,
+        *NAMING,
+        *FAST,
+        *MODEL,
+        "--json",
+        "--dry-run",
+        cwd=folder_run["work"],
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 1  # some inputs would fail
     records, summary = json_lines(proc.stdout)
@@ -225,7 +243,10 @@ def test_collisions_are_refused_before_any_work(tmp_path):
     assert plan.returncode == 2
     records, _ = json_lines(plan.stdout)
     assert {Path(r["input"]).name: r["status"] for r in records} == {
-        "a.jpg": "collision", "a.png": "collision", "b.png": "planned"}
+        "a.jpg": "collision",
+        "a.png": "collision",
+        "b.png": "planned",
+    }
     run = run_pasd("upscale", tmp_path / "in", "-o", out, *MODEL, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert run.returncode == 2 and "collision" in run.stderr and "a.jpg" in run.stderr
     assert "torch" not in imported_modules(run.stderr) and not out.exists()
@@ -246,19 +267,27 @@ def test_globs_stdin_lists_and_fail_fast(tmp_path):
     glob_plan = run_pasd("upscale", str(photos / "*.jpg"), str(photos / "*.JPEG"), "-o", out, "--dry-run", "--json")
     assert sorted(Path(r["input"]).name for r in json_lines(glob_plan.stdout)[0]) == ["A.JPG", "b.jpeg"]
     listed = f"{photos / 'c.png'}\n\n{photos / 'A.JPG'}\n{photos / 'missing.png'}\n"
-    stdin_plan = subprocess.run([*pasd_command(), "upscale", "-", "-o", str(out), "--dry-run", "--json"],
-                                input=listed, capture_output=True, text=True, timeout=60)
+    stdin_plan = subprocess.run(
+        [*pasd_command(), "upscale", "-", "-o", str(out), "--dry-run", "--json"],
+        input=listed,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     records, summary = json_lines(stdin_plan.stdout)
     assert [(Path(r["input"]).name, r["status"]) for r in records] == [
-        ("c.png", "planned"), ("A.JPG", "planned"), ("missing.png", "failed")]
+        ("c.png", "planned"),
+        ("A.JPG", "planned"),
+        ("missing.png", "failed"),
+    ]
     assert stdin_plan.returncode == 1
-    fail_fast = run_pasd("upscale", photos, "-o", out, "--dry-run", "--json", "--fail-fast",
-                         "--name", "{stem}_{ext}")
+    fail_fast = run_pasd("upscale", photos, "-o", out, "--dry-run", "--json", "--fail-fast", "--name", "{stem}_{ext}")
     statuses = [(Path(r["input"]).name, r["status"]) for r in json_lines(fail_fast.stdout)[0]]
-    assert statuses == [("A.JPG", "planned"), ("b.jpeg", "planned"), ("c.png", "planned"),
-                        ("d.png", "failed")] and fail_fast.returncode == 1
-    first_bad = run_pasd("upscale", photos / "d.png", photos / "c.png", "-o", out, "--dry-run", "--json",
-                         "--fail-fast")
+    assert (
+        statuses == [("A.JPG", "planned"), ("b.jpeg", "planned"), ("c.png", "planned"), ("d.png", "failed")]
+        and fail_fast.returncode == 1
+    )
+    first_bad = run_pasd("upscale", photos / "d.png", photos / "c.png", "-o", out, "--dry-run", "--json", "--fail-fast")
     assert [r["status"] for r in json_lines(first_bad.stdout)[0]] == ["failed", "cancelled"]
 
 
@@ -269,12 +298,17 @@ def test_output_folder_inside_the_input_folder(tmp_path):
     earlier = _make(photos / "out" / "a.png")
     with Image.open(earlier) as image:  # what an earlier run wrote: it carries pasd's record
         from pasd_cli.metadata import png_info
+
         image.save(earlier, pnginfo=png_info({}, b"", {"command": "upscale"}))
     proc = run_pasd("upscale", photos, "-r", "-o", photos / "out", "--dry-run", "--json", "--name", "{stem}_2")
-    statuses = {Path(r["input"]).relative_to(photos).as_posix(): (r["status"], r["reason"])
-                for r in json_lines(proc.stdout)[0]}
-    assert statuses == {"a.png": ("planned", None), "out/mine.png": ("planned", None),
-                        "out/a.png": ("skipped", "written by pasd (inside the output folder)")}
+    statuses = {
+        Path(r["input"]).relative_to(photos).as_posix(): (r["status"], r["reason"]) for r in json_lines(proc.stdout)[0]
+    }
+    assert statuses == {
+        "a.png": ("planned", None),
+        "out/mine.png": ("planned", None),
+        "out/a.png": ("skipped", "written by pasd (inside the output folder)"),
+    }
     assert proc.returncode == 0
 
 
@@ -291,8 +325,12 @@ def test_lock_refuses_a_second_run(tmp_path):
 
 def test_single_result_to_stdout(tmp_path):
     photo = _make(tmp_path / "a.webp", size=(16, 12), fmt="WEBP")
-    proc = subprocess.run([*pasd_command(), "upscale", str(photo), "-o", "-", *FAST, *MODEL],
-                          capture_output=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [*pasd_command(), "upscale", str(photo), "-o", "-", *FAST, *MODEL],
+        capture_output=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     with Image.open(io.BytesIO(proc.stdout)) as image:
         assert (image.format, image.size) == ("PNG", (32, 24))
@@ -308,8 +346,22 @@ def test_signal_during_an_image_leaves_no_partial_file_and_exits_130(tmp_path, s
     photo = _make(tmp_path / "in" / "a.png", size=(32, 32))
     before = tree_state(tmp_path)
     out = tmp_path / "out"
-    command = [*pasd_command(), "upscale", str(photo), "-o", str(out), "-v", "--json", *MODEL,
-               "--steps", "200", "--guidance", "1", "--process-size", "64"]
+    command = [
+        *pasd_command(),
+        "upscale",
+        str(photo),
+        "-o",
+        str(out),
+        "-v",
+        "--json",
+        *MODEL,
+        "--steps",
+        "200",
+        "--guidance",
+        "1",
+        "--process-size",
+        "64",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -340,8 +392,13 @@ def test_full_disk_is_exit_4_and_leaves_no_temporary_file(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 
-    proc = subprocess.run([*pasd_command(), "upscale", str(photo), "-o", str(out), *FAST, *MODEL],
-                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    proc = subprocess.run(
+        [*pasd_command(), "upscale", str(photo), "-o", str(out), *FAST, *MODEL],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 4, proc.stderr
     assert "disk full" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(out.rglob("*"))

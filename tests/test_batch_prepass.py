@@ -67,8 +67,13 @@ def test_prepass_sees_the_pending_jobs_before_the_model_loads(tmp_path):
     describe = Describe()
     records, summary, failures, loaded = run(tmp_path, plan_of(tmp_path, "abcd"), describe)
     assert describe.seen == ["a", "b", "c", "d"] and loaded == [True]
-    assert {k: r["status"] for k, r in records.items()} == {"a": DONE, "b": FAILED, "c": DONE, "d": FAILED,
-                                                           "old": SKIPPED}
+    assert {k: r["status"] for k, r in records.items()} == {
+        "a": DONE,
+        "b": FAILED,
+        "c": DONE,
+        "d": FAILED,
+        "old": SKIPPED,
+    }
     assert records["b"]["reason"] == "unusable"  # without the path, as worker failures
     # The pre-pass's fields reach the record; the worker's win where both give one.
     assert records["a"]["prompt"] == "PROMPT A" and records["a"]["worker"] == 1

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import LR_INPUT, REFERENCE, REFERENCE_ARGS, TINY_BASE, TINY_LIGHT, run_pasd, tiny_model_args
 from hub_server import FakeHub, clean_env, tiny_hub_repos
+from PIL import Image
+from test_parity_pipeline import SETTINGS, assert_images_close
+from tiny_captioners import build_tiny_resnet, confident, one_torch_thread
+
 from pasd_cli.caption_cache import CaptionCache, image_digest
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.engine.pipeline import image_to_tensor
@@ -27,8 +29,6 @@ from pasd_cli.imageio import read_rgb
 from pasd_cli.metadata import read_record
 from pasd_cli.settings import ADDED_PROMPT
 from pasd_cli.store import Store, load_manifests
-from test_parity_pipeline import SETTINGS, assert_images_close
-from tiny_captioners import build_tiny_resnet, confident, one_torch_thread
 
 MANIFESTS = load_manifests()
 BLIP, RESNET = MANIFESTS["blip"], MANIFESTS["resnet-50"]
@@ -82,8 +82,10 @@ def store_captioner(home: Path, name: str = "blip"):
 
 # ---- Must show 1: the caption reaches the text encoder, combined by the released rules ------------
 
-def test_fixed_caption_becomes_the_released_prompt_and_conditions_the_image(home, hub, tmp_path, reference,
-                                                                            tiny_pipeline):
+
+def test_fixed_caption_becomes_the_released_prompt_and_conditions_the_image(
+    home, hub, tmp_path, reference, tiny_pipeline
+):
     """The captioner's answer for this image and this captioner (the store's commit) is fixed in the
     cache, so the exact string is known: cleaned ("blurry" -> "clear", "noisy" -> "clean"), then
     " <--prompt>", then the added prompt with NO separator (spec section 5)."""
@@ -93,8 +95,9 @@ def test_fixed_caption_becomes_the_released_prompt_and_conditions_the_image(home
     cache.put(store_captioner(home).identity(), image_digest(read_rgb(LR_INPUT)), Description(caption=caption))
 
     out = tmp_path / "out"
-    proc = pasd_run(home, hub, "upscale", LR_INPUT, "-o", out, *tiny_model_args(), *REFERENCE_ARGS,
-                    "--caption", "blip", "--json")
+    proc = pasd_run(
+        home, hub, "upscale", LR_INPUT, "-o", out, *tiny_model_args(), *REFERENCE_ARGS, "--caption", "blip", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     records, summary = json_lines(proc.stdout)
     record = records["lr_input.png"]
@@ -116,6 +119,7 @@ def test_fixed_caption_becomes_the_released_prompt_and_conditions_the_image(home
 
 # ---- Must show 2 and 3: sidecar and CSV prompts win; the second run computes no caption ------------
 
+
 @pytest.fixture(scope="module")
 def photo_batch(home, hub, tmp_path_factory):
     """Small images: a (captioned), b (sidecar; also in the CSV), c (CSV), d (unusable sidecar), e (cut
@@ -131,8 +135,9 @@ def photo_batch(home, hub, tmp_path_factory):
     (photos / "b.txt").write_text("a red barn,\n in snow\n")
     (photos / "d.txt").write_bytes(b"\xff\xfe not UTF-8 \xff")
     prompts = root / "prompts.csv"
-    prompts.write_text('file,prompt\nb.png,ignored: the sidecar wins\nin/c.png,"an old portrait, faded"\n'
-                       "missing.png,a typo\n")
+    prompts.write_text(
+        'file,prompt\nb.png,ignored: the sidecar wins\nin/c.png,"an old portrait, faded"\nmissing.png,a typo\n'
+    )
     out = root / "out"
     command = ["upscale", photos, "-o", out, *MODEL, *FAST, "--prompt-file", prompts, "--json"]
     first = pasd_run(home, hub, *command)
@@ -159,8 +164,14 @@ def test_sidecar_and_prompt_file_override_the_caption(photo_batch, home):
     assert [records[f"{n}.png"]["status"] for n in "abc"] == ["done"] * 3
     for name in ("a.png", "b.png", "c.png"):  # the prompt used is in each output's metadata
         assert read_record(Image.open(photo_batch["out"] / name))["prompt"] == records[name]["prompt"]
-    assert summary["prompts"] == {"sidecar": 1, "prompt_file": 1, "captions_computed": 1, "caption_cache_hits": 0,
-                                  "none": 0, "caption_cache_write_errors": 0}
+    assert summary["prompts"] == {
+        "sidecar": 1,
+        "prompt_file": 1,
+        "captions_computed": 1,
+        "caption_cache_hits": 0,
+        "none": 0,
+        "caption_cache_write_errors": 0,
+    }
     assert "no input matches missing.png" in proc.stderr
     # The captioner was loaded once, and before PASD (it is freed first: never both in memory).
     assert proc.stderr.count("loading captioner blip") == 1
@@ -178,7 +189,8 @@ def test_second_run_computes_no_caption(photo_batch):
     assert "loading captioner" not in proc.stderr
     assert records["a.png"]["caption_cached"] is True and first["a.png"]["caption_cached"] is False
     assert {n: r["prompt"] for n, r in records.items() if r["status"] == "done"} == {
-        n: r["prompt"] for n, r in first.items() if r["status"] == "done"}
+        n: r["prompt"] for n, r in first.items() if r["status"] == "done"
+    }
     assert {p.name: p.read_bytes() for p in photo_batch["out"].glob("*.png")} == photo_batch["outputs"]
 
 
@@ -186,9 +198,26 @@ def test_stylize_after_upscale_reuses_the_caption(photo_batch, home, hub, tmp_pa
     """The cache is keyed by pixels and captioner, not by command: stylizing an image that
     `pasd upscale` captioned computes no caption."""
     out = tmp_path / "styled"
-    proc = pasd_run(home, hub, "stylize", photo_batch["photos"] / "a.png", "-o", out, "--base", TINY_BASE,
-                    "--pasd", TINY_LIGHT, "--sd15", TINY_BASE, "--device", "cpu", "--dtype", "fp32", *FAST,
-                    "--json")
+    proc = pasd_run(
+        home,
+        hub,
+        "stylize",
+        photo_batch["photos"] / "a.png",
+        "-o",
+        out,
+        "--base",
+        TINY_BASE,
+        "--pasd",
+        TINY_LIGHT,
+        "--sd15",
+        TINY_BASE,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        *FAST,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     records, summary = json_lines(proc.stdout)
     first, _ = json_lines(photo_batch["first"].stdout)
@@ -199,10 +228,25 @@ def test_stylize_after_upscale_reuses_the_caption(photo_batch, home, hub, tmp_pa
 
 # ---- --caption-only: review the prompts, edit them, pass them back -----------------------------
 
+
 def test_caption_only_prints_a_prompt_file_without_loading_pasd(home, hub, tmp_path):
     out = tmp_path / "out"
-    args = ["upscale", LR_INPUT, "-o", out, "--dry-run", "--caption-only", "--caption", "classify",
-            "--prompt", "a tiny test image", "--device", "cpu", "--pasd", tmp_path / "no-such-checkpoint"]
+    args = [
+        "upscale",
+        LR_INPUT,
+        "-o",
+        out,
+        "--dry-run",
+        "--caption-only",
+        "--caption",
+        "classify",
+        "--prompt",
+        "a tiny test image",
+        "--device",
+        "cpu",
+        "--pasd",
+        tmp_path / "no-such-checkpoint",
+    ]
     expected = "a tiny test image, tabby, " + ADDED_PROMPT
     proc = pasd_run(home, hub, *args)
     assert proc.returncode == 0, proc.stderr
@@ -225,6 +269,7 @@ def test_caption_only_prints_a_prompt_file_without_loading_pasd(home, hub, tmp_p
 
 # ---- Must show 4: offline without the captioner's weights --------------------------------------
 
+
 @pytest.mark.parametrize("how, mode, model", [("--offline", "blip", "blip"), ("no terminal", "classify", "resnet-50")])
 def test_missing_captioner_offline_is_exit_3_naming_both_ways_forward(hub, tmp_path, how, mode, model):
     out = tmp_path / "out"
@@ -246,8 +291,18 @@ def test_no_caption_needed_no_captioner_needed(hub, tmp_path, tiny_blip_dir):
     photos.mkdir()
     shutil.copy(LR_INPUT, photos / "a.png")
     (photos / "a.txt").write_text("a tiny test image")
-    common = ["upscale", photos, "-o", tmp_path / "out", "--dry-run", "--caption-only", "--offline", "--json",
-              "--device", "cpu"]
+    common = [
+        "upscale",
+        photos,
+        "-o",
+        tmp_path / "out",
+        "--dry-run",
+        "--caption-only",
+        "--offline",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     covered = pasd_run(tmp_path, hub, *common)
     assert covered.returncode == 0, covered.stderr
     assert json_lines(covered.stdout)[0]["a.png"]["prompt_source"] == "sidecar"

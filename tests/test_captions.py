@@ -10,18 +10,16 @@ from collections import defaultdict
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import LR_INPUT
-from pasd_cli.engine.captions import (DescriberSpec, Description, folder_fingerprint, imagenet_label,
-                                      top_class)
+from PIL import Image
+from test_parity_pipeline import SETTINGS, assert_images_close
+from tiny_captioners import IMAGENET_NAMES, build_tiny_resnet, confident, one_torch_thread, uniform
+
+from pasd_cli.engine.captions import DescriberSpec, Description, folder_fingerprint, imagenet_label, top_class
 from pasd_cli.engine.prompts import build_prompt, encode_texts
 from pasd_cli.errors import ModelError
 from pasd_cli.prompt_sources import PromptResolver
 from pasd_cli.settings import ADDED_PROMPT, NEGATIVE_PROMPT, CaptionSettings, UpscaleSettings
-from tiny_captioners import (IMAGENET_NAMES, build_tiny_resnet, confident, one_torch_thread,
-                             uniform)
-from test_parity_pipeline import SETTINGS, assert_images_close
 
 CPU = torch.device("cpu")
 
@@ -47,21 +45,25 @@ def captioner(tiny_blip_dir):
 
 # --- the released prompt rules, exactly -------------------------------------------------------
 
-@pytest.mark.parametrize("user,caption,label,expected", [
-    # caption: cleaned, then " <user prompt>", then the added prompt with NO separator
-    ("", "a dog on the grass", None, "a dog on the grassclean, high-resolution, 8k"),
-    ("old photo", "a dog on the grass", None, "a dog on the grass old photoclean, high-resolution, 8k"),
-    ("", "a blurry noisy photo of a cat ", None, "a clear clean photo of a catclean, high-resolution, 8k"),
-    # a confident class: user prompt first, each followed by ", "
-    ("", None, "tabby", "tabby, clean, high-resolution, 8k"),
-    ("old photo", None, "tabby", "old photo, tabby, clean, high-resolution, 8k"),
-    # none
-    ("", None, None, "clean, high-resolution, 8k"),
-    ("old photo", None, None, "old photo, clean, high-resolution, 8k"),
-    # an empty caption or label is no information at all
-    ("old photo", "  ", None, "old photo, clean, high-resolution, 8k"),
-    ("", None, "", "clean, high-resolution, 8k"),
-])
+
+@pytest.mark.parametrize(
+    "user,caption,label,expected",
+    [
+        # caption: cleaned, then " <user prompt>", then the added prompt with NO separator
+        ("", "a dog on the grass", None, "a dog on the grassclean, high-resolution, 8k"),
+        ("old photo", "a dog on the grass", None, "a dog on the grass old photoclean, high-resolution, 8k"),
+        ("", "a blurry noisy photo of a cat ", None, "a clear clean photo of a catclean, high-resolution, 8k"),
+        # a confident class: user prompt first, each followed by ", "
+        ("", None, "tabby", "tabby, clean, high-resolution, 8k"),
+        ("old photo", None, "tabby", "old photo, tabby, clean, high-resolution, 8k"),
+        # none
+        ("", None, None, "clean, high-resolution, 8k"),
+        ("old photo", None, None, "old photo, clean, high-resolution, 8k"),
+        # an empty caption or label is no information at all
+        ("old photo", "  ", None, "old photo, clean, high-resolution, 8k"),
+        ("", None, "", "clean, high-resolution, 8k"),
+    ],
+)
 def test_prompt_strings(user, caption, label, expected):
     assert build_prompt(user, ADDED_PROMPT, caption=caption, label=label) == expected
 
@@ -72,6 +74,7 @@ def test_cleanup_is_the_released_substring_replacement():
 
 
 # --- BLIP --------------------------------------------------------------------------------------
+
 
 def test_blip_caption_is_deterministic(tiny_blip_dir, captioner, lr_image):
     first = captioner.describe(lr_image)
@@ -88,13 +91,18 @@ def test_blip_generates_after_the_prefix_within_the_length_bounds(captioner, lr_
     pixels = captioner.image_processor(images=lr_image, return_tensors="pt").pixel_values
     prefix = captioner.tokenizer(s.blip_prefix, return_tensors="pt").input_ids
     with torch.no_grad():
-        ids = captioner.model.generate(pixel_values=pixels, input_ids=prefix, do_sample=False,
-                                       num_beams=s.num_beams, min_length=s.min_length,
-                                       max_length=s.max_length)[0]
+        ids = captioner.model.generate(
+            pixel_values=pixels,
+            input_ids=prefix,
+            do_sample=False,
+            num_beams=s.num_beams,
+            min_length=s.min_length,
+            max_length=s.max_length,
+        )[0]
     bos = captioner.model.config.text_config.bos_token_id
-    assert ids[0] == bos and ids[1:prefix.shape[1] - 1].tolist() == prefix[0, 1:-1].tolist()
+    assert ids[0] == bos and ids[1 : prefix.shape[1] - 1].tolist() == prefix[0, 1:-1].tolist()
     assert s.min_length <= len(ids) <= s.max_length
-    tail = captioner.tokenizer.decode(ids[prefix.shape[1] - 1:], skip_special_tokens=True).strip()
+    tail = captioner.tokenizer.decode(ids[prefix.shape[1] - 1 :], skip_special_tokens=True).strip()
     assert captioner.describe(lr_image).caption == tail
 
 
@@ -134,6 +142,7 @@ def test_missing_or_pickle_only_weights_are_model_errors(tmp_path, tiny_blip_dir
 
 # --- the classifier ---------------------------------------------------------------------------
 
+
 def test_imagenet_labels_keep_the_first_synonym():
     assert imagenet_label("tabby, tabby cat") == "tabby"
     assert imagenet_label("golden retriever") == "golden retriever"
@@ -149,11 +158,14 @@ def test_released_threshold_is_inclusive_and_ties_take_the_first():
     assert below.label is None and below.top_class == "tabby"
 
 
-@pytest.mark.parametrize("probabilities,label,top,p", [
-    (confident(1), "tabby", "tabby", 0.5),
-    (confident(2, 0.12), "golden retriever", "golden retriever", 0.12),
-    (uniform(), None, "tench", 0.05),
-])
+@pytest.mark.parametrize(
+    "probabilities,label,top,p",
+    [
+        (confident(1), "tabby", "tabby", 0.5),
+        (confident(2, 0.12), "golden retriever", "golden retriever", 0.12),
+        (uniform(), None, "tench", 0.05),
+    ],
+)
 def test_classifier_rule_end_to_end(tmp_path, lr_image, probabilities, label, top, p):
     folder = build_tiny_resnet(tmp_path / "resnet", probabilities)
     classifier = DescriberSpec("classify", folder, "tiny/resnet", "r1").load(CPU, torch.float32)
@@ -164,13 +176,13 @@ def test_classifier_rule_end_to_end(tmp_path, lr_image, probabilities, label, to
 
 
 def test_classifier_preprocessing_is_the_hub_configs(tmp_path, lr_image):
-    classifier = DescriberSpec("classify", build_tiny_resnet(tmp_path / "r"), "tiny/resnet").load(
-        CPU, torch.float32)
+    classifier = DescriberSpec("classify", build_tiny_resnet(tmp_path / "r"), "tiny/resnet").load(CPU, torch.float32)
     assert classifier._pixels(lr_image).shape == (1, 3, 224, 224)
     assert type(classifier.image_processor).__name__.endswith("Pil")
 
 
 # --- identity ---------------------------------------------------------------------------------
+
 
 def test_identity_names_model_revision_and_generation(tiny_blip_dir, tmp_path):
     base = blip_spec(tiny_blip_dir).identity()
@@ -197,6 +209,7 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path, tiny_blip_dir):
 
 # --- the caption reaches the text encoder -----------------------------------------------------
 
+
 class _Stop(Exception):
     pass
 
@@ -216,14 +229,16 @@ def _prompt_and_embeddings(pipeline, image, settings, **kwargs):
 
 
 def test_blip_caption_reaches_the_text_encoder(tiny_pipeline, tiny_blip_dir, lr_image):
-    resolver = PromptResolver("blip", blip_spec(tiny_blip_dir), device=CPU, dtype=torch.float32,
-                              use_sidecars=False)
+    resolver = PromptResolver("blip", blip_spec(tiny_blip_dir), device=CPU, dtype=torch.float32, use_sidecars=False)
     chosen = resolver.resolve(LR_INPUT, lambda: lr_image)
     caption = chosen.description.caption
     assert chosen.source == "blip" and chosen.text == caption and caption
     prompt, embeds = _prompt_and_embeddings(tiny_pipeline, lr_image, SETTINGS, **chosen.pipeline_args())
-    expected = (caption.replace("blurry", "clear").replace("noisy", "clean")
-                + " a tiny test image" + "clean, high-resolution, 8k")
+    expected = (
+        caption.replace("blurry", "clear").replace("noisy", "clean")
+        + " a tiny test image"
+        + "clean, high-resolution, 8k"
+    )
     assert prompt == expected == chosen.build(SETTINGS.prompt, SETTINGS.added_prompt)
     wanted = encode_texts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [NEGATIVE_PROMPT, expected])
     assert torch.equal(embeds, wanted)
@@ -231,8 +246,7 @@ def test_blip_caption_reaches_the_text_encoder(tiny_pipeline, tiny_blip_dir, lr_
 
 def test_fixed_caption_string_reaches_the_text_encoder(tiny_pipeline, lr_image, reference):
     settings = UpscaleSettings(steps=2, scale=2, process_size=112, prompt="")
-    prompt, embeds = _prompt_and_embeddings(tiny_pipeline, lr_image, settings,
-                                            caption="a blurry noisy photo of a dog")
+    prompt, embeds = _prompt_and_embeddings(tiny_pipeline, lr_image, settings, caption="a blurry noisy photo of a dog")
     assert prompt == "a clear clean photo of a dogclean, high-resolution, 8k"
     wanted = encode_texts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [NEGATIVE_PROMPT, prompt])
     assert torch.equal(embeds, wanted)
@@ -251,17 +265,17 @@ def test_caption_none_reproduces_the_parity_output(tiny_pipeline, lr_image, refe
     chosen = PromptResolver("none", use_sidecars=False).resolve(LR_INPUT, lambda: pytest.fail("read"))
     assert chosen.source == "none" and chosen.pipeline_args() == {}
     seen = defaultdict(list)
-    result = tiny_pipeline.upscale(lr_image, SETTINGS, trace=lambda n, v: seen[n].append(v),
-                                   **chosen.pipeline_args())
+    result = tiny_pipeline.upscale(lr_image, SETTINGS, trace=lambda n, v: seen[n].append(v), **chosen.pipeline_args())
     assert result.prompt == reference["pipeline"]["prompt"]
-    torch.testing.assert_close(seen["prompt_embeds"][0], reference["pipeline"]["prompt_embeds"],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["prompt_embeds"][0], reference["pipeline"]["prompt_embeds"], rtol=1e-4, atol=1e-4)
     from pasd_cli.engine.pipeline import image_to_tensor
 
     assert_images_close(image_to_tensor(result.image), reference["pipeline"]["final_uint8"])
 
 
 def test_captions_depend_on_the_image(captioner, lr_image):
-    captions = {captioner.describe(image).caption
-                for image in (lr_image, lr_image.rotate(90), Image.new("RGB", (50, 50), (0, 0, 255)))}
+    captions = {
+        captioner.describe(image).caption
+        for image in (lr_image, lr_image.rotate(90), Image.new("RGB", (50, 50), (0, 0, 255)))
+    }
     assert len(captions) == 3

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import LR_INPUT, REFERENCE_ARGS, TINY_PASD, run_pasd, tiny_model_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import LR_INPUT, REFERENCE_ARGS, TINY_PASD, run_pasd, tiny_model_args
 from pasd_cli.engine.pipeline import image_to_tensor
 
 
@@ -34,14 +34,26 @@ def _broken_checkpoint(tmp_path, part: str, edit) -> str:
 
 
 BREAKAGES = {
-    "paca key removed": ("unet", lambda s: s.pop("up_blocks.2.pixel_attentions.1.proj_in.weight"),
-                         "up_blocks.2.pixel_attentions.1.proj_in.weight"),
-    "shape changed": ("controlnet", lambda s: s.__setitem__("controlnet_mid_block.bias", torch.zeros(7)),
-                      "controlnet_mid_block.bias"),
-    "stray key": ("unet", lambda s: s.__setitem__("up_blocks.0.stray.weight", torch.zeros(1)),
-                  "up_blocks.0.stray.weight"),
-    "to_rgbs head missing": ("controlnet", lambda s: s.pop("controlnet_cond_embedding.to_rgbs.1.bias"),
-                             "controlnet_cond_embedding.to_rgbs.1.bias"),
+    "paca key removed": (
+        "unet",
+        lambda s: s.pop("up_blocks.2.pixel_attentions.1.proj_in.weight"),
+        "up_blocks.2.pixel_attentions.1.proj_in.weight",
+    ),
+    "shape changed": (
+        "controlnet",
+        lambda s: s.__setitem__("controlnet_mid_block.bias", torch.zeros(7)),
+        "controlnet_mid_block.bias",
+    ),
+    "stray key": (
+        "unet",
+        lambda s: s.__setitem__("up_blocks.0.stray.weight", torch.zeros(1)),
+        "up_blocks.0.stray.weight",
+    ),
+    "to_rgbs head missing": (
+        "controlnet",
+        lambda s: s.pop("controlnet_cond_embedding.to_rgbs.1.bias"),
+        "controlnet_cond_embedding.to_rgbs.1.bias",
+    ),
 }
 
 
@@ -49,8 +61,19 @@ BREAKAGES = {
 def test_wrong_key_set_is_refused_with_exit_3(tmp_path, case):
     part, edit, key = BREAKAGES[case]
     checkpoint = _broken_checkpoint(tmp_path, part, edit)
-    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=checkpoint),
-                    "--steps", "1", "--device", "cpu", "--caption", "none")
+    proc = run_pasd(
+        "upscale",
+        LR_INPUT,
+        "-o",
+        tmp_path / "out",
+        *tiny_model_args(pasd=checkpoint),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--caption",
+        "none",
+    )
     assert proc.returncode == 3, proc.stderr
     assert key in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -88,9 +111,11 @@ def test_unreadable_image_is_one_line_error(tmp_path):
 @pytest.mark.parametrize("which", ["input", "--pasd", "--base"])
 def test_missing_folder_is_one_line_error(tmp_path, which):
     missing = str(tmp_path / "does-not-exist")
-    args = {"input": [missing, "-o", tmp_path / "out", *tiny_model_args()],
-            "--pasd": [LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=missing)],
-            "--base": [LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(base=missing)]}[which]
+    args = {
+        "input": [missing, "-o", tmp_path / "out", *tiny_model_args()],
+        "--pasd": [LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=missing)],
+        "--base": [LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(base=missing)],
+    }[which]
     proc = run_pasd("upscale", *args)
     assert proc.returncode != 0
     assert "does-not-exist" in _one_line_error(proc)

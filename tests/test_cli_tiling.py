@@ -6,14 +6,29 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import LR_INPUT, run_pasd, tiny_model_args
 from PIL import Image
 
-from conftest import LR_INPUT, run_pasd, tiny_model_args
 from pasd_cli.engine.pipeline import image_to_tensor
 
 # 100x60 -> 600x360 output, latent 75x45; one step, no guidance, to keep it quick.
-BASE = ["--scale", "6", "--process-size", "64", "--steps", "1", "--guidance", "1", "--device", "cpu",
-        "--dtype", "fp32", "--caption", "none", "--json"]
+BASE = [
+    "--scale",
+    "6",
+    "--process-size",
+    "64",
+    "--steps",
+    "1",
+    "--guidance",
+    "1",
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--caption",
+    "none",
+    "--json",
+]
 
 
 def _upscale(tmp_path, name, *options):

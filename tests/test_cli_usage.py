@@ -10,12 +10,24 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import pasd_command, run_pasd, tiny_model_args
 from PIL import Image
 
-from conftest import pasd_command, run_pasd, tiny_model_args
-
-MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none",
-         "--steps", "1", "--process-size", "16", "--scale", "2"]
+MODEL = [
+    *tiny_model_args(),
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--caption",
+    "none",
+    "--steps",
+    "1",
+    "--process-size",
+    "16",
+    "--scale",
+    "2",
+]
 
 
 def one_error(stderr: str) -> str:
@@ -37,13 +49,16 @@ def photo(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("template, message", [
-    ("{foo}", "unknown field {foo}"),
-    ("{stem}/{scale}", "not a file name"),
-    ("{scale:d}", "Unknown format code 'd'"),  # every field is text
-    ("{stem:=5}", "alignment not allowed"),
-    ("{", "Single '{'"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{foo}", "unknown field {foo}"),
+        ("{stem}/{scale}", "not a file name"),
+        ("{scale:d}", "Unknown format code 'd'"),  # every field is text
+        ("{stem:=5}", "alignment not allowed"),
+        ("{", "Single '{'"),
+    ],
+)
 def test_name_templates_that_cannot_work_are_usage_errors(photo, tmp_path, template, message):
     proc = run_pasd("upscale", photo, "-o", tmp_path / "out", "--name", template, "--dry-run")
     assert proc.returncode == 2
@@ -91,8 +106,8 @@ def test_help_shows_the_quality_default():
     assert "JPEG and WebP quality (default: 95 for jpg" in line, line
 
 
-
 # ---- the model store's commands ------------------------------------------------------------------
+
 
 def test_importing_a_file_that_is_not_a_bundle_is_one_error_line(photo, tmp_path):
     proc = run_pasd("models", "import", photo, "--models-dir", tmp_path / "store")
@@ -119,8 +134,14 @@ def test_hints_name_the_store_that_was_given(tmp_path):
 def test_an_image_is_not_written_to_a_terminal(photo):
     leader, terminal = os.openpty()
     try:
-        proc = subprocess.run([*pasd_command(), "upscale", str(photo), "-o", "-", *MODEL], stdout=terminal,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=60)
+        proc = subprocess.run(
+            [*pasd_command(), "upscale", str(photo), "-o", "-", *MODEL],
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
     finally:
         os.close(terminal)
         os.close(leader)
@@ -129,8 +150,13 @@ def test_an_image_is_not_written_to_a_terminal(photo):
 
 
 def test_an_empty_list_on_stdin_is_reported(tmp_path):
-    proc = subprocess.run([*pasd_command(), "upscale", "-", "-o", str(tmp_path / "out"), "--dry-run"],
-                          input="\n\n", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*pasd_command(), "upscale", "-", "-o", str(tmp_path / "out"), "--dry-run"],
+        input="\n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0  # nothing to do is not a failure
     assert "warning: - (the list on stdin): no images found" in proc.stderr
 

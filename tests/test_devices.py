@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, run_pasd, tiny_model_args
 from PIL import Image
 
-from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, run_pasd, tiny_model_args
 from pasd_cli.devices import use_true_fp32
 from pasd_cli.engine.pipeline import image_to_tensor
 
@@ -29,10 +29,14 @@ def test_fp32_on_cuda_turns_tf32_off_and_other_choices_leave_it():
         conv.fp32_precision, matmul.fp32_precision = before
 
 
-ACCELERATORS = [name for name, available in (("cuda", torch.cuda.is_available()),
-                                             ("mps", torch.backends.mps.is_available())) if available]
-on_accelerators = pytest.mark.parametrize("device", ACCELERATORS or [
-    pytest.param("cuda", marks=pytest.mark.skip(reason="needs CUDA or MPS"))])
+ACCELERATORS = [
+    name
+    for name, available in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+    if available
+]
+on_accelerators = pytest.mark.parametrize(
+    "device", ACCELERATORS or [pytest.param("cuda", marks=pytest.mark.skip(reason="needs CUDA or MPS"))]
+)
 
 
 def with_device(args: list[str], device: str, dtype: str = "fp32") -> list[str]:
@@ -62,8 +66,9 @@ def test_reference_run_on_the_device_matches_the_released_output(tmp_path, refer
 def test_reduced_precision_on_the_device_stays_close(tmp_path, reference, device, dtype, mean_levels):
     """The GPU default (fp16) and bf16: the same picture, within a few levels on average (the
     tiny random model amplifies rounding; on this CPU fp16 gives < 4, bf16 9.7)."""
-    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path, *tiny_model_args(),
-                    *with_device(REFERENCE_ARGS, device, dtype))
+    proc = run_pasd(
+        "upscale", LR_INPUT, "-o", tmp_path, *tiny_model_args(), *with_device(REFERENCE_ARGS, device, dtype)
+    )
     assert proc.returncode == 0, proc.stderr
     diff = reference_diff(tmp_path / "lr_input.png", reference)
     assert diff.float().mean() < mean_levels, diff.float().mean()

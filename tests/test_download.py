@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import LR_INPUT, REFERENCE, REFERENCE_ARGS, TINY_PASD, pasd_command
 from hub_server import FakeHub, Fault, Repo, clean_env, tiny_hub_repos
+from PIL import Image
+
 from pasd_cli.errors import ModelError
 from pasd_cli.hub import download
 from pasd_cli.store import Manifest, Store, load_manifests, resolve_models
@@ -39,8 +39,14 @@ def hub(tiny_blip_dir):
 
 
 def pasd(*args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([*pasd_command(), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*pasd_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def one_error(proc: subprocess.CompletedProcess) -> str:
@@ -75,16 +81,21 @@ def upscale_offline(tmp_path: Path, env: dict, *extra) -> subprocess.CompletedPr
 
 # ---- Must show 1: exactly the needed files; then an offline upscale with zero requests ------------
 
+
 def test_download_fetches_exactly_the_needed_files_then_upscale_runs_offline(tmp_path, hub, reference):
     env = clean_env(tmp_path, hub)
     proc = pasd("download", env=env)
     assert proc.returncode == 0, proc.stderr
     store = tmp_path / "store"
-    assert proc.stdout.split() == [str(store / "pasd" / "pasd" / "checkpoint-100000"), str(store / "sd15"),
-                                   str(store / "blip")]  # upscale captions by default: the captioner too
+    assert proc.stdout.split() == [
+        str(store / "pasd" / "pasd" / "checkpoint-100000"),
+        str(store / "sd15"),
+        str(store / "blip"),
+    ]  # upscale captions by default: the captioner too
     assert Counter(hub.downloads()) == wanted("pasd", "sd15", "blip")  # each needed file once, nothing else
-    assert (store / "pasd" / UNET_WEIGHTS).read_bytes() == (TINY_PASD / "unet" / "diffusion_pytorch_model.safetensors"
-                                                           ).read_bytes()
+    assert (store / "pasd" / UNET_WEIGHTS).read_bytes() == (
+        TINY_PASD / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
     assert not (store / "sd15" / "unet").exists() and not (store / "pasd" / "README.md").exists()
 
     listed = pasd("models", "list", "--json", env=env)
@@ -103,6 +114,7 @@ def test_download_fetches_exactly_the_needed_files_then_upscale_runs_offline(tmp
 
 
 # ---- Must show 2: connection dropped midway; no partial file used; the rerun resumes --------------
+
 
 def test_cut_connection_leaves_nothing_usable_and_the_rerun_finishes(tmp_path, hub):
     env = clean_env(tmp_path, hub)
@@ -135,8 +147,16 @@ def test_cut_connection_is_resumed_within_the_run_by_a_range_request(tmp_path, h
     weights = os.urandom(25_000_000)  # larger than huggingface_hub's 10 MiB streaming chunk
     hub.repos["test/big"] = Repo({"weights.safetensors": weights})
     hub.drop["test/big/weights.safetensors"] = Fault(after_bytes=15_000_000, times=1)
-    manifest = Manifest(name="big", kind="base", description="", repo_id="test/big", revision="main",
-                        subfolder="", files=("weights.safetensors",), license="test")
+    manifest = Manifest(
+        name="big",
+        kind="base",
+        description="",
+        repo_id="test/big",
+        revision="main",
+        subfolder="",
+        files=("weights.safetensors",),
+        license="test",
+    )
     store = Store(tmp_path, manifests={"big": manifest})
     download(store, "big", endpoint=hub.url)
     gets = [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
@@ -148,6 +168,7 @@ def test_cut_connection_is_resumed_within_the_run_by_a_range_request(tmp_path, h
 
 
 # ---- Must show 3: a flipped byte is reported, refused, and repaired ---------------------------------
+
 
 def test_flipped_byte_is_reported_by_verify_and_repaired_by_download(tmp_path, hub):
     env = clean_env(tmp_path, hub)
@@ -182,6 +203,7 @@ def test_flipped_byte_is_reported_by_verify_and_repaired_by_download(tmp_path, h
 
 # ---- Must show 4: offline with a model missing ------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["--offline", "PASD_OFFLINE=1", "HF_HUB_OFFLINE=1", "no terminal"])
 def test_missing_models_offline_exit_3_naming_models_and_command(tmp_path, hub, how):
     flags = ["--offline"] if how == "--offline" else []
@@ -196,14 +218,26 @@ def test_missing_models_offline_exit_3_naming_models_and_command(tmp_path, hub, 
 
 
 def test_only_the_missing_model_is_named(tmp_path, hub):
-    proc = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", "--offline", *QUICK, "--pasd", TINY_PASD,
-                "--models-dir", tmp_path / "elsewhere", env=clean_env(tmp_path, hub))
+    proc = pasd(
+        "upscale",
+        LR_INPUT,
+        "-o",
+        tmp_path / "out",
+        "--offline",
+        *QUICK,
+        "--pasd",
+        TINY_PASD,
+        "--models-dir",
+        tmp_path / "elsewhere",
+        env=clean_env(tmp_path, hub),
+    )
     assert "'sd15'" in one_error(proc) and "'pasd'" not in proc.stderr
     assert f"hint: fetch with: pasd download sd15 --models-dir {tmp_path / 'elsewhere'}" in proc.stderr
     assert hub.requests == []
 
 
 # ---- Must show 5: export, import into an empty store, run ------------------------------------------
+
 
 def test_export_then_import_into_an_empty_store_gives_a_working_model(tmp_path, hub, reference):
     env = clean_env(tmp_path)  # no HF_ENDPOINT: after the install below, nothing may use the network
@@ -254,6 +288,7 @@ def test_damaged_bundle_installs_nothing(tmp_path, hub, damage):
 
 
 # ---- One-line errors, exit code 3 -------------------------------------------------------------------
+
 
 def _closed_port_endpoint() -> str:
     with socket.socket() as s:
@@ -325,6 +360,7 @@ def test_remove_and_path(tmp_path, hub):
 
 # ---- At a terminal, a missing model is fetched on the fly, with a progress bar ---------------------
 
+
 def _run_at_terminal(args, env) -> tuple[int, str, str]:
     """Run `pasd` with stdin and stderr on a pseudo-terminal; (exit code, stdout, terminal output)."""
     import threading
@@ -337,8 +373,9 @@ def _run_at_terminal(args, env) -> tuple[int, str, str]:
     master, slave = pty.openpty()
     # A fresh pty is 0 columns wide, and tqdm draws nothing in 0 columns; a real terminal has a size.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([*pasd_command(), *map(str, args)], stdin=slave, stdout=subprocess.PIPE,
-                            stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [*pasd_command(), *map(str, args)], stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=env
+    )
     os.close(slave)
     chunks: list[bytes] = []
 
@@ -362,8 +399,9 @@ def _run_at_terminal(args, env) -> tuple[int, str, str]:
 
 def test_interactive_resolution_downloads_what_is_missing(tmp_path, hub):
     folder = TINY_PASD
-    paths = resolve_models([(str(folder), "--pasd"), ("sd15", "--base")], models_dir=tmp_path, interactive=True,
-                           endpoint=hub.url)
+    paths = resolve_models(
+        [(str(folder), "--pasd"), ("sd15", "--base")], models_dir=tmp_path, interactive=True, endpoint=hub.url
+    )
     assert paths == [folder, tmp_path / "sd15"]
     assert Counter(hub.downloads()) == wanted("sd15")
     hub.requests.clear()
@@ -374,7 +412,8 @@ def test_interactive_resolution_downloads_what_is_missing(tmp_path, hub):
 @pytest.mark.slow  # a full CLI run on a pseudo-terminal; the decision itself is tested in test_store.py
 def test_at_a_terminal_missing_models_download_with_a_progress_bar(tmp_path, hub):
     code, stdout, terminal = _run_at_terminal(
-        ["upscale", LR_INPUT, "-o", tmp_path / "out", *QUICK], clean_env(tmp_path, hub))
+        ["upscale", LR_INPUT, "-o", tmp_path / "out", *QUICK], clean_env(tmp_path, hub)
+    )
     assert code == 0, terminal
     assert stdout.strip() == str(tmp_path / "out" / "lr_input.png")
     assert Counter(hub.downloads()) == wanted("pasd", "sd15", "blip")  # the captioner when it is needed
@@ -394,6 +433,7 @@ def test_export_to_a_path_that_cannot_be_written_is_one_error_line(tmp_path, hub
 
 # ---- The README's set-up-and-run command, as written, after its set-up part ----------------------
 
+
 def readme_run_command() -> list[str]:
     """The README's 'Set up and run' line, split at `&&`."""
     text = (Path(__file__).parents[1] / "README.md").read_text()
@@ -404,8 +444,12 @@ def readme_run_command() -> list[str]:
 def test_readme_run_command_downloads_then_upscales_with_every_default(tmp_path, hub):
     steps = readme_run_command()
     # The set-up part is what .ci/run does (installing here would need the network).
-    assert steps[:4] == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==2.13.0",
-                         "pip install ."], steps
+    assert steps[:4] == [
+        "python3 -m venv .venv",
+        ". .venv/bin/activate",
+        "pip install torch==2.13.0",
+        "pip install .",
+    ], steps
     job = " && ".join(steps[4:])
     assert job == "pasd download && pasd upscale photo.jpg -o out/"
     # Every default but the diffusion's size and length: at --process-size 768 and 20 steps even
@@ -413,8 +457,15 @@ def test_readme_run_command_downloads_then_upscales_with_every_default(tmp_path,
     job += " --process-size 96 --steps 2"
     Image.open(LR_INPUT).convert("RGB").crop((0, 0, 40, 24)).save(tmp_path / "photo.jpg", quality=90)
     env = clean_env(tmp_path, hub, PATH=f"{Path(pasd_command()[0]).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["bash", "-c", job],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     out = tmp_path / "out" / "photo.png"

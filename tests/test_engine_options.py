@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import LR_INPUT, run_pasd
 from PIL import Image
 
-from conftest import LR_INPUT, run_pasd
 from pasd_cli.engine.color import adain_color_fix
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
 from pasd_cli.engine.prompts import encode_texts
@@ -21,8 +21,11 @@ BASE = dict(steps=2, scale=2, process_size=112, prompt="a tiny test image", seed
 
 def _run(pipeline, **overrides):
     seen = defaultdict(list)
-    result = pipeline.upscale(Image.open(LR_INPUT), UpscaleSettings(**{**BASE, **overrides}),
-                              trace=lambda name, value: seen[name].append(value))
+    result = pipeline.upscale(
+        Image.open(LR_INPUT),
+        UpscaleSettings(**{**BASE, **overrides}),
+        trace=lambda name, value: seen[name].append(value),
+    )
     return result, seen
 
 
@@ -38,10 +41,17 @@ def test_guidance_one_or_below_runs_positive_prompt_only(tiny_pipeline, guidance
     latents, t = seen["initial_latents"][0], tiny_pipeline.new_scheduler(2).timesteps[0]
     with torch.no_grad():
         embedded = tiny_pipeline.controlnet.embed_hint(hint)
-        down, mid = tiny_pipeline.controlnet(latents, t, encoder_hidden_states=expected,
-                                             controlnet_cond=embedded, return_dict=False)
-        eps = tiny_pipeline.unet(latents, t, expected, down_block_additional_residuals=down,
-                                 mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = tiny_pipeline.controlnet(
+            latents, t, encoder_hidden_states=expected, controlnet_cond=embedded, return_dict=False
+        )
+        eps = tiny_pipeline.unet(
+            latents,
+            t,
+            expected,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
     torch.testing.assert_close(seen["noise_pred"][0], eps, rtol=1e-5, atol=1e-5)
 
 
@@ -62,7 +72,7 @@ def test_color_fix_none_returns_the_decoded_image(tiny_pipeline):
 def test_adain_matches_channel_statistics(tiny_pipeline):
     generator = torch.Generator().manual_seed(0)
     sr = torch.randint(40, 220, (3, 64, 96), generator=generator, dtype=torch.uint8)
-    ref = (torch.randint(0, 60, (3, 64, 96), generator=generator) + torch.tensor([30, 90, 150])[:, None, None])
+    ref = torch.randint(0, 60, (3, 64, 96), generator=generator) + torch.tensor([30, 90, 150])[:, None, None]
     ref = ref.to(torch.uint8)
     fixed = adain_color_fix(sr, ref).float() / 255
     target = ref.float() / 255
@@ -71,8 +81,9 @@ def test_adain_matches_channel_statistics(tiny_pipeline):
     torch.testing.assert_close(fixed.mean((1, 2)), target.mean((1, 2)) - 0.5 / 255, rtol=0, atol=1e-3)
     torch.testing.assert_close(fixed.std((1, 2)), target.std((1, 2)), rtol=0, atol=2e-3)
     result, seen = _run(tiny_pipeline, color_fix="adain")
-    assert torch.equal(seen["color_fixed_uint8"][0],
-                       adain_color_fix(seen["pipeline_output_uint8"][0], seen["upscaled_input_uint8"][0]))
+    assert torch.equal(
+        seen["color_fixed_uint8"][0], adain_color_fix(seen["pipeline_output_uint8"][0], seen["upscaled_input_uint8"][0])
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -96,7 +107,7 @@ def test_an_image_too_small_to_process_is_an_input_error():
         make_hint(Image.new("RGB", (3, 2)), 1.0, 4)
 
 
-@pytest.mark.parametrize("seed", [2**64, -2**63 - 1])
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
 def test_a_seed_no_generator_takes_is_a_usage_error(tmp_path, seed):
     """Refused with the options (exit 2), not as a failure of every image (exit 1)."""
     with pytest.raises(ValueError, match="seed"):

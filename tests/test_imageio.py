@@ -12,9 +12,9 @@ import numpy as np
 import png
 import pytest
 import tifffile
+from batch_images import rgb16_gradient, srgb_icc
 from PIL import Image, ImageOps
 
-from batch_images import rgb16_gradient, srgb_icc
 from pasd_cli import deep, imageio
 from pasd_cli.atomic import write_atomic
 from pasd_cli.errors import DeviceError, InputError, Interrupted, OutputError
@@ -112,8 +112,14 @@ def test_16_bit_rgb_stays_16_bit_with_its_metadata(tmp_path, source_format, fmt)
         _png16(source, stored, srgb_icc(), exif)
     else:
         source = tmp_path / "scan.tif"
-        tifffile.imwrite(source, stored, photometric="rgb", iccprofile=srgb_icc(), metadata=None,
-                         extratags=[(0x010F, "s", 0, "TestCam", True), (0x0112, "H", 1, 6, True)])
+        tifffile.imwrite(
+            source,
+            stored,
+            photometric="rgb",
+            iccprofile=srgb_icc(),
+            metadata=None,
+            extratags=[(0x010F, "s", 0, "TestCam", True), (0x0112, "H", 1, 6, True)],
+        )
     data, written, loaded = _written(source, fmt)
     assert (imageio.bits(written), written.mode, loaded.notes) == (16, "RGB", [])
     values = _read16(data, fmt)

@@ -10,9 +10,8 @@ import resource
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_pasd, tiny_model_args
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +21,38 @@ def test_8k_output_in_under_6_gb(tmp_path):
     yy, xx = np.mgrid[0:side, 0:side] / side
     Image.fromarray((np.stack([xx, yy, (xx + yy) / 2], -1) * 255).astype(np.uint8)).save(tmp_path / "scan.png")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = run_pasd("upscale", tmp_path / "scan.png", "-o", tmp_path / "out", *tiny_model_args(),
-                    "--scale", "4", "--process-size", "64", "--steps", "1", "--guidance", "1",
-                    "--latent-tile", "32", "--latent-overlap", "8", "--latent-blend", "ramp", "--tile-batch", "4",
-                    "--vae-memory", "1024", "--vae-attention-window", "32", "--device", "cpu", "--dtype", "fp32",
-                    timeout=3 * 3600)
+    proc = run_pasd(
+        "upscale",
+        tmp_path / "scan.png",
+        "-o",
+        tmp_path / "out",
+        *tiny_model_args(),
+        "--scale",
+        "4",
+        "--process-size",
+        "64",
+        "--steps",
+        "1",
+        "--guidance",
+        "1",
+        "--latent-tile",
+        "32",
+        "--latent-overlap",
+        "8",
+        "--latent-blend",
+        "ramp",
+        "--tile-batch",
+        "4",
+        "--vae-memory",
+        "1024",
+        "--vae-attention-window",
+        "32",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        timeout=3 * 3600,
+    )
     assert proc.returncode == 0, proc.stderr
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: kB
     assert peak > before * 1024

@@ -27,11 +27,15 @@ def released_gaussian(size: int) -> np.ndarray:
     """The released `_gaussian_weights`, transcribed (numpy, float64)."""
     var = 0.01
     mid_x = (size - 1) / 2
-    x_probs = [math.exp(-(x - mid_x) * (x - mid_x) / (size * size) / (2 * var)) / math.sqrt(2 * math.pi * var)
-               for x in range(size)]
+    x_probs = [
+        math.exp(-(x - mid_x) * (x - mid_x) / (size * size) / (2 * var)) / math.sqrt(2 * math.pi * var)
+        for x in range(size)
+    ]
     mid_y = size / 2
-    y_probs = [math.exp(-(y - mid_y) * (y - mid_y) / (size * size) / (2 * var)) / math.sqrt(2 * math.pi * var)
-               for y in range(size)]
+    y_probs = [
+        math.exp(-(y - mid_y) * (y - mid_y) / (size * size) / (2 * var)) / math.sqrt(2 * math.pi * var)
+        for y in range(size)
+    ]
     return np.outer(y_probs, x_probs)
 
 
@@ -98,6 +102,7 @@ def test_ramp_weights_are_positive_and_vanish_at_inner_edges():
 
 # -- the networks ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def networks(tiny_pipeline):
     return tiny_pipeline.unet, tiny_pipeline.controlnet
@@ -133,11 +138,28 @@ def released_tiled_eps(unet, controlnet, latents, t, embeds, hint, guidance, til
             if col == grid_cols - 1:
                 ofs_y = h - tile
             window = (slice(None), slice(None), slice(ofs_y, ofs_y + tile), slice(ofs_x, ofs_x + tile))
-            pixels = (slice(None), slice(None), slice(ofs_y * 8, (ofs_y + tile) * 8), slice(ofs_x * 8, (ofs_x + tile) * 8))
-            down, mid = controlnet(latent_input[window], t, encoder_hidden_states=embeds,
-                                   controlnet_cond=image[pixels], conditioning_scale=1.0, return_dict=False)
-            out = unet(latent_input[window], t, embeds, down_block_additional_residuals=down,
-                       mid_block_additional_residual=mid, return_dict=False)[0]
+            pixels = (
+                slice(None),
+                slice(None),
+                slice(ofs_y * 8, (ofs_y + tile) * 8),
+                slice(ofs_x * 8, (ofs_x + tile) * 8),
+            )
+            down, mid = controlnet(
+                latent_input[window],
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=image[pixels],
+                conditioning_scale=1.0,
+                return_dict=False,
+            )
+            out = unet(
+                latent_input[window],
+                t,
+                embeds,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]
             noise_pred[window] += out * weights
             contributors[window] += weights
     noise_pred /= contributors
@@ -165,8 +187,9 @@ def test_batched_tiles_equal_one_at_a_time(networks, inputs, blend, guidance):
     embeds = embeds if guidance > 1 else embeds[1:]
     results = {}
     for batch in (1, 3, 6):
-        predictor = NoisePredictor(unet, controlnet, embeds, hint, Guidance(guidance, 1.0), 16, 4,
-                                   tile_batch=batch, blend=blend)
+        predictor = NoisePredictor(
+            unet, controlnet, embeds, hint, Guidance(guidance, 1.0), 16, 4, tile_batch=batch, blend=blend
+        )
         results[batch] = predictor(latents, t)
     assert len(TileGrid.build(22, 30, 16, 4).tiles) == 6
     scale = max(1.0, results[1].abs().max().item())
@@ -178,8 +201,19 @@ def test_batched_tiles_equal_one_at_a_time(networks, inputs, blend, guidance):
 def test_hint_cache_is_bounded_and_exact(networks, inputs):
     unet, controlnet = networks
     latents, hint, embeds, t = inputs
-    make = lambda budget: NoisePredictor(unet, controlnet, embeds, hint, Guidance(9.0, 1.0), 16, 4,  # noqa: E731
-                                         hint_cache_bytes=budget)
+
+    def make(budget):
+        return NoisePredictor(
+            unet,
+            controlnet,
+            embeds,
+            hint,
+            Guidance(9.0, 1.0),
+            16,
+            4,
+            hint_cache_bytes=budget,
+        )
+
     cached, uncached, two = make(2**30), make(0), make(2 * 16 * 16 * 16 * 4)
     for predictor in (cached, uncached, two):
         predictor(latents, t)
@@ -213,7 +247,17 @@ def test_batched_tiles_equal_one_at_a_time_in_float64_within_1e_5(networks, inpu
     latents, hint, embeds, t = inputs
     results = {}
     for batch in (1, 6):
-        predictor = NoisePredictor(unet, controlnet, embeds.double(), hint, Guidance(9.0, 1.0), 16, 4,
-                                   tile_batch=batch, blend=blend, dtype=torch.float64)
+        predictor = NoisePredictor(
+            unet,
+            controlnet,
+            embeds.double(),
+            hint,
+            Guidance(9.0, 1.0),
+            16,
+            4,
+            tile_batch=batch,
+            blend=blend,
+            dtype=torch.float64,
+        )
         results[batch] = predictor(latents, t)
     torch.testing.assert_close(results[6], results[1], rtol=0, atol=1e-5)

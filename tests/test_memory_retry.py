@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LR_INPUT
 from PIL import Image
 
-from conftest import LR_INPUT
 from pasd_cli.engine.memory import TileShrinker, is_out_of_memory
 from pasd_cli.engine.pipeline import image_to_tensor
 from pasd_cli.engine.tiling import TileGrid
 from pasd_cli.errors import DeviceError
 from pasd_cli.settings import UpscaleSettings
 
-SETTINGS = UpscaleSettings(steps=1, guidance=1.0, scale=4, process_size=112, latent_tile=64, latent_overlap=4,
-                           vae_tile=0)
+SETTINGS = UpscaleSettings(
+    steps=1, guidance=1.0, scale=4, process_size=112, latent_tile=64, latent_overlap=4, vae_tile=0
+)
 
 
 class _Ceiling:
@@ -69,8 +70,9 @@ def test_halved_latent_tiles_keep_a_bounded_overlap(tiny_pipeline, ceilings):
     settings = UpscaleSettings(**{**SETTINGS.__dict__, "latent_tile": 40, "latent_overlap": 30})
     ceilings(tiny_pipeline.unet.conv_in, 26 * 26)  # 40 -> 20
     tiles = []
-    result = tiny_pipeline.upscale(lr, settings, progress=lambda stage, done, total: tiles.append(total)
-                                   if stage == "tile" else None)
+    result = tiny_pipeline.upscale(
+        lr, settings, progress=lambda stage, done, total: tiles.append(total) if stage == "tile" else None
+    )
     assert result.latent_tiles == len(TileGrid.build(30, 50, 20, 10).tiles) == 8
     assert set(tiles) == {8}
 
@@ -94,8 +96,9 @@ def test_other_errors_are_not_retried():
     assert is_out_of_memory(RuntimeError("Invalid buffer size: 19.45 GB"))  # MPS: above Metal's largest buffer
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape"):
-        TileShrinker(torch.device("cpu")).run(lambda tile: (_ for _ in ()).throw(RuntimeError("shape")),
-                                              0, 100, 8, "VAE")
+        TileShrinker(torch.device("cpu")).run(
+            lambda tile: (_ for _ in ()).throw(RuntimeError("shape")), 0, 100, 8, "VAE"
+        )
 
 
 def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_pasd, tiny_model_args
 from PIL import Image
 
-from conftest import run_pasd, tiny_model_args
 from pasd_cli.metadata import read_record
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]

@@ -10,9 +10,9 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import LR_INPUT
 from PIL import Image
 
-from conftest import LR_INPUT
 from pasd_cli.engine.color import wavelet_color_fix
 from pasd_cli.engine.noise import initial_latents, released_step_index, standard_normal_draws
 from pasd_cli.engine.pipeline import decoded_to_uint8, image_to_tensor
@@ -20,8 +20,16 @@ from pasd_cli.engine.prompts import build_prompt
 from pasd_cli.engine.resize import make_hint
 from pasd_cli.settings import ADDED_PROMPT, NEGATIVE_PROMPT, UpscaleSettings
 
-SETTINGS = UpscaleSettings(steps=2, guidance=9.0, conditioning_scale=1.0, scale=2, process_size=112,
-                           added_noise_level=900, prompt="a tiny test image", seed=1234)
+SETTINGS = UpscaleSettings(
+    steps=2,
+    guidance=9.0,
+    conditioning_scale=1.0,
+    scale=2,
+    process_size=112,
+    added_noise_level=900,
+    prompt="a tiny test image",
+    seed=1234,
+)
 
 
 def assert_pipeline_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -39,8 +47,7 @@ def assert_images_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def free_run(tiny_pipeline):
     seen = defaultdict(list)
-    result = tiny_pipeline.upscale(Image.open(LR_INPUT), SETTINGS,
-                                   trace=lambda name, value: seen[name].append(value))
+    result = tiny_pipeline.upscale(Image.open(LR_INPUT), SETTINGS, trace=lambda name, value: seen[name].append(value))
     return result, seen
 
 
@@ -63,8 +70,9 @@ def test_input_and_hint_image(reference, free_run):
 
 
 def test_prompt_embeddings(reference, free_run):
-    torch.testing.assert_close(free_run[1]["prompt_embeds"][0], reference["pipeline"]["prompt_embeds"],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        free_run[1]["prompt_embeds"][0], reference["pipeline"]["prompt_embeds"], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_schedule(reference, free_run, tiny_pipeline):
@@ -77,9 +85,9 @@ def test_schedule(reference, free_run, tiny_pipeline):
 
 def test_released_step_index_quirk():
     timesteps = torch.tensor([999, 900, 900, 500])
-    assert released_step_index(timesteps, 900) == 2   # present twice: the second
+    assert released_step_index(timesteps, 900) == 2  # present twice: the second
     assert released_step_index(timesteps, 999) == 0
-    assert released_step_index(timesteps, 901) == 3   # absent: the last
+    assert released_step_index(timesteps, 901) == 3  # absent: the last
 
 
 def test_generator_draws_in_released_order(reference):
@@ -99,9 +107,15 @@ def test_posterior(reference, tiny_pipeline):
 
 def test_initial_latents(reference, free_run):
     ref = reference["pipeline"]
-    from_stored = initial_latents(ref["posterior_mean"], ref["posterior_std"], ref["timesteps"],
-                                  ref["sigmas"], 900, 0.18215,
-                                  [ref["eps_posterior"], ref["noise_first_timestep"], ref["noise_added_level"]])
+    from_stored = initial_latents(
+        ref["posterior_mean"],
+        ref["posterior_std"],
+        ref["timesteps"],
+        ref["sigmas"],
+        900,
+        0.18215,
+        [ref["eps_posterior"], ref["noise_first_timestep"], ref["noise_added_level"]],
+    )
     assert torch.equal(from_stored, ref["initial_latents"])
     assert_pipeline_close(free_run[1]["initial_latents"][0], ref["initial_latents"])
 
@@ -137,8 +151,9 @@ def test_decoder(reference, tiny_pipeline, free_run):
     with torch.no_grad():
         decoded = tiny_pipeline.vae.decode(ref["latents_to_decode"])
     torch.testing.assert_close(decoded, ref["decoded"], rtol=0, atol=2e-3)
-    torch.testing.assert_close(free_run[1]["decoded"][0], ref["decoded"], rtol=0,
-                               atol=1e-3 * ref["decoded"].abs().max().item())
+    torch.testing.assert_close(
+        free_run[1]["decoded"][0], ref["decoded"], rtol=0, atol=1e-3 * ref["decoded"].abs().max().item()
+    )
 
 
 def test_postprocess_and_color_fix_are_exact_on_stored_inputs(reference):

@@ -20,16 +20,25 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import pasd_command, run_pasd, tiny_model_args
+from PIL import Image
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
 FAST = ["--scale", "2", "--steps", "1", "--guidance", "1", "--process-size", "16"]
 ANSI = re.compile(r"\x1b\[")
 # Environment variables by which Rich (or a CI runner) would override what the terminal says.
-TERMINAL_OVERRIDES = ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR", "NO_COLOR", "COLUMNS", "LINES",
-                      "JUPYTER_COLUMNS", "JUPYTER_LINES", "CI", "GITHUB_ACTIONS")
+TERMINAL_OVERRIDES = (
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+    "FORCE_COLOR",
+    "NO_COLOR",
+    "COLUMNS",
+    "LINES",
+    "JUPYTER_COLUMNS",
+    "JUPYTER_LINES",
+    "CI",
+    "GITHUB_ACTIONS",
+)
 
 
 def _photo(path: Path, seed: int = 0, size=(16, 16)) -> Path:
@@ -44,6 +53,7 @@ def _two_photos(folder: Path) -> list[Path]:
 
 
 # ---- progress without a terminal: plain lines ------------------------------------------------------
+
 
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     first, second = _two_photos(tmp_path / "in")
@@ -73,6 +83,7 @@ def test_verbose_plain_progress_reports_every_step(tmp_path):
 
 # ---- progress on a terminal: Rich ------------------------------------------------------------------
 
+
 def _read_all(fd: int, chunks: list[bytes]) -> None:
     """Drain the terminal's leader side until the command has closed its end (EIO on Linux)."""
     while True:
@@ -98,10 +109,15 @@ def test_progress_is_drawn_by_rich_when_stderr_is_a_terminal(tmp_path):
     reader.start()
     try:
         # Enough steps that the bars refresh (10 times a second) while an image is denoised.
-        proc = subprocess.run([*pasd_command(), "upscale", str(first), str(second), "-o", str(out),
-                               *FAST, "--steps", "30", *MODEL],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal, env=env,
-                              cwd=tmp_path, timeout=120)
+        proc = subprocess.run(
+            [*pasd_command(), "upscale", str(first), str(second), "-o", str(out), *FAST, "--steps", "30", *MODEL],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
     finally:
         os.close(terminal)
         reader.join(timeout=10)
@@ -121,6 +137,7 @@ def test_progress_is_drawn_by_rich_when_stderr_is_a_terminal(tmp_path):
 
 
 # ---- -q --------------------------------------------------------------------------------------------
+
 
 def test_quiet_success_prints_nothing_on_stderr(tmp_path):
     first, second = _two_photos(tmp_path / "in")

@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, PngImagePlugin
-
 from conftest import LR_INPUT
+from PIL import Image, PngImagePlugin
+from tiny_captioners import one_torch_thread
+
 from pasd_cli.caption_cache import CaptionCache, image_digest
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.errors import InputError, UsageError
 from pasd_cli.imageio import read_rgb
-from pasd_cli.prompt_sources import (ImagePrompt, PromptFile, PromptResolver, describer_missing,
-                                     read_sidecar)
+from pasd_cli.prompt_sources import ImagePrompt, PromptFile, PromptResolver, describer_missing, read_sidecar
 from pasd_cli.settings import ADDED_PROMPT, CaptionSettings
-from tiny_captioners import one_torch_thread
 
 MODELS = Path(__file__).parent.parent / "models"
 
@@ -27,8 +26,12 @@ MODELS = Path(__file__).parent.parent / "models"
 def batch(tmp_path) -> list[Path]:
     """Four different small images in one folder."""
     lr = Image.open(LR_INPUT).convert("RGB")
-    images = [lr, lr.rotate(90, expand=True), Image.new("RGB", (40, 30), (0, 0, 255)),
-              Image.new("RGB", (50, 30), (255, 0, 0))]
+    images = [
+        lr,
+        lr.rotate(90, expand=True),
+        Image.new("RGB", (40, 30), (0, 0, 255)),
+        Image.new("RGB", (50, 30), (255, 0, 0)),
+    ]
     folder = tmp_path / "in"
     folder.mkdir()
     paths = []
@@ -53,6 +56,7 @@ def _one_thread():
 
 
 # --- sidecars ---------------------------------------------------------------------------------
+
 
 def test_sidecar_text_rules(tmp_path):
     image = tmp_path / "photo.jpg"
@@ -80,6 +84,7 @@ def test_sidecar_prompt_is_combined_like_a_label_and_not_cleaned():
 
 # --- the prompt file --------------------------------------------------------------------------
 
+
 def write(path: Path, text: str, encoding="utf-8") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode(encoding))
@@ -87,13 +92,16 @@ def write(path: Path, text: str, encoding="utf-8") -> Path:
 
 
 def test_prompt_file_names_paths_header_and_quoting(tmp_path):
-    csv_path = write(tmp_path / "prompts.csv", "\ufefffile,prompt\n"
-                     "photo.png,by name\n"
-                     "\n"
-                     "sub/photo.png,\"by path, with a comma\"\n"
-                     "multi.png,\"two\nlines\"\n"
-                     "unused.png,never matched\n"
-                     "empty.png,\n")
+    csv_path = write(
+        tmp_path / "prompts.csv",
+        "\ufefffile,prompt\n"
+        "photo.png,by name\n"
+        "\n"
+        'sub/photo.png,"by path, with a comma"\n'
+        'multi.png,"two\nlines"\n'
+        "unused.png,never matched\n"
+        "empty.png,\n",
+    )
     prompts = PromptFile.read(csv_path)
     assert prompts.lookup(tmp_path / "sub" / "photo.png") == "by path, with a comma"
     assert prompts.lookup(tmp_path / "other" / "photo.png") == "by name"
@@ -108,13 +116,16 @@ def test_prompt_file_without_header(tmp_path):
     assert prompts.entries == {"file.png": "prompt one"}
 
 
-@pytest.mark.parametrize("text,message", [
-    ("a.png,one\nb.png,a dog, on grass\n", "line 2: 3 fields; expected 2"),
-    ("a.png\n", "line 1: 1 fields"),
-    ("a.png,one\na.png,two\n", "line 2: a.png is listed twice"),
-    (" ,orphan\n", "line 1: empty file name"),
-    ('a.png,"unterminated\n', "not valid CSV"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("a.png,one\nb.png,a dog, on grass\n", "line 2: 3 fields; expected 2"),
+        ("a.png\n", "line 1: 1 fields"),
+        ("a.png,one\na.png,two\n", "line 2: a.png is listed twice"),
+        (" ,orphan\n", "line 1: empty file name"),
+        ('a.png,"unterminated\n', "not valid CSV"),
+    ],
+)
 def test_malformed_prompt_files_are_usage_errors(tmp_path, text, message):
     with pytest.raises(UsageError, match=message):
         PromptFile.read(write(tmp_path / "p.csv", text))
@@ -135,6 +146,7 @@ def test_three_field_error_hints_at_quoting(tmp_path):
 
 # --- precedence -------------------------------------------------------------------------------
 
+
 def test_sidecar_beats_prompt_file_beats_caption(tiny_blip_dir, batch, tmp_path):
     a, b, c, d = batch
     write(a.with_suffix(".txt"), "sidecar for a\n")
@@ -143,10 +155,18 @@ def test_sidecar_beats_prompt_file_beats_caption(tiny_blip_dir, batch, tmp_path)
     with resolver(tiny_blip_dir, prompt_file=prompts) as resolve:
         chosen = run(resolve, batch)
         assert [(p.source, p.text) for p in chosen[:3]] == [
-            ("sidecar", "sidecar for a"), ("prompt-file", "csv for b"), ("sidecar", "sidecar for c")]
+            ("sidecar", "sidecar for a"),
+            ("prompt-file", "csv for b"),
+            ("sidecar", "sidecar for c"),
+        ]
         assert chosen[3].source == "blip" and chosen[3].text == chosen[3].description.caption
-        assert resolve.stats.to_json() == {"sidecar": 2, "prompt_file": 1, "captions_computed": 1,
-                                           "caption_cache_hits": 0, "none": 0}
+        assert resolve.stats.to_json() == {
+            "sidecar": 2,
+            "prompt_file": 1,
+            "captions_computed": 1,
+            "caption_cache_hits": 0,
+            "none": 0,
+        }
     assert not resolve.loaded  # closed
 
 
@@ -164,7 +184,11 @@ def test_caption_none_still_honours_per_image_prompts(batch, tmp_path):
     resolve = PromptResolver("none", prompt_file=PromptFile.read(write(tmp_path / "p.csv", "b.png,csv b\n")))
     chosen = [resolve.resolve(path, lambda: pytest.fail("image read")) for path in batch]
     assert [(p.source, p.text) for p in chosen] == [
-        ("sidecar", "sidecar for a"), ("prompt-file", "csv b"), ("none", None), ("none", None)]
+        ("sidecar", "sidecar for a"),
+        ("prompt-file", "csv b"),
+        ("none", None),
+        ("none", None),
+    ]
 
 
 def test_sidecars_can_be_turned_off(tiny_blip_dir, batch):
@@ -190,6 +214,7 @@ def test_resolver_needs_a_matching_describer(tiny_blip_dir):
 
 # --- the cache --------------------------------------------------------------------------------
 
+
 def test_second_run_computes_no_caption(tiny_blip_dir, batch, tmp_path):
     cache_dir = tmp_path / "cache"
     with resolver(tiny_blip_dir, CaptionCache(cache_dir)) as first:
@@ -208,8 +233,10 @@ def test_second_run_computes_no_caption(tiny_blip_dir, batch, tmp_path):
 def test_a_different_captioner_identity_misses(tiny_blip_dir, batch, tmp_path):
     cache = tmp_path / "cache"
     run(resolver(tiny_blip_dir, CaptionCache(cache)), batch)
-    for other in (resolver(tiny_blip_dir, CaptionCache(cache), revision="r2"),
-                  resolver(tiny_blip_dir, CaptionCache(cache), settings=CaptionSettings(num_beams=1))):
+    for other in (
+        resolver(tiny_blip_dir, CaptionCache(cache), revision="r2"),
+        resolver(tiny_blip_dir, CaptionCache(cache), settings=CaptionSettings(num_beams=1)),
+    ):
         run(other, batch)
         assert other.stats.cache_hits == 0 and other.stats.described == 4
 
@@ -250,13 +277,21 @@ def test_cache_records_are_checked_and_rewritten(tmp_path):
     cache.put(identity, digest, described)
     path = cache.path(identity, digest)
     record = json.loads(path.read_text())
-    assert record == {"format": 1, "identity": identity, "image_sha256": digest,
-                      "description": {"caption": "a dog", "label": None, "top_class": None, "probability": None}}
+    assert record == {
+        "format": 1,
+        "identity": identity,
+        "image_sha256": digest,
+        "description": {"caption": "a dog", "label": None, "top_class": None, "probability": None},
+    }
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
     assert cache.get(identity, digest) == described
 
-    for broken in ("{not json", json.dumps({**record, "identity": {"kind": "other"}}),
-                   json.dumps({**record, "description": {"caption": 3}}), "[]"):
+    for broken in (
+        "{not json",
+        json.dumps({**record, "identity": {"kind": "other"}}),
+        json.dumps({**record, "description": {"caption": 3}}),
+        "[]",
+    ):
         path.write_text(broken)
         assert cache.get(identity, digest) is None
     assert (cache.hits, cache.misses) == (1, 4)
@@ -273,6 +308,7 @@ def test_an_unwritable_cache_does_not_fail_the_batch(tiny_blip_dir, batch, tmp_p
 
 
 # --- manifests --------------------------------------------------------------------------------
+
 
 def test_captioner_manifests_follow_the_model_schema():
     from pasd_cli.store import load_manifests

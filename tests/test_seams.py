@@ -30,8 +30,9 @@ VAE_TILE = 112  # cuts at 104 and 216 px, apart from the latent tile lines
 
 def gradient_image(side: int) -> Image.Image:
     yy, xx = np.mgrid[0:side, 0:side]
-    return Image.fromarray(np.stack([xx / side * 255, yy / side * 255, (xx + yy) / (2 * side) * 255],
-                                    -1).astype(np.uint8))
+    return Image.fromarray(
+        np.stack([xx / side * 255, yy / side * 255, (xx + yy) / (2 * side) * 255], -1).astype(np.uint8)
+    )
 
 
 def line_ratio(image: torch.Tensor, lines: list[int]) -> float:
@@ -51,14 +52,23 @@ VAE_CUTS = sorted({8 * box[1] for box in TiledSection(None, []).cores(LATENT, LA
 
 
 def upscale(pipeline, **options) -> torch.Tensor:
-    settings = UpscaleSettings(**{**dict(steps=2, scale=4, process_size=64, guidance=1.0, latent_tile=TILE,
-                                         latent_overlap=OVERLAP, vae_tile=0), **options})
+    settings = UpscaleSettings(
+        **{
+            **dict(
+                steps=2, scale=4, process_size=64, guidance=1.0, latent_tile=TILE, latent_overlap=OVERLAP, vae_tile=0
+            ),
+            **options,
+        }
+    )
     return image_to_tensor(pipeline.upscale(gradient_image(LATENT * 2), settings).image)
 
 
 def ratios(image: torch.Tensor) -> dict[str, float]:
-    return {"tile edges": line_ratio(image, TILE_EDGES), "overlap middles": line_ratio(image, OVERLAP_MIDDLES),
-            "VAE tile edges": line_ratio(image, VAE_CUTS)}
+    return {
+        "tile edges": line_ratio(image, TILE_EDGES),
+        "overlap middles": line_ratio(image, OVERLAP_MIDDLES),
+        "VAE tile edges": line_ratio(image, VAE_CUTS),
+    }
 
 
 def test_no_seams_on_a_smooth_gradient(tiny_pipeline):

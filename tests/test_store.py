@@ -13,9 +13,20 @@ import pytest
 
 from pasd_cli import settings
 from pasd_cli.errors import ModelError
-from pasd_cli.store import (KINDS, Store, default_models, load_manifests, manifests_dir, may_download,
-                            offline_requested, resolve_models, runs_at_terminal, store_root, user_cache_dir,
-                            with_needs)
+from pasd_cli.store import (
+    KINDS,
+    Store,
+    default_models,
+    load_manifests,
+    manifests_dir,
+    may_download,
+    offline_requested,
+    resolve_models,
+    runs_at_terminal,
+    store_root,
+    user_cache_dir,
+    with_needs,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_TABLE = {"pasd", "pasd-light", "pasd-rrdb", "pasd-light-rrdb", "pasd-light-color", "sd15"}
@@ -32,7 +43,8 @@ def test_every_released_model_has_a_valid_manifest():
         if m.kind == "pasd":
             assert m.needs == ("sd15",) and m.repo_id == "yangtao9009/PASD"
             assert {"unet/diffusion_pytorch_model.safetensors", "controlnet/diffusion_pytorch_model.safetensors"} <= {
-                f.removeprefix(m.entry + "/") if m.entry else f for f in m.files}, name
+                f.removeprefix(m.entry + "/") if m.entry else f for f in m.files
+            }, name
     # The PASD UNet carries the whole SD UNet: the 3.4 GB base UNet is never fetched.
     assert not any(f.startswith("unet/") for f in manifests["sd15"].files)
     assert manifests["pasd-light-color"].note  # the checkpoint path is a guess, and says so
@@ -58,23 +70,29 @@ def test_store_root_precedence(tmp_path):
     assert store_root(None, {"HOME": str(tmp_path)}) == user_cache_dir({"HOME": str(tmp_path)})
 
 
-@pytest.mark.parametrize("platform, env, expected", [
-    ("linux", {"HOME": "/h"}, "/h/.cache/pasd"),
-    ("linux", {"HOME": "/h", "XDG_CACHE_HOME": "/x"}, "/x/pasd"),
-    ("darwin", {"HOME": "/h"}, "/h/Library/Caches/pasd"),
-    ("win32", {"HOME": "/h", "LOCALAPPDATA": "/l"}, "/l/pasd/Cache"),
-])
+@pytest.mark.parametrize(
+    "platform, env, expected",
+    [
+        ("linux", {"HOME": "/h"}, "/h/.cache/pasd"),
+        ("linux", {"HOME": "/h", "XDG_CACHE_HOME": "/x"}, "/x/pasd"),
+        ("darwin", {"HOME": "/h"}, "/h/Library/Caches/pasd"),
+        ("win32", {"HOME": "/h", "LOCALAPPDATA": "/l"}, "/l/pasd/Cache"),
+    ],
+)
 def test_user_cache_dir_follows_platform_conventions(platform, env, expected):
     assert user_cache_dir(env, platform) == Path(expected)
 
 
-@pytest.mark.parametrize("flag, env, offline", [
-    (False, {}, False),
-    (True, {}, True),
-    (False, {"PASD_OFFLINE": "1"}, True),
-    (False, {"HF_HUB_OFFLINE": "true"}, True),
-    (False, {"HF_HUB_OFFLINE": "0", "PASD_OFFLINE": ""}, False),
-])
+@pytest.mark.parametrize(
+    "flag, env, offline",
+    [
+        (False, {}, False),
+        (True, {}, True),
+        (False, {"PASD_OFFLINE": "1"}, True),
+        (False, {"HF_HUB_OFFLINE": "true"}, True),
+        (False, {"HF_HUB_OFFLINE": "0", "PASD_OFFLINE": ""}, False),
+    ],
+)
 def test_offline_is_requested_by_flag_or_environment(flag, env, offline):
     assert offline_requested(flag, env) is offline
 
@@ -87,13 +105,16 @@ class _Stream:
         return self.tty
 
 
-@pytest.mark.parametrize("stdin_tty, stderr_tty, offline, downloads", [
-    (True, True, False, True),    # a person at a terminal: fetch with a progress bar
-    (True, True, True, False),    # --offline / PASD_OFFLINE / HF_HUB_OFFLINE
-    (False, True, False, False),  # cron, `< /dev/null`, a service
-    (True, False, False, False),  # stderr to a log file
-    (False, False, False, False),
-])
+@pytest.mark.parametrize(
+    "stdin_tty, stderr_tty, offline, downloads",
+    [
+        (True, True, False, True),  # a person at a terminal: fetch with a progress bar
+        (True, True, True, False),  # --offline / PASD_OFFLINE / HF_HUB_OFFLINE
+        (False, True, False, False),  # cron, `< /dev/null`, a service
+        (True, False, False, False),  # stderr to a log file
+        (False, False, False, False),
+    ],
+)
 def test_auto_download_only_at_a_terminal_and_online(stdin_tty, stderr_tty, offline, downloads):
     interactive = runs_at_terminal(_Stream(stdin_tty), _Stream(stderr_tty))
     assert may_download(offline, interactive) is downloads
@@ -128,16 +149,32 @@ def test_a_truncated_file_makes_the_model_unusable(tmp_path):
     assert store.problems("sd15") == [] and store.problems("sd15", full=True) == []
     victim = folder / "vae" / "config.json"
     victim.write_bytes(victim.read_bytes()[:-3])
-    assert store.problems("sd15") == [f"vae/config.json: size {files['vae/config.json']['size'] - 3}, "
-                                      f"expected {files['vae/config.json']['size']}"]
+    assert store.problems("sd15") == [
+        f"vae/config.json: size {files['vae/config.json']['size'] - 3}, expected {files['vae/config.json']['size']}"
+    ]
 
 
 def test_wheel_ships_the_manifests_and_finds_them(tmp_path):
     setuptools = pytest.importorskip("setuptools")  # built without isolation: no index needed
     if int(setuptools.__version__.split(".")[0]) < 69:
         pytest.skip("pyproject needs setuptools>=69 to build")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "-w", str(tmp_path), "--no-deps",
-                            "--no-build-isolation", "-q"], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO_ROOT),
+            "-w",
+            str(tmp_path),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr
     wheel = next(tmp_path.glob("pasd-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
@@ -146,10 +183,18 @@ def test_wheel_ships_the_manifests_and_finds_them(tmp_path):
     assert not any(n.startswith("models/") for n in names)  # no top-level `models` package
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
-    probe = ("import json, pasd_cli, pasd_cli.store as s; "
-             "print(json.dumps([pasd_cli.__file__, str(s.manifests_dir()), sorted(s.load_manifests())]))")
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                         env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    probe = (
+        "import json, pasd_cli, pasd_cli.store as s; "
+        "print(json.dumps([pasd_cli.__file__, str(s.manifests_dir()), sorted(s.load_manifests())]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     package_file, found_dir, names_found = json.loads(run.stdout)
     assert Path(package_file).is_relative_to(unpacked)

@@ -6,15 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_LIGHT, TINY_PASD
 from ldm_layout import checkpoint_from_parts
-from pasd_cli.engine.bases import (DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, apply_base, base_kind,
-                                   stock_unet_keys)
+from tiny_bases import (
+    fresh_components,
+    paca_from_file,
+    perturbed,
+    plain_render,
+    render,
+    stock_state,
+    write_checkpoint,
+    write_diffusers_folder,
+    write_unet_folder,
+)
+
+from pasd_cli.engine.bases import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, apply_base, base_kind, stock_unet_keys
 from pasd_cli.engine.single_file import sd15_config
 from pasd_cli.errors import ModelError
-from tiny_bases import (fresh_components, paca_from_file, perturbed, plain_render, render, stock_state,
-                        write_checkpoint, write_diffusers_folder, write_unet_folder)
 
 
 def _assert_paca_is_pasds(components, pasd) -> None:
@@ -31,9 +39,14 @@ def _assert_state(module_state: dict, expected: dict) -> None:
 
 # --- the test-side LDM writer and the shipped configs -------------------------------------------
 
+
 def test_ldm_writer_round_trips_through_diffusers_converters():
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, infer_diffusers_model_type)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        infer_diffusers_model_type,
+    )
 
     components = fresh_components()
     unet = stock_state(components)
@@ -60,18 +73,21 @@ def test_shipped_sd15_configs_build_sd15_and_match_the_ldm_layout():
     assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
     checkpoint = checkpoint_from_parts(unet.state_dict(), unet.config, vae, text)
     # Keys every SD 1.5 checkpoint has, and diffusers' own v1 marker.
-    for key in ("model.diffusion_model.output_blocks.11.0.skip_connection.weight",
-                "model.diffusion_model.input_blocks.3.0.op.weight",
-                "model.diffusion_model.output_blocks.2.1.conv.weight",
-                "first_stage_model.decoder.up.3.upsample.conv.weight",
-                "first_stage_model.encoder.mid.attn_1.q.weight",
-                "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"):
+    for key in (
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+        "model.diffusion_model.input_blocks.3.0.op.weight",
+        "model.diffusion_model.output_blocks.2.1.conv.weight",
+        "first_stage_model.decoder.up.3.upsample.conv.weight",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    ):
         assert key in checkpoint, key
     assert set(convert_ldm_unet_checkpoint(checkpoint, sd15_config("unet"))) == set(unet.state_dict())
     assert set(convert_ldm_vae_checkpoint(checkpoint, sd15_config("vae"))) == set(vae.state_dict())
 
 
 # --- single-file checkpoints ----------------------------------------------------------------------
+
 
 def test_blend_0_with_same_vae_and_text_encoder_reproduces_plain_output_exactly(tmp_path):
     plain = plain_render()
@@ -138,8 +154,10 @@ def test_old_clip_layout_and_damaged_position_ids_load(tmp_path):
     components = fresh_components()
     text_state = perturbed(components.text_encoder.state_dict(), seed=15)
     path = write_checkpoint(tmp_path / "new.safetensors", components, text_state=text_state)
-    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
-           for k, v in load_file(path).items()}
+    old = {
+        k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+        for k, v in load_file(path).items()
+    }
     old["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77.0)[None] + 0.4
     save_file(old, str(tmp_path / "old.safetensors"))
     reference = fresh_components()
@@ -148,8 +166,9 @@ def test_old_clip_layout_and_damaged_position_ids_load(tmp_path):
     _assert_state(components.text_encoder.state_dict(), text_state)
     ids = torch.arange(20)[None]
     with torch.no_grad():
-        assert torch.equal(components.text_encoder(ids).last_hidden_state,
-                           reference.text_encoder(ids).last_hidden_state)
+        assert torch.equal(
+            components.text_encoder(ids).last_hidden_state, reference.text_encoder(ids).last_hidden_state
+        )
 
 
 def test_single_file_with_diffusers_unet_keys_is_a_unet(tmp_path):
@@ -167,6 +186,7 @@ def test_single_file_with_diffusers_unet_keys_is_a_unet(tmp_path):
 
 
 # --- folders ------------------------------------------------------------------------------------
+
 
 def test_unet_folder_replaces_stock_tensors_and_keeps_paca(tmp_path):
     components = fresh_components()
@@ -209,8 +229,9 @@ def test_every_paca_tensor_stays_pasds_after_each_kind_of_swap(tmp_path, pasd):
     swaps = [
         write_checkpoint(tmp_path / "a.safetensors", components, unet_state=perturbed(stock, 11)),
         write_unet_folder(tmp_path / "unet_only", perturbed(stock, 12)),
-        write_diffusers_folder(tmp_path / "full", perturbed(stock, 13), components.vae.state_dict(),
-                               components.text_encoder.state_dict()),
+        write_diffusers_folder(
+            tmp_path / "full", perturbed(stock, 13), components.vae.state_dict(), components.text_encoder.state_dict()
+        ),
     ]
     for blend, path in zip((1.0, 0.5, 1.0), swaps):
         apply_base(components, path, blend=blend)
@@ -219,6 +240,7 @@ def test_every_paca_tensor_stays_pasds_after_each_kind_of_swap(tmp_path, pasd):
 
 
 # --- refusals -----------------------------------------------------------------------------------
+
 
 def test_mis_shaped_base_is_refused_and_leaves_components_intact(tmp_path):
     components = fresh_components()
@@ -236,8 +258,13 @@ def test_lora_given_as_base_is_refused_with_a_hint(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "style_lora.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
-               "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1)}, str(path))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+            "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1),
+        },
+        str(path),
+    )
     with pytest.raises(ModelError, match="is a LoRA") as failure:
         apply_base(fresh_components(), path)
     assert "--lora" in failure.value.hint
@@ -247,8 +274,9 @@ def test_sdxl_checkpoint_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     components = fresh_components()
-    state = checkpoint_from_parts(stock_state(components), components.unet.config, components.vae,
-                                  components.text_encoder)
+    state = checkpoint_from_parts(
+        stock_state(components), components.unet.config, components.vae, components.text_encoder
+    )
     state["conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"] = torch.zeros(4)
     path = tmp_path / "sdxl.safetensors"
     save_file(state, str(path))

@@ -15,20 +15,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT, run_pasd, tiny_stylize_args
 from hub_server import FakeHub, Repo, clean_env
+from PIL import Image
+from tiny_bases import (
+    fresh_components,
+    kohya_name,
+    lora_pair,
+    perturbed,
+    render,
+    stock_state,
+    write_checkpoint,
+    write_diffusers_folder,
+    write_kohya_lora,
+    write_unet_folder,
+)
+
 from pasd_cli.metadata import read_record
-from tiny_bases import (fresh_components, kohya_name, lora_pair, perturbed, render, stock_state, write_checkpoint,
-                        write_diffusers_folder, write_kohya_lora, write_unet_folder)
 
 SEED = 7
 # tiny_bases.render's settings, on the command line.
 RUN = ["--steps", "2", "--process-size", "64", "--seed", str(SEED), "--device", "cpu", "--dtype", "fp32"]
 RANK = 4
-LORA_UNET = ["down_blocks.0.resnets.0.conv1", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
-             "mid_block.attentions.0.proj_in"]
+LORA_UNET = [
+    "down_blocks.0.resnets.0.conv1",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.proj_in",
+]
 LORA_TEXT = ["encoder.layers.0.self_attn.q_proj"]
 LCM_UNET = ["down_blocks.0.attentions.0.proj_in", "up_blocks.3.resnets.2.conv2"]
 HUB_BASE = "someone/identity-style"
@@ -90,9 +103,15 @@ def hub(files):
     must never fetch, and a tiny LCM-LoRA in the released repo's layout."""
     folder = files["diffusers_folder"]
     base = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-    base.update({"unet/diffusion_pytorch_model.bin": b"pickled copy" * 100, "identity.ckpt": b"pickle" * 100,
-                 "safety_checker/config.json": b"{}", "safety_checker/model.safetensors": b"\0" * 1000,
-                 "README.md": b"# identity\n"})
+    base.update(
+        {
+            "unet/diffusion_pytorch_model.bin": b"pickled copy" * 100,
+            "identity.ckpt": b"pickle" * 100,
+            "safety_checker/config.json": b"{}",
+            "safety_checker/model.safetensors": b"\0" * 1000,
+            "README.md": b"# identity\n",
+        }
+    )
     lcm = {"pytorch_lora_weights.safetensors": files["lcm"].read_bytes(), "README.md": b"# LCM-LoRA\n"}
     with FakeHub({HUB_BASE: Repo(base), LCM_REPO: Repo(lcm)}) as server:
         yield server
@@ -106,8 +125,9 @@ def pixels(path: Path) -> np.ndarray:
 def stylize(files, name: str, *args, env: dict | None = None) -> tuple[np.ndarray, dict]:
     """One `pasd stylize` run on the test image with the tiny model: (pixels, metadata record)."""
     out = files["root"] / name
-    proc = run_pasd("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *args, env=env,
-                    cwd=files["root"] / "work")
+    proc = run_pasd(
+        "stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *args, env=env, cwd=files["root"] / "work"
+    )
     assert proc.returncode == 0, proc.stderr
     written = out / "lr_input.png"
     assert proc.stdout.strip() == str(written) or '"status": "done"' in proc.stdout
@@ -120,8 +140,23 @@ def stylize(files, name: str, *args, env: dict | None = None) -> tuple[np.ndarra
 def plain(files):
     """The plain `pasd upscale` output with the stylize defaults spelled out."""
     out = files["root"] / "plain"
-    proc = run_pasd("upscale", LR_INPUT, "-o", out, "--pasd", TINY_LIGHT, "--base", TINY_BASE, "--scale", "1",
-                    "--conditioning-scale", "0.7", "--caption", "none", *RUN)
+    proc = run_pasd(
+        "upscale",
+        LR_INPUT,
+        "-o",
+        out,
+        "--pasd",
+        TINY_LIGHT,
+        "--base",
+        TINY_BASE,
+        "--scale",
+        "1",
+        "--conditioning-scale",
+        "0.7",
+        "--caption",
+        "none",
+        *RUN,
+    )
     assert proc.returncode == 0, proc.stderr
     return pixels(out / "lr_input.png")
 
@@ -140,6 +175,7 @@ def one_error(proc, code: int = 3) -> str:
 
 # ---- Must show 1: single-file checkpoints, offline; --blend 0 is the plain output -----------------
 
+
 def test_blend_0_on_a_checkpoint_with_the_same_vae_and_text_encoder_reproduces_upscale_exactly(files, plain):
     styled, record = stylize(files, "blend0", "--base", files["style"], "--blend", "0")
     assert np.array_equal(styled, plain)
@@ -155,13 +191,19 @@ def test_single_file_checkpoint_loads_offline_and_changes_the_output(files, plai
     assert record["command"] == "stylize"
     assert record["settings"]["conditioning_scale"] == 0.7 and record["settings"]["scale"] == 1.0
     model = record["model"]
-    assert model["base"] == {"spec": str(files["style"]), "path": str(files["style"]), "kind": "single-file",
-                             "blend": 1.0, "replaced": ["vae", "text_encoder"]}
+    assert model["base"] == {
+        "spec": str(files["style"]),
+        "path": str(files["style"]),
+        "kind": "single-file",
+        "blend": 1.0,
+        "replaced": ["vae", "text_encoder"],
+    }
     assert model["sd15"] == str(TINY_BASE) and model["pasd"] == str(TINY_LIGHT) and model["variant"] == "light"
     assert model["loras"] == [] and model["lcm_lora"] is None
 
 
 # ---- Must show 2 and 3: LoRAs; PACA survives every kind of swap -----------------------------------
+
 
 def test_identity_unet_folder_with_lora_weight_0_reproduces_upscale_exactly(files, plain):
     """A UNet-only folder (the released code re-initialises PACA for these) and a LoRA at weight 0."""
@@ -176,8 +218,9 @@ def _merged_render(files, factor: float) -> np.ndarray:
     components = fresh_components()
     with torch.no_grad():
         for part, name, down, up in files["lora_manual"]:
-            module = (components.unet.get_submodule(name) if part == "unet"
-                      else _text_module(components.text_encoder, name))
+            module = (
+                components.unet.get_submodule(name) if part == "unet" else _text_module(components.text_encoder, name)
+            )
             delta = up @ down if down.dim() == 2 else torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
             module.weight += factor * delta
     return render(components, seed=SEED).astype(np.int16)
@@ -195,6 +238,7 @@ def test_lora_weight_1_with_alpha_half_the_rank_is_a_half_merge(files, plain):
 
 # ---- hub repo ids as bases --------------------------------------------------------------------------
 
+
 def test_hub_base_downloads_only_its_parts_then_runs_offline(files, plain, hub):
     env = clean_env(files["root"] / "hub-run", hub)
     hub.requests.clear()
@@ -203,9 +247,15 @@ def test_hub_base_downloads_only_its_parts_then_runs_offline(files, plain, hub):
     folder = files["root"] / "hub-run" / "store" / "hub--someone--identity-style"
     assert proc.stdout.strip() == str(folder)
     tokenizer = [f"tokenizer/{p.name}" for p in (TINY_BASE / "tokenizer").iterdir()]
-    expected = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-                "text_encoder/model.safetensors", *tokenizer]
+    expected = [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        *tokenizer,
+    ]
     assert Counter(hub.downloads()) == Counter(f"{HUB_BASE}/{p}" for p in expected)
 
     hub.requests.clear()
@@ -220,14 +270,24 @@ def test_hub_base_downloads_only_its_parts_then_runs_offline(files, plain, hub):
 def test_hub_base_not_downloaded_without_a_terminal_names_the_command(files, hub):
     env = clean_env(files["root"] / "no-terminal", hub)
     hub.requests.clear()
-    proc = run_pasd("stylize", LR_INPUT, "-o", files["root"] / "no-terminal" / "out", *tiny_stylize_args(), *RUN,
-                    "--base", HUB_BASE, env=env)
+    proc = run_pasd(
+        "stylize",
+        LR_INPUT,
+        "-o",
+        files["root"] / "no-terminal" / "out",
+        *tiny_stylize_args(),
+        *RUN,
+        "--base",
+        HUB_BASE,
+        env=env,
+    )
     assert f"base {HUB_BASE} not in" in one_error(proc) and "no terminal" in proc.stderr
     assert f"hint: fetch with: pasd download {HUB_BASE}\n" in proc.stderr
     assert hub.requests == []
 
 
 # ---- --fast ---------------------------------------------------------------------------------------
+
 
 def test_fast_fuses_the_store_lcm_lora_with_4_steps_and_no_guidance(files, hub):
     from pasd_cli.engine.bases import apply_base
@@ -241,8 +301,22 @@ def test_fast_fuses_the_store_lcm_lora_with_4_steps_and_no_guidance(files, hub):
 
     fast = [a for a in RUN if a not in ("--steps", "2")]
     out = files["root"] / "fast" / "out"
-    proc = run_pasd("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *fast, "--base", files["same"], "--fast",
-                    "--offline", "--json", "--name", "{stem}_{steps}", env=env)
+    proc = run_pasd(
+        "stylize",
+        LR_INPUT,
+        "-o",
+        out,
+        *tiny_stylize_args(),
+        *fast,
+        "--base",
+        files["same"],
+        "--fast",
+        "--offline",
+        "--json",
+        "--name",
+        "{stem}_{steps}",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     with Image.open(out / "lr_input_4.png") as image:
         record = read_record(image)
@@ -258,8 +332,19 @@ def test_fast_fuses_the_store_lcm_lora_with_4_steps_and_no_guidance(files, hub):
 
 def test_fast_keeps_steps_and_guidance_given_on_the_command_line(files):
     out = files["root"] / "fast-plan"
-    args = ["stylize", LR_INPUT, "-o", out, "--base", files["same"], "--fast", "--dry-run", "--json",
-            "--name", "{stem}_{steps}"]
+    args = [
+        "stylize",
+        LR_INPUT,
+        "-o",
+        out,
+        "--base",
+        files["same"],
+        "--fast",
+        "--dry-run",
+        "--json",
+        "--name",
+        "{stem}_{steps}",
+    ]
     default, chosen = run_pasd(*args), run_pasd(*args, "--steps", "6")
     assert json.loads(default.stdout.splitlines()[0])["output"] == str(out / "lr_input_4.png"), default.stderr
     assert json.loads(chosen.stdout.splitlines()[0])["output"] == str(out / "lr_input_6.png"), chosen.stderr
@@ -269,8 +354,18 @@ def test_fast_keeps_steps_and_guidance_given_on_the_command_line(files):
 
 def test_fast_without_the_lcm_lora_is_exit_3_with_the_download_command(files):
     env = clean_env(files["root"] / "no-lcm", PYTHONPROFILEIMPORTTIME=1)
-    proc = run_pasd("stylize", LR_INPUT, "-o", files["root"] / "no-lcm" / "out", *tiny_stylize_args(), *RUN,
-                    "--base", files["same"], "--fast", env=env)
+    proc = run_pasd(
+        "stylize",
+        LR_INPUT,
+        "-o",
+        files["root"] / "no-lcm" / "out",
+        *tiny_stylize_args(),
+        *RUN,
+        "--base",
+        files["same"],
+        "--fast",
+        env=env,
+    )
     assert "'lcm-lora-sdv1-5' (not installed)" in one_error(proc)
     assert "hint: fetch with: pasd download lcm-lora-sdv1-5\n" in proc.stderr
     assert "torch" not in imported_modules(proc.stderr)
@@ -278,14 +373,16 @@ def test_fast_without_the_lcm_lora_is_exit_3_with_the_download_command(files):
 
 # ---- Must show 4: pickles ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("option", ["--base", "--lora"])
 def test_untrusted_pickle_is_refused_with_exit_3_and_nothing_runs(files, tmp_path, option):
     marker = tmp_path / "payload-ran"
     evil = _malicious_pickle(tmp_path / ("evil.ckpt" if option == "--base" else "evil.pt"), marker)
     base = ["--base", evil] if option == "--base" else ["--base", files["same"], "--lora", f"{evil}:0.5"]
     out = tmp_path / "out"
-    proc = run_pasd("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *base,
-                    env={"PYTHONPROFILEIMPORTTIME": "1"})
+    proc = run_pasd(
+        "stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *base, env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
     assert "is a pickle" in one_error(proc) and "--trust-pickle" in proc.stderr
     assert not marker.exists() and not out.exists()
     assert "torch" not in imported_modules(proc.stderr)  # refused before any model code was loaded
@@ -309,20 +406,30 @@ def test_payload_is_live(tmp_path):
 
 # ---- refusals before anything heavy, dry runs, and the options ---------------------------------------
 
+
 def _lora_as_base(folder: Path) -> Path:
     from safetensors.torch import save_file
 
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
-               "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1)}, str(folder / "a_lora.safetensors"))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+            "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1),
+        },
+        str(folder / "a_lora.safetensors"),
+    )
     return folder / "a_lora.safetensors"
 
 
 def _sdxl(folder: Path) -> Path:
     from safetensors.torch import save_file
 
-    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1),
-               "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1)},
-              str(folder / "sdxl.safetensors"))
+    save_file(
+        {
+            "model.diffusion_model.conv_in.weight": torch.zeros(1),
+            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1),
+        },
+        str(folder / "sdxl.safetensors"),
+    )
     return folder / "sdxl.safetensors"
 
 
@@ -331,24 +438,49 @@ def _empty_folder(folder: Path) -> Path:
     return folder / "empty"
 
 
-@pytest.mark.parametrize("make,message", [
-    (_lora_as_base, "is a LoRA, not a base model"),
-    (_sdxl, "is a SDXL checkpoint"),
-    (_empty_folder, "neither a diffusers model folder"),
-    (lambda folder: folder / "missing.safetensors", "no such file or folder"),
-    (lambda folder: "pasd", "'pasd' is a pasd model, not a base"),
-], ids=["lora", "sdxl", "empty-folder", "missing", "pasd-model"])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (_lora_as_base, "is a LoRA, not a base model"),
+        (_sdxl, "is a SDXL checkpoint"),
+        (_empty_folder, "neither a diffusers model folder"),
+        (lambda folder: folder / "missing.safetensors", "no such file or folder"),
+        (lambda folder: "pasd", "'pasd' is a pasd model, not a base"),
+    ],
+    ids=["lora", "sdxl", "empty-folder", "missing", "pasd-model"],
+)
 def test_wrong_bases_are_refused_before_loading(tmp_path, make, message):
-    proc = run_pasd("stylize", LR_INPUT, "-o", tmp_path / "out", *tiny_stylize_args(), "--base", make(tmp_path),
-                    env={"PYTHONPROFILEIMPORTTIME": "1"})
+    proc = run_pasd(
+        "stylize",
+        LR_INPUT,
+        "-o",
+        tmp_path / "out",
+        *tiny_stylize_args(),
+        "--base",
+        make(tmp_path),
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     assert message in one_error(proc)
     assert "torch" not in imported_modules(proc.stderr) and not (tmp_path / "out").exists()
 
 
 def test_dry_run_plans_without_torch(files):
     out = files["root"] / "plan"
-    proc = run_pasd("stylize", LR_INPUT, "-o", out, "--base", files["style"], "--lora", f"{files['lora']}:0.8",
-                    "--dry-run", "--json", "--scale", "2", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    proc = run_pasd(
+        "stylize",
+        LR_INPUT,
+        "-o",
+        out,
+        "--base",
+        files["style"],
+        "--lora",
+        f"{files['lora']}:0.8",
+        "--dry-run",
+        "--json",
+        "--scale",
+        "2",
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.splitlines()[0])
     assert record["status"] == "planned" and record["output_size"] == [200, 120]
@@ -369,6 +501,7 @@ def test_options_of_stylize_and_upscale():
 
 # ---- batches: everything about them is as for `pasd upscale` ------------------------------------------
 
+
 def test_a_folder_is_a_batch_with_json_records_and_a_rerun_skips_it_all(tmp_path):
     """Three images and a text file named .png in a folder; the tiny SD 1.5 folder as the base."""
     photos = tmp_path / "in"
@@ -379,8 +512,26 @@ def test_a_folder_is_a_batch_with_json_records_and_a_rerun_skips_it_all(tmp_path
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / name)
     (photos / "notes.png").write_text("not a picture\n")
     out = tmp_path / "out"
-    command = ["stylize", photos, "-o", out, "--base", TINY_BASE, *tiny_stylize_args(), "--steps", "1",
-               "--guidance", "1", "--process-size", "16", "--device", "cpu", "--dtype", "fp32", "--json"]
+    command = [
+        "stylize",
+        photos,
+        "-o",
+        out,
+        "--base",
+        TINY_BASE,
+        *tiny_stylize_args(),
+        "--steps",
+        "1",
+        "--guidance",
+        "1",
+        "--process-size",
+        "16",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--json",
+    ]
     proc = run_pasd(*command)
     assert proc.returncode == 1, proc.stderr  # one input failed
     assert proc.stderr.count("loading PASD") == 1  # the model is loaded once for the whole batch

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tiny_bases import fresh_components, kohya_name, lora_pair, plain_render, render, write_kohya_lora
 
 from pasd_cli.engine.noise import _alpha_sigma
 from pasd_cli.engine.pipeline import PASDPipeline
 from pasd_cli.engine.schedulers import SeededLCMScheduler, schedule_sigmas
 from pasd_cli.engine.stylize import personalize, use_lcm
 from pasd_cli.settings import FAST_GUIDANCE, FAST_STEPS, LoraSpec
-from tiny_bases import fresh_components, kohya_name, lora_pair, plain_render, render, write_kohya_lora
 
-LCM_LAYERS = ["down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
-              "up_blocks.3.resnets.2.conv2"]
+LCM_LAYERS = [
+    "down_blocks.0.attentions.0.proj_in",
+    "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+    "up_blocks.3.resnets.2.conv2",
+]
 
 
 def _tiny_lcm_lora(components, path):
@@ -98,12 +101,19 @@ def test_personalize_applies_base_loras_and_lcm_in_order(tmp_path):
     lcm = _tiny_lcm_lora(components, tmp_path / "lcm.safetensors")
     before = components.unet.get_submodule(module).weight.clone()
     stages = []
-    report = personalize(components, loras=[LoraSpec(str(style), 0.5)], lcm_lora=lcm,
-                         on_stage=lambda what, source: stages.append((what, source.name)))
+    report = personalize(
+        components,
+        loras=[LoraSpec(str(style), 0.5)],
+        lcm_lora=lcm,
+        on_stage=lambda what, source: stages.append((what, source.name)),
+    )
     assert stages == [("lora", "style.safetensors"), ("lcm", "lcm.safetensors")]
     assert report.base is None and len(report.loras) == 1 and report.lcm is not None
     assert components.scheduler_class is SeededLCMScheduler
     lcm_down, lcm_up = lora_pair(before, 4, 40)
-    expected = before + 0.5 * (up[:, :, 0, 0] @ down[:, :, 0, 0])[..., None, None] \
+    expected = (
+        before
+        + 0.5 * (up[:, :, 0, 0] @ down[:, :, 0, 0])[..., None, None]
         + (2.0 / 4) * (lcm_up[:, :, 0, 0] @ (0.2 * lcm_down)[:, :, 0, 0])[..., None, None]
+    )
     assert torch.allclose(components.unet.get_submodule(module).weight, expected, atol=1e-6, rtol=0)

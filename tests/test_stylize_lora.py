@@ -6,18 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import TINY_LIGHT
+from safetensors.torch import save_file
+from tiny_bases import fresh_components, kohya_name, lora_pair, paca_from_file, plain_render, render, write_kohya_lora
+
 from pasd_cli.engine.lora import apply_lora
 from pasd_cli.errors import ModelError
-from tiny_bases import (fresh_components, kohya_name, lora_pair, paca_from_file, plain_render, render,
-                        write_kohya_lora)
 
 RANK = 4
 # (module, kind): one of each layer shape a kohya LoRA / LoCon touches in SD 1.5.
 UNET_LAYERS = {
-    "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "linear",      # beside light PACA
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "linear",  # beside light PACA
     "down_blocks.0.attentions.0.proj_in": "conv 1x1",
     "down_blocks.0.resnets.0.conv1": "conv 3x3",
     "mid_block.resnets.0.time_emb_proj": "linear",
@@ -54,8 +53,10 @@ def _manual_delta(down, up):
 
 
 def _weights(components):
-    return ({k: v.clone() for k, v in components.unet.state_dict().items()},
-            {k: v.clone() for k, v in components.text_encoder.state_dict().items()})
+    return (
+        {k: v.clone() for k, v in components.unet.state_dict().items()},
+        {k: v.clone() for k, v in components.text_encoder.state_dict().items()},
+    )
 
 
 def _check_merge(components, before, manual, factor):
@@ -115,10 +116,13 @@ def test_weight_0_reproduces_plain_output_exactly(tmp_path):
 def test_kohya_names_in_the_original_ldm_block_layout_merge_the_same(tmp_path):
     """LoRAs extracted from LDM checkpoints name UNet blocks input_blocks / output_blocks;
     diffusers' converter maps them to the same layers."""
-    ldm_names = {"down_blocks.0.attentions.0.proj_in": "lora_unet_input_blocks_1_1_proj_in",
-                 "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k":
-                     "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k",
-                 "down_blocks.0.resnets.0.conv1": "lora_unet_input_blocks_1_0_in_layers_2"}
+    ldm_names = {
+        "down_blocks.0.attentions.0.proj_in": "lora_unet_input_blocks_1_1_proj_in",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (
+            "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k"
+        ),
+        "down_blocks.0.resnets.0.conv1": "lora_unet_input_blocks_1_0_in_layers_2",
+    }
     merged = []
     for naming in ("diffusers", "ldm"):
         components = fresh_components()
@@ -136,13 +140,14 @@ def test_peft_layout_lora_merges_like_kohya(tmp_path):
     components_kohya, components_peft = fresh_components(), fresh_components()
     module = "down_blocks.1.attentions.1.transformer_blocks.0.ff.net.2"
     down, up = lora_pair(components_kohya.unet.get_submodule(module).weight, RANK, 3)
-    apply_lora(components_kohya, write_kohya_lora(tmp_path / "k.safetensors",
-                                                  {kohya_name(module): (down, up, None)}))
-    save_file({f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up},
-              str(tmp_path / "p.safetensors"))
+    apply_lora(components_kohya, write_kohya_lora(tmp_path / "k.safetensors", {kohya_name(module): (down, up, None)}))
+    save_file(
+        {f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up}, str(tmp_path / "p.safetensors")
+    )
     apply_lora(components_peft, tmp_path / "p.safetensors")
-    assert torch.equal(components_kohya.unet.get_submodule(module).weight,
-                       components_peft.unet.get_submodule(module).weight)
+    assert torch.equal(
+        components_kohya.unet.get_submodule(module).weight, components_peft.unet.get_submodule(module).weight
+    )
 
 
 def test_several_loras_accumulate(tmp_path):
@@ -152,20 +157,23 @@ def test_several_loras_accumulate(tmp_path):
     deltas = []
     for i, (alpha, strength) in enumerate([(2.0, 1.0), (4.0, -0.5)]):
         down, up = lora_pair(weight_before, RANK, 20 + i)
-        apply_lora(components, write_kohya_lora(tmp_path / f"{i}.safetensors", {kohya_name(module): (down, up, alpha)}),
-                   weight=strength)
+        apply_lora(
+            components,
+            write_kohya_lora(tmp_path / f"{i}.safetensors", {kohya_name(module): (down, up, alpha)}),
+            weight=strength,
+        )
         deltas.append(strength * alpha / RANK * _manual_delta(down, up))
     assert torch.allclose(components.unet.get_submodule(module).weight, weight_before + sum(deltas), atol=1e-6, rtol=0)
 
 
 # --- refusals -----------------------------------------------------------------------------------
 
+
 def test_layer_that_matches_nothing_is_refused_by_name_and_nothing_changes(tmp_path):
     components = fresh_components()
     good = "down_blocks.0.attentions.0.proj_in"
     down, up = lora_pair(components.unet.get_submodule(good).weight, RANK, 0)
-    layers = {kohya_name(good): (down, up, 1.0),
-              "lora_unet_down_blocks_0_attentions_0_no_such_layer": (down, up, 1.0)}
+    layers = {kohya_name(good): (down, up, 1.0), "lora_unet_down_blocks_0_attentions_0_no_such_layer": (down, up, 1.0)}
     before = components.unet.get_submodule(good).weight.clone()
     with pytest.raises(ModelError, match="no.such.layer") as failure:
         apply_lora(components, write_kohya_lora(tmp_path / "bad.safetensors", layers))
@@ -188,9 +196,14 @@ def test_paca_layers_cannot_be_targeted(tmp_path):
 @pytest.mark.parametrize("extra,name", [(".dora_scale", "DoRA"), (".hada_w1_a", "LoHa")])
 def test_other_network_kinds_are_refused(tmp_path, extra, name):
     path = tmp_path / "net.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
-               "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1),
-               "lora_unet_conv_in" + extra: torch.zeros(2)}, str(path))
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+            "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1),
+            "lora_unet_conv_in" + extra: torch.zeros(2),
+        },
+        str(path),
+    )
     with pytest.raises(ModelError, match=name):
         apply_lora(fresh_components(), path)
 

@@ -7,12 +7,12 @@ import pickle
 
 import pytest
 import torch
+from tiny_bases import fresh_components, perturbed, stock_state, write_checkpoint
 
 from pasd_cli.engine.bases import apply_base
 from pasd_cli.engine.lora import apply_lora
 from pasd_cli.engine.weights import read_state_dict
 from pasd_cli.errors import ModelError
-from tiny_bases import fresh_components, perturbed, stock_state, write_checkpoint
 
 
 class _CreatesFile:
@@ -83,8 +83,13 @@ def test_pickled_lora_is_refused_unless_trusted(tmp_path):
     module = "down_blocks.0.attentions.0.proj_in"
     weight = components.unet.get_submodule(module).weight
     path = tmp_path / "style.pt"
-    torch.save({f"lora_unet_{module.replace('.', '_')}.lora_down.weight": torch.ones(2, weight.shape[1], 1, 1),
-                f"lora_unet_{module.replace('.', '_')}.lora_up.weight": torch.ones(weight.shape[0], 2, 1, 1)}, path)
+    torch.save(
+        {
+            f"lora_unet_{module.replace('.', '_')}.lora_down.weight": torch.ones(2, weight.shape[1], 1, 1),
+            f"lora_unet_{module.replace('.', '_')}.lora_up.weight": torch.ones(weight.shape[0], 2, 1, 1),
+        },
+        path,
+    )
     with pytest.raises(ModelError, match="pickle"):
         apply_lora(components, path)
     before = weight.clone()

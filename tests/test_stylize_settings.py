@@ -12,22 +12,26 @@ from pasd_cli.settings import STYLIZE_PASD, LoraSpec, StylizeSettings, UpscaleSe
 def test_stylize_defaults_are_the_authors_advice_and_the_rest_is_upscale():
     stylize, upscale = StylizeSettings(), UpscaleSettings()
     assert (stylize.conditioning_scale, stylize.scale, STYLIZE_PASD) == (0.7, 1.0, "pasd-light")
-    differing = {f.name for f in dataclasses.fields(UpscaleSettings)
-                 if getattr(stylize, f.name) != getattr(upscale, f.name)}
+    differing = {
+        f.name for f in dataclasses.fields(UpscaleSettings) if getattr(stylize, f.name) != getattr(upscale, f.name)
+    }
     assert differing == {"conditioning_scale", "scale"}
     with pytest.raises(ValueError):
         StylizeSettings(conditioning_scale=-1)
 
 
-@pytest.mark.parametrize("text,path,weight", [
-    ("style.safetensors", "style.safetensors", 1.0),
-    ("style.safetensors:0.6", "style.safetensors", 0.6),
-    ("style.safetensors:-1", "style.safetensors", -1.0),
-    ("dir/a:b.safetensors", "dir/a:b.safetensors", 1.0),
-    (r"C:\loras\style.safetensors", r"C:\loras\style.safetensors", 1.0),
-    (r"C:\loras\style.safetensors:0.8", r"C:\loras\style.safetensors", 0.8),
-    ("style.safetensors:", "style.safetensors:", 1.0),
-])
+@pytest.mark.parametrize(
+    "text,path,weight",
+    [
+        ("style.safetensors", "style.safetensors", 1.0),
+        ("style.safetensors:0.6", "style.safetensors", 0.6),
+        ("style.safetensors:-1", "style.safetensors", -1.0),
+        ("dir/a:b.safetensors", "dir/a:b.safetensors", 1.0),
+        (r"C:\loras\style.safetensors", r"C:\loras\style.safetensors", 1.0),
+        (r"C:\loras\style.safetensors:0.8", r"C:\loras\style.safetensors", 0.8),
+        ("style.safetensors:", "style.safetensors:", 1.0),
+    ],
+)
 def test_lora_spec_parsing(text, path, weight):
     assert LoraSpec.parse(text, exists=lambda _: False) == LoraSpec(path, weight)
 

@@ -13,29 +13,60 @@ from pasd_cli.hub_bases import is_repo_id, pick_base_files, store_name
 from pasd_cli.store import Manifest, load_manifests
 from pasd_cli.stylize_cli import HUB, PATH, STORE, base_source, lora_source
 
-TOKENIZER = ["tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
-             "tokenizer/vocab.json"]
-DIFFUSERS = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-             "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
-             *TOKENIZER]
+TOKENIZER = [
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+]
+DIFFUSERS = [
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    *TOKENIZER,
+]
 
 
 def test_a_diffusers_repo_gives_its_parts_safetensors_only():
-    listing = [*DIFFUSERS, "model_index.json", "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.bin",
-               "unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/pytorch_model.bin",
-               "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
-               "style-v1.ckpt", "style-v1.safetensors", "README.md"]
+    listing = [
+        *DIFFUSERS,
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/pytorch_model.bin",
+        "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+        "style-v1.ckpt",
+        "style-v1.safetensors",
+        "README.md",
+    ]
     assert sorted(pick_base_files(listing, "a/b")) == sorted(DIFFUSERS)
 
 
 def test_fp16_and_sharded_weights_are_taken_when_there_is_no_full_file():
-    listing = ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
-               "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
-               "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors"]
-    assert sorted(pick_base_files(listing, "a/b")) == sorted([
-        "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/config.json",
-        "text_encoder/model.safetensors.index.json", "text_encoder/model-00001-of-00002.safetensors",
-        "text_encoder/model-00002-of-00002.safetensors"])
+    listing = [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+    ]
+    assert sorted(pick_base_files(listing, "a/b")) == sorted(
+        [
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors.index.json",
+            "text_encoder/model-00001-of-00002.safetensors",
+            "text_encoder/model-00002-of-00002.safetensors",
+        ]
+    )
 
 
 def test_a_unet_only_repo_gives_its_root_unet():
@@ -43,20 +74,32 @@ def test_a_unet_only_repo_gives_its_root_unet():
     assert sorted(pick_base_files(listing, "a/b")) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
-@pytest.mark.parametrize("listing,message", [
-    (["unet/config.json", "unet/diffusion_pytorch_model.bin"], "unet has no safetensors weights"),
-    ([*DIFFUSERS, "text_encoder_2/config.json"], "SDXL"),
-    (["style-v1.safetensors", "README.md"], "not a Stable Diffusion model in diffusers layout"),
-])
+@pytest.mark.parametrize(
+    "listing,message",
+    [
+        (["unet/config.json", "unet/diffusion_pytorch_model.bin"], "unet has no safetensors weights"),
+        ([*DIFFUSERS, "text_encoder_2/config.json"], "SDXL"),
+        (["style-v1.safetensors", "README.md"], "not a Stable Diffusion model in diffusers layout"),
+    ],
+)
 def test_repos_that_are_no_sd15_base_are_refused(listing, message):
     with pytest.raises(ModelError, match=message):
         pick_base_files(listing, "a/b")
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("nitrosocke/mo-di-diffusion", True), ("Lykon/DreamShaper", True), ("a/b/c", False), ("sd15", False),
-    ("./a/b", False), ("models/style.safetensors", False), ("~/x", False), ("owner/", False),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("nitrosocke/mo-di-diffusion", True),
+        ("Lykon/DreamShaper", True),
+        ("a/b/c", False),
+        ("sd15", False),
+        ("./a/b", False),
+        ("models/style.safetensors", False),
+        ("~/x", False),
+        ("owner/", False),
+    ],
+)
 def test_repo_ids(spec, expected):
     assert is_repo_id(spec) is expected
 
@@ -75,8 +118,16 @@ def test_base_and_lora_specs_resolve_in_order(tmp_path, monkeypatch):
     assert base_source("other/name", manifests).origin == HUB
     with pytest.raises(ModelError, match="'sd15' has no UNet"):
         base_source("sd15", manifests)
-    personal = Manifest(name="toon", kind="base", description="", repo_id="a/toon", revision="main", subfolder="",
-                        files=("unet/config.json", "unet/diffusion_pytorch_model.safetensors"), license="x")
+    personal = Manifest(
+        name="toon",
+        kind="base",
+        description="",
+        repo_id="a/toon",
+        revision="main",
+        subfolder="",
+        files=("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
+        license="x",
+    )
     assert base_source("toon", {**manifests, "toon": personal}).origin == STORE
     with pytest.raises(ModelError, match="is a lora model, not a base") as refused:
         base_source("lcm-lora-sdv1-5", manifests)
@@ -92,7 +143,10 @@ def test_base_and_lora_specs_resolve_in_order(tmp_path, monkeypatch):
 def test_lcm_lora_manifest():
     manifest = load_manifests()["lcm-lora-sdv1-5"]
     assert (manifest.kind, manifest.repo_id, manifest.files) == (
-        "lora", "latent-consistency/lcm-lora-sdv1-5", ("pytorch_lora_weights.safetensors",))
+        "lora",
+        "latent-consistency/lcm-lora-sdv1-5",
+        ("pytorch_lora_weights.safetensors",),
+    )
 
 
 def test_preflight_refuses_pickles_inside_folders_unless_trusted(tmp_path):
@@ -117,8 +171,8 @@ def test_preflight_refuses_pickles_inside_folders_unless_trusted(tmp_path):
 
 
 def test_preflight_reads_only_the_header(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     path = tmp_path / "checkpoint.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(path))

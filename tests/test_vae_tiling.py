@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import LR_INPUT, TINY_BASE
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from conftest import LR_INPUT, TINY_BASE
 from pasd_cli.engine.vae import VaeCodec, choose_vae_tile, vae_peak_bytes
 from pasd_cli.engine.vae_attention import SpatialSelfAttnProcessor
 from pasd_cli.engine.vae_tiling import TiledSection, plan_sections
@@ -46,17 +46,26 @@ def test_tiled_vae_equals_untiled_640x960(tiny_codec):
     image = image_640x960()
     mean, std = tiny_codec.encode_moments(image)
     decoded = tiny_codec.decode(mean)
+
     # Decoder tile borders: columns 216 and 424 of 640, rows 240, 480 and 720 of 960.
-    seams = lambda x: (border_jump_ratio(x, [216, 424]),  # noqa: E731
-                       border_jump_ratio(x.transpose(-1, -2), [240, 480, 720]))
+    def seams(x):
+        return (
+            border_jump_ratio(x, [216, 424]),
+            border_jump_ratio(x.transpose(-1, -2), [240, 480, 720]),
+        )
+
     untiled_seams = seams(decoded)
     numbers = {}
     for exact in (True, False):
         tiled_mean, tiled_std = tiny_codec.encode_moments(image, tile=256, exact=exact)
         tiled_decoded = tiny_codec.decode(mean, tile=256, exact=exact)
         relative_seams = [tiled / untiled for tiled, untiled in zip(seams(tiled_decoded), untiled_seams)]
-        numbers[exact] = ((tiled_mean - mean).abs().max().item(), (tiled_std - std).abs().max().item(),
-                          (tiled_decoded - decoded).abs().max().item(), *relative_seams)
+        numbers[exact] = (
+            (tiled_mean - mean).abs().max().item(),
+            (tiled_std - std).abs().max().item(),
+            (tiled_decoded - decoded).abs().max().item(),
+            *relative_seams,
+        )
     print("\nmax abs diff of mean, std, decoded; jump across tile borders (columns, rows) relative to untiled")
     print("  pooled statistics:   ", numbers[True])
     print("  per-tile statistics: ", numbers[False])
@@ -74,16 +83,21 @@ def test_tile_cores_partition_the_image():
     covered = torch.zeros(960, 640, dtype=torch.int32)
     for top, left, height, width in cores:
         assert top % 8 == left % 8 == height % 8 == width % 8 == 0 and height <= 256 and width <= 256
-        covered[top:top + height, left:left + width] += 1
+        covered[top : top + height, left : left + width] += 1
     assert torch.all(covered == 1)
 
 
 def sd_structured_vae() -> AutoencoderKL:
     """The SD 1.5 VAE's structure (2 resnets per down block, 3 per up block, 4 levels) at tiny
     widths, with every parameter randomised so GroupNorm's affine part matters too."""
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4,
-                        latent_channels=4).eval()
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        latent_channels=4,
+    ).eval()
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, param in sorted(vae.named_parameters()):
@@ -112,7 +126,10 @@ def test_sd_structure_tiles_exactly(tile, checkpoints):
 def test_checkpoints_are_cut_where_they_fit(tiny_codec):
     stages = tiny_codec._decoder_stages()  # outputs: 32 ch at 1x, 32 at 2x, 16 at 4x, image at 8x
     size = (100, 100)
-    one = lambda channels, scale: channels * (100 * scale) ** 2 * 4  # noqa: E731
+
+    def one(channels, scale):
+        return channels * (100 * scale) ** 2 * 4
+
     assert [len(s) for s in plan_sections(stages, size, 4, 0)] == [4]
     assert [len(s) for s in plan_sections(stages, size, 4, one(32, 1) + one(32, 2))] == [1, 1, 2]
     assert [len(s) for s in plan_sections(stages, size, 4, 10**12)] == [1, 1, 1, 1]
@@ -128,6 +145,7 @@ def test_automatic_vae_tile(tiny_codec):
 
 
 # -- the middle block's attention -----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def attention():
@@ -152,11 +170,11 @@ def test_global_attention_equals_diffusers(attention):
     stock = _with(attention, AttnProcessor2_0(), x)
     torch.testing.assert_close(_with(attention, SpatialSelfAttnProcessor(), x), stock, rtol=1e-5, atol=1e-5)
     # Query chunks (forced small) change nothing.
-    torch.testing.assert_close(_with(attention, SpatialSelfAttnProcessor(max_scores=273 * 10), x), stock,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _with(attention, SpatialSelfAttnProcessor(max_scores=273 * 10), x), stock, rtol=1e-5, atol=1e-5
+    )
     # A window as wide as the latent is global attention.
-    torch.testing.assert_close(_with(attention, SpatialSelfAttnProcessor(window=21), x), stock,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_with(attention, SpatialSelfAttnProcessor(window=21), x), stock, rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT
+from ldm_layout import checkpoint_from_parts
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT
-from ldm_layout import checkpoint_from_parts
 from pasd_cli.engine.bases import stock_unet_keys
 from pasd_cli.engine.loading import load_components
 from pasd_cli.engine.pipeline import PASDPipeline
@@ -63,8 +63,9 @@ def write_checkpoint(path: Path, components, unet_state=None, vae_state=None, te
     if text_state is not None:
         text_encoder = CLIPTextModel(text_encoder.config)
         text_encoder.load_state_dict(text_state)
-    state = checkpoint_from_parts(unet_state if unet_state is not None else stock_state(components),
-                                  components.unet.config, vae, text_encoder)
+    state = checkpoint_from_parts(
+        unet_state if unet_state is not None else stock_state(components), components.unet.config, vae, text_encoder
+    )
     save_file(state, str(path))
     return path
 
@@ -81,8 +82,10 @@ def write_diffusers_folder(folder: Path, unet_state, vae_state, text_state) -> P
     save_file({k: v.contiguous() for k, v in unet_state.items()}, str(folder / "unet" / WEIGHTS))
     save_file({k: v.contiguous() for k, v in vae_state.items()}, str(folder / "vae" / WEIGHTS))
     # Stored with the `text_model.` wrapper, as the reference files are.
-    save_file({("text_model." + k if not k.startswith("text_model.") else k): v.contiguous()
-               for k, v in text_state.items()}, str(folder / "text_encoder" / "model.safetensors"))
+    save_file(
+        {("text_model." + k if not k.startswith("text_model.") else k): v.contiguous() for k, v in text_state.items()},
+        str(folder / "text_encoder" / "model.safetensors"),
+    )
     return folder
 
 

@@ -37,6 +37,7 @@ class BaseReport:
 
 # --- the stock UNet tensors ------------------------------------------------------------------
 
+
 def stock_unet(unet) -> torch.nn.Module:
     """A stock diffusers UNet of the same config, on the meta device: its keys and shapes are the
     PASD UNet's minus PACA, found from the architecture rather than from key names."""
@@ -71,10 +72,15 @@ def _dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def apply_single_file(components: Components, path: Path, blend: float = 1.0,
-                      trust_pickle: bool = False) -> BaseReport:
-    parts = read_single_file(path, components.unet.config, components.vae.config,
-                             components.text_encoder.config, trust_pickle, _dtype(components.vae))
+def apply_single_file(components: Components, path: Path, blend: float = 1.0, trust_pickle: bool = False) -> BaseReport:
+    parts = read_single_file(
+        path,
+        components.unet.config,
+        components.vae.config,
+        components.text_encoder.config,
+        trust_pickle,
+        _dtype(components.vae),
+    )
     count = blend_unet(components.unet, parts.unet, blend, Path(path))
     replaced = []
     if parts.vae is not None:
@@ -87,6 +93,7 @@ def apply_single_file(components: Components, path: Path, blend: float = 1.0,
 
 
 # --- folders -----------------------------------------------------------------------------------
+
 
 def read_part(folder: Path, stem: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
@@ -110,15 +117,17 @@ def read_unet_folder(folder: Path, trust_pickle: bool = False) -> dict[str, torc
     return read_part(folder, "diffusion_pytorch_model", trust_pickle)
 
 
-def apply_unet_folder(components: Components, folder: Path, blend: float = 1.0,
-                      trust_pickle: bool = False) -> BaseReport:
+def apply_unet_folder(
+    components: Components, folder: Path, blend: float = 1.0, trust_pickle: bool = False
+) -> BaseReport:
     folder = Path(folder)
     count = blend_unet(components.unet, read_unet_folder(folder, trust_pickle), blend, folder)
     return BaseReport(UNET_FOLDER, folder, blend, count)
 
 
-def apply_diffusers_folder(components: Components, folder: Path, blend: float = 1.0,
-                           trust_pickle: bool = False) -> BaseReport:
+def apply_diffusers_folder(
+    components: Components, folder: Path, blend: float = 1.0, trust_pickle: bool = False
+) -> BaseReport:
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     folder = Path(folder)
@@ -126,15 +135,23 @@ def apply_diffusers_folder(components: Components, folder: Path, blend: float = 
     unet_state = read_unet_folder(folder / "unet", trust_pickle)
     vae = text_encoder = tokenizer = None
     if (folder / "vae").is_dir():
-        vae = build_vae(read_part(folder / "vae", "diffusion_pytorch_model", trust_pickle),
-                        _read_json(folder / "vae" / "config.json"), folder / "vae", _dtype(components.vae))
+        vae = build_vae(
+            read_part(folder / "vae", "diffusion_pytorch_model", trust_pickle),
+            _read_json(folder / "vae" / "config.json"),
+            folder / "vae",
+            _dtype(components.vae),
+        )
     if (folder / "text_encoder").is_dir():
         try:
             config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read {folder / 'text_encoder'}: {exc}") from None
-        text_encoder = build_text_encoder(read_part(folder / "text_encoder", "model", trust_pickle), config,
-                                          folder / "text_encoder", _dtype(components.text_encoder))
+        text_encoder = build_text_encoder(
+            read_part(folder / "text_encoder", "model", trust_pickle),
+            config,
+            folder / "text_encoder",
+            _dtype(components.text_encoder),
+        )
     if (folder / "tokenizer").is_dir():
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -149,12 +166,10 @@ def apply_diffusers_folder(components: Components, folder: Path, blend: float = 
     return BaseReport(DIFFUSERS_FOLDER, folder, blend, count, tuple(replaced))
 
 
-APPLY = {SINGLE_FILE: apply_single_file, UNET_FOLDER: apply_unet_folder,
-         DIFFUSERS_FOLDER: apply_diffusers_folder}
+APPLY = {SINGLE_FILE: apply_single_file, UNET_FOLDER: apply_unet_folder, DIFFUSERS_FOLDER: apply_diffusers_folder}
 
 
-def apply_base(components: Components, path: Path, blend: float = 1.0,
-               trust_pickle: bool = False) -> BaseReport:
+def apply_base(components: Components, path: Path, blend: float = 1.0, trust_pickle: bool = False) -> BaseReport:
     """Put a personalized SD 1.5 base under the loaded PASD model, in place.
 
     `blend` weighs the base's stock UNet tensors against the current ones (1: replace, 0: keep);

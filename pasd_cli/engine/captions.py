@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from ..errors import ModelError
-from .settings import CaptionSettings
 from .memory import free_device_cache
 from .pretrained import from_pretrained
+from .settings import CaptionSettings
 
 DESCRIBER_KINDS = ("blip", "classify")
 # How an ImageNet class name becomes prompt text; part of the classifier's identity, so a change
@@ -42,7 +42,7 @@ class Description:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Description":
+    def from_json(cls, data: dict) -> Description:
         """Raises ValueError on anything but the four fields with their types."""
         if not isinstance(data, dict) or set(data) != {"caption", "label", "top_class", "probability"}:
             raise ValueError("not a description")
@@ -72,8 +72,7 @@ def top_class(probabilities: torch.Tensor, id2label: dict, min_probability: floa
     index = int(probabilities.argmax())
     probability = float(probabilities[index])
     name = imagenet_label(id2label[index])
-    return Description(label=name if probability >= min_probability else None, top_class=name,
-                       probability=probability)
+    return Description(label=name if probability >= min_probability else None, top_class=name, probability=probability)
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -112,8 +111,9 @@ class DescriberSpec:
         identity = {"kind": self.kind, "model": self.name, "revision": revision}
         s = self.settings
         if self.kind == "blip":
-            identity.update(prefix=s.blip_prefix, num_beams=s.num_beams, min_length=s.min_length,
-                            max_length=s.max_length)
+            identity.update(
+                prefix=s.blip_prefix, num_beams=s.num_beams, min_length=s.min_length, max_length=s.max_length
+            )
         else:
             identity.update(min_probability=s.min_probability, label_rule=LABEL_RULE)
         return identity
@@ -136,8 +136,7 @@ def _pil_image_processor(folder: Path):
 
 
 class _HubModel:
-    def __init__(self, model, image_processor, settings: CaptionSettings, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, model, image_processor, settings: CaptionSettings, device: torch.device, dtype: torch.dtype):
         self.model = model.eval().requires_grad_(False).to(device, dtype)
         self.image_processor = image_processor
         self.settings = settings
@@ -165,14 +164,14 @@ class BlipCaptioner(_HubModel):
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_folder(cls, folder: Path, settings: CaptionSettings, device: torch.device,
-                    dtype: torch.dtype) -> "BlipCaptioner":
+    def from_folder(
+        cls, folder: Path, settings: CaptionSettings, device: torch.device, dtype: torch.dtype
+    ) -> BlipCaptioner:
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
         _require_folder(folder, "captioner")
         model = from_pretrained(BlipForConditionalGeneration, folder, use_safetensors=True)
-        return cls(model, _pil_image_processor(folder), from_pretrained(AutoTokenizer, folder),
-                   settings, device, dtype)
+        return cls(model, _pil_image_processor(folder), from_pretrained(AutoTokenizer, folder), settings, device, dtype)
 
     def describe(self, image: Image.Image) -> Description:
         s = self.settings
@@ -181,13 +180,20 @@ class BlipCaptioner(_HubModel):
             prefix = self.tokenizer(s.blip_prefix, return_tensors="pt").input_ids.to(self.device)
             # Every generation option is pinned, so a folder's generation_config.json cannot
             # change captions behind the cache's back.
-            ids = self.model.generate(pixel_values=pixels, input_ids=prefix, do_sample=False,
-                                      num_beams=s.num_beams, min_length=s.min_length,
-                                      max_length=s.max_length, repetition_penalty=1.0,
-                                      length_penalty=1.0, no_repeat_ngram_size=0)
+            ids = self.model.generate(
+                pixel_values=pixels,
+                input_ids=prefix,
+                do_sample=False,
+                num_beams=s.num_beams,
+                min_length=s.min_length,
+                max_length=s.max_length,
+                repetition_penalty=1.0,
+                length_penalty=1.0,
+                no_repeat_ngram_size=0,
+            )
         # generate() swaps the leading [CLS] for BOS and drops the closing [SEP], so the output
         # starts with len(prefix) - 1 prompt tokens; the caption is what follows them.
-        generated = ids[0, prefix.shape[1] - 1:]
+        generated = ids[0, prefix.shape[1] - 1 :]
         return Description(caption=self.tokenizer.decode(generated, skip_special_tokens=True).strip())
 
 
@@ -195,8 +201,9 @@ class ImageNetClassifier(_HubModel):
     """ImageNet classification (`ResNetForImageClassification`, e.g. microsoft/resnet-50)."""
 
     @classmethod
-    def from_folder(cls, folder: Path, settings: CaptionSettings, device: torch.device,
-                    dtype: torch.dtype) -> "ImageNetClassifier":
+    def from_folder(
+        cls, folder: Path, settings: CaptionSettings, device: torch.device, dtype: torch.dtype
+    ) -> ImageNetClassifier:
         from transformers import ResNetForImageClassification
 
         _require_folder(folder, "classifier")
@@ -206,5 +213,4 @@ class ImageNetClassifier(_HubModel):
     def describe(self, image: Image.Image) -> Description:
         with torch.inference_mode():
             logits = self.model(pixel_values=self._pixels(image)).logits[0]
-        return top_class(logits.float().softmax(-1), self.model.config.id2label,
-                         self.settings.min_probability)
+        return top_class(logits.float().softmax(-1), self.model.config.id2label, self.settings.min_probability)

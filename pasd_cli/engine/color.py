@@ -31,8 +31,9 @@ def _to_uint8_truncated(image: torch.Tensor) -> torch.Tensor:
 
 
 def wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:
-    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]],
-                          dtype=image.dtype, device=image.device) / 16.0
+    kernel = (
+        torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=image.dtype, device=image.device) / 16.0
+    )
     channels = image.shape[1]
     kernel = kernel.expand(channels, 1, 3, 3)
     padded = F.pad(image, (radius,) * 4, mode="replicate")
@@ -44,7 +45,7 @@ def wavelet_split(image: torch.Tensor, levels: int = WAVELET_LEVELS) -> tuple[to
     high = torch.zeros_like(image)
     low = image
     for level in range(levels):
-        blurred = wavelet_blur(low, 2 ** level)
+        blurred = wavelet_blur(low, 2**level)
         high += low - blurred
         low = blurred
     return high, low
@@ -63,7 +64,7 @@ def wavelet_color_fix(sr: torch.Tensor, reference: torch.Tensor, rows: int = STR
     for start, stop, top, bottom in _strips(sr.shape[-2], rows, WAVELET_HALO):
         high, _ = wavelet_split(_to_unit(sr[:, top:bottom]))
         _, low = wavelet_split(_to_unit(reference[:, top:bottom]))
-        out[:, start:stop] = _to_uint8_truncated(high + low)[:, start - top:stop - top]
+        out[:, start:stop] = _to_uint8_truncated(high + low)[:, start - top : stop - top]
     return out
 
 

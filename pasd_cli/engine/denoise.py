@@ -43,7 +43,7 @@ def hint_crop(hint: torch.Tensor, tile: Tile | None) -> torch.Tensor:
     """
     if tile is not None:
         rows, cols = tile.slices()
-        hint = hint[:, :, rows.start * 8:rows.stop * 8, cols.start * 8:cols.stop * 8]
+        hint = hint[:, :, rows.start * 8 : rows.stop * 8, cols.start * 8 : cols.stop * 8]
     return hint.float() / 255.0 if hint.dtype == torch.uint8 else hint
 
 
@@ -57,10 +57,21 @@ class NoisePredictor:
     tile edges would differ (zero padding at the crop's border).
     """
 
-    def __init__(self, unet, controlnet, prompt_embeds: torch.Tensor, hint: torch.Tensor,
-                 guidance: Guidance, latent_tile: int, latent_overlap: int, tile_batch: int = 1,
-                 blend: str = "gaussian", dtype: torch.dtype = torch.float32,
-                 on_tile: TileProgress | None = None, hint_cache_bytes: int = HINT_CACHE_BYTES):
+    def __init__(
+        self,
+        unet,
+        controlnet,
+        prompt_embeds: torch.Tensor,
+        hint: torch.Tensor,
+        guidance: Guidance,
+        latent_tile: int,
+        latent_overlap: int,
+        tile_batch: int = 1,
+        blend: str = "gaussian",
+        dtype: torch.dtype = torch.float32,
+        on_tile: TileProgress | None = None,
+        hint_cache_bytes: int = HINT_CACHE_BYTES,
+    ):
         self.unet, self.controlnet = unet, controlnet
         self.prompt_embeds = prompt_embeds.to(dtype)
         self.hint = hint
@@ -93,10 +104,17 @@ class NoisePredictor:
         sample = latents.to(self.dtype).repeat(copies, 1, 1, 1)
         text = self.prompt_embeds.repeat_interleave(count, dim=0)
         hint = EmbeddedHint(hint_embedding.repeat(copies, 1, 1, 1))
-        down, mid = self.controlnet(sample, t, encoder_hidden_states=text, controlnet_cond=hint,
-                                    conditioning_scale=self.guidance.conditioning_scale, return_dict=False)
-        eps = self.unet(sample, t, text, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = self.controlnet(
+            sample,
+            t,
+            encoder_hidden_states=text,
+            controlnet_cond=hint,
+            conditioning_scale=self.guidance.conditioning_scale,
+            return_dict=False,
+        )
+        eps = self.unet(
+            sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False
+        )[0]
         return self.guidance.combine(eps.float(), count)
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -132,11 +150,11 @@ class NoisePredictor:
         tiles, weights, weight_sum = self._blend_weights(latents)
         total = torch.zeros_like(latents, dtype=torch.float32)
         for first in range(0, len(tiles), self.tile_batch):
-            batch = tiles[first:first + self.tile_batch]
+            batch = tiles[first : first + self.tile_batch]
             tile_latents = torch.cat([latents[(..., *tile.slices())] for tile in batch])
             embeddings = torch.cat([self._hint_embedding(tile) for tile in batch])
             eps = self._run(tile_latents, t, embeddings)
-            for tile, weight, tile_eps in zip(batch, weights[first:first + len(batch)], eps):
+            for tile, weight, tile_eps in zip(batch, weights[first : first + len(batch)], eps):
                 total[(..., *tile.slices())] += tile_eps * weight
             if self.on_tile:
                 self.on_tile(first + len(batch), len(tiles))

@@ -8,13 +8,15 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ModelError, first_line
+from ..errors import ModelError
 from ..nn.keys import read_keys as safetensors_keys
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-TRUST_PICKLE_HINT = ("convert it to .safetensors, or pass --trust-pickle to read it with "
-                     "restricted unpickling (tensors and plain containers only)")
+TRUST_PICKLE_HINT = (
+    "convert it to .safetensors, or pass --trust-pickle to read it with "
+    "restricted unpickling (tensors and plain containers only)"
+)
 
 SINGLE_FILE = "single-file"
 UNET_FOLDER = "unet-folder"
@@ -37,8 +39,9 @@ def is_pickle(path: Path) -> bool:
 def refuse_untrusted_pickle(path: Path, trust_pickle: bool) -> None:
     path = Path(path)
     if is_pickle(path) and not trust_pickle:
-        raise ModelError(f"{path} is a pickle ({path.suffix}); reading it could run code, so it is refused",
-                         hint=TRUST_PICKLE_HINT)
+        raise ModelError(
+            f"{path} is a pickle ({path.suffix}); reading it could run code, so it is refused", hint=TRUST_PICKLE_HINT
+        )
 
 
 def base_kind(path: Path) -> str:
@@ -48,13 +51,14 @@ def base_kind(path: Path) -> str:
             return DIFFUSERS_FOLDER
         if (path / "config.json").is_file():
             return UNET_FOLDER
-        raise ModelError(f"{path}: neither a diffusers model folder (with unet/) nor a UNet folder "
-                         "(with config.json)")
+        raise ModelError(f"{path}: neither a diffusers model folder (with unet/) nor a UNet folder (with config.json)")
     if path.is_file():
         if path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
             return SINGLE_FILE
-        raise ModelError(f"{path}: unknown model format {path.suffix or '(no suffix)'}",
-                         hint="a base is a .safetensors checkpoint or a diffusers folder")
+        raise ModelError(
+            f"{path}: unknown model format {path.suffix or '(no suffix)'}",
+            hint="a base is a .safetensors checkpoint or a diffusers folder",
+        )
     raise ModelError(f"base model not found: {path}")
 
 
@@ -88,11 +92,11 @@ def check_single_file_keys(keys, source: Path) -> None:
         raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it with --lora")
     for prefix, family in _OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in keys):
-            raise ModelError(f"{source} is a {family} checkpoint; PASD's bases must be Stable Diffusion 1.5 "
-                             "models")
+            raise ModelError(f"{source} is a {family} checkpoint; PASD's bases must be Stable Diffusion 1.5 models")
     if not any(k.startswith(LDM_UNET_PREFIX) for k in keys) and "conv_in.weight" not in keys:
-        raise ModelError(f"{source} holds no Stable Diffusion UNet (no keys under {LDM_UNET_PREFIX}, "
-                         "nor a UNet in diffusers layout)")
+        raise ModelError(
+            f"{source} holds no Stable Diffusion UNet (no keys under {LDM_UNET_PREFIX}, nor a UNet in diffusers layout)"
+        )
 
 
 def check_base(path: Path, trust_pickle: bool = False) -> str:
@@ -116,11 +120,14 @@ def check_base(path: Path, trust_pickle: bool = False) -> str:
 def check_lora_file(path: Path, trust_pickle: bool = False) -> None:
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"LoRA file not found: {path}" if not path.exists() else f"{path} is not a file",
-                         hint=None if path.exists() else "--lora takes FILE or FILE:WEIGHT")
+        raise ModelError(
+            f"LoRA file not found: {path}" if not path.exists() else f"{path} is not a file",
+            hint=None if path.exists() else "--lora takes FILE or FILE:WEIGHT",
+        )
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-        raise ModelError(f"{path}: unknown weights format {path.suffix or '(no suffix)'}",
-                         hint="use a .safetensors file")
+        raise ModelError(
+            f"{path}: unknown weights format {path.suffix or '(no suffix)'}", hint="use a .safetensors file"
+        )
     refuse_untrusted_pickle(path, trust_pickle)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         keys = safetensors_keys(path)

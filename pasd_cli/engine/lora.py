@@ -22,16 +22,22 @@ from .weights import read_state_dict
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
 _SDXL_PREFIXES = ("lora_te2_", "text_encoder_2.")
-_UNSUPPORTED = {"dora_scale": "DoRA", "hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a mid (CP) layer",
-                ".diff_b": "full-weight difference", ".diff": "full-weight difference"}
+_UNSUPPORTED = {
+    "dora_scale": "DoRA",
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "lora_mid": "LoCon with a mid (CP) layer",
+    ".diff_b": "full-weight difference",
+    ".diff": "full-weight difference",
+}
 _SHOW = 5
 
 
 @dataclass(frozen=True)
 class LoraLayer:
     down: torch.Tensor  # (rank, in, ...) : lora_down / lora_A
-    up: torch.Tensor    # (out, rank, ...): lora_up / lora_B
-    scale: float        # alpha / rank
+    up: torch.Tensor  # (out, rank, ...): lora_up / lora_B
+    scale: float  # alpha / rank
 
     @property
     def rank(self) -> int:
@@ -58,7 +64,8 @@ class LoraFile:
 
 def _refuse_unsupported(state: dict[str, torch.Tensor], source: Path) -> None:
     if not any("lora" in k for k in state) and any(
-            k.startswith(("model.diffusion_model.", "down_blocks.", "conv_in.")) for k in state):
+        k.startswith(("model.diffusion_model.", "down_blocks.", "conv_in.")) for k in state
+    ):
         raise ModelError(f"{source} is a full model, not a LoRA", hint="pass it with --base")
     for marker, name in _UNSUPPORTED.items():
         if any(marker in k and (not marker.startswith(".") or k.endswith(marker)) for k in state):
@@ -108,8 +115,7 @@ def _to_peft_names(state: dict[str, torch.Tensor], unet_config, source: Path) ->
 
 
 def _layers(state: dict[str, torch.Tensor], prefix: str, source: Path) -> dict[str, LoraLayer]:
-    names = {k.removeprefix(prefix).rsplit(".lora_", 1)[0] for k in state
-             if k.startswith(prefix) and ".lora_" in k}
+    names = {k.removeprefix(prefix).rsplit(".lora_", 1)[0] for k in state if k.startswith(prefix) and ".lora_" in k}
     layers = {}
     for name in sorted(names):
         down = state.get(f"{prefix}{name}.lora_A.weight")
@@ -148,15 +154,20 @@ def _targets(layers: dict[str, LoraLayer], find, source: Path, what: str) -> lis
     for name, layer in layers.items():
         module = find(name)
         weight = getattr(module, "weight", None)
-        if weight is None or weight.shape[0] != layer.up.shape[0] or weight[0].numel() != layer.down[0].numel() \
-                or layer.up.flatten(1).shape[1] != layer.rank:
+        if (
+            weight is None
+            or weight.shape[0] != layer.up.shape[0]
+            or weight[0].numel() != layer.down[0].numel()
+            or layer.up.flatten(1).shape[1] != layer.rank
+        ):
             unknown.append(name)
         else:
             pairs.append((module, layer))
     if unknown:
         shown = ", ".join(unknown[:_SHOW]) + (", ..." if len(unknown) > _SHOW else "")
-        raise ModelError(f"{source}: {len(unknown)} LoRA layer(s) match no {what} layer of that shape "
-                         f"(diffusers names): {shown}")
+        raise ModelError(
+            f"{source}: {len(unknown)} LoRA layer(s) match no {what} layer of that shape (diffusers names): {shown}"
+        )
     return pairs
 
 
@@ -172,8 +183,9 @@ def apply_lora(components: Components, path: Path, weight: float = 1.0, trust_pi
     def find_unet(name):
         return unet.get_submodule(name) if f"{name}.weight" in stock else None
 
-    pairs = (_targets(lora.unet, find_unet, path, "stock UNet")
-             + _targets(lora.text_encoder, lambda n: _text_encoder_module(text_encoder, n), path, "text encoder"))
+    pairs = _targets(lora.unet, find_unet, path, "stock UNet") + _targets(
+        lora.text_encoder, lambda n: _text_encoder_module(text_encoder, n), path, "text encoder"
+    )
     with torch.no_grad():
         for module, layer in pairs:
             delta = (weight * layer.scale) * layer.delta(module.weight.shape)

@@ -21,7 +21,8 @@ _MPS_MEMORY_ERRORS = ("out of memory", "invalid buffer size")
 def is_out_of_memory(exc: BaseException) -> bool:
     # CUDA raises torch.OutOfMemoryError.
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MPS_MEMORY_ERRORS))
+        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MPS_MEMORY_ERRORS)
+    )
 
 
 def free_device_cache(device: torch.device) -> None:
@@ -42,8 +43,9 @@ class TileShrinker:
         self.warn = warn
         self.warned = False
 
-    def run(self, stage: Callable[[int], T], tile: int, whole: int, minimum: int, what: str,
-            changes_result: bool = False) -> tuple[T, int]:
+    def run(
+        self, stage: Callable[[int], T], tile: int, whole: int, minimum: int, what: str, changes_result: bool = False
+    ) -> tuple[T, int]:
         """`stage(tile)`; `tile` <= 0 or >= `whole` means untiled. Returns (result, tile used)."""
         while True:
             failed = False
@@ -58,11 +60,15 @@ class TileShrinker:
                 smaller = current // 2
                 free_device_cache(self.device)
                 if smaller < minimum:
-                    raise DeviceError(f"out of memory on {self.device.type} even with {what} tiles of {current}",
-                                      hint="close other programs using the device, or use a smaller --scale")
+                    raise DeviceError(
+                        f"out of memory on {self.device.type} even with {what} tiles of {current}",
+                        hint="close other programs using the device, or use a smaller --scale",
+                    )
                 if self.warn and not self.warned:
                     note = "; the result will differ slightly from the requested tiling" if changes_result else ""
-                    self.warn(f"out of memory on {self.device.type}; retrying with smaller tiles "
-                              f"({what} tile {smaller}){note}")
+                    self.warn(
+                        f"out of memory on {self.device.type}; retrying with smaller tiles "
+                        f"({what} tile {smaller}){note}"
+                    )
                     self.warned = True
                 tile = smaller

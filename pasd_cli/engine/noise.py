@@ -30,9 +30,15 @@ def standard_normal_draws(shape, generator: torch.Generator, count: int = 3) -> 
     return [torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(count)]
 
 
-def initial_latents(posterior_mean: torch.Tensor, posterior_std: torch.Tensor, timesteps: torch.Tensor,
-                    sigmas: torch.Tensor, added_noise_level: int, scaling_factor: float,
-                    draws: list[torch.Tensor]) -> torch.Tensor:
+def initial_latents(
+    posterior_mean: torch.Tensor,
+    posterior_std: torch.Tensor,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+    added_noise_level: int,
+    scaling_factor: float,
+    draws: list[torch.Tensor],
+) -> torch.Tensor:
     eps_posterior, noise_first, noise_added = (d.to(posterior_mean.device) for d in draws)
     z0 = scaling_factor * (posterior_mean + posterior_std * eps_posterior)
     sigmas = sigmas.to(posterior_mean.device)

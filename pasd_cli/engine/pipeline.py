@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .settings import MIN_VAE_TILE, UpscaleSettings
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
 from .loading import Components, load_components, model_dtypes
@@ -20,6 +19,7 @@ from .noise import initial_latents, standard_normal_draws
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
 from .schedulers import schedule_sigmas
+from .settings import MIN_VAE_TILE, UpscaleSettings
 from .tiling import TileGrid, needs_tiling, shrunk_overlap
 from .vae import VaeCodec, choose_vae_tile, vae_peak_bytes
 
@@ -60,8 +60,8 @@ def decoded_to_uint8(decoded: torch.Tensor, rows: int = 256) -> torch.Tensor:
     In strips of rows, so no float temporary is the size of the image."""
     out = torch.empty(decoded.shape[1:], dtype=torch.uint8, device=decoded.device)
     for start in range(0, decoded.shape[-2], rows):
-        strip = decoded[0, :, start:start + rows]
-        out[:, start:start + rows] = ((strip / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        strip = decoded[0, :, start : start + rows]
+        out[:, start : start + rows] = ((strip / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return out
 
 
@@ -70,8 +70,9 @@ class PASDPipeline:
     `settings.vae_tile = None` picks VAE tiling by image size (exact either way). Without it,
     the automatic choice is untiled."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
-                 memory_budget: int | None = None):
+    def __init__(
+        self, components: Components, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
+    ):
         from diffusers import UniPCMultistepScheduler
 
         self.memory_budget = memory_budget
@@ -87,8 +88,9 @@ class PASDPipeline:
         self._scheduler_class = scheduler_class
 
     @classmethod
-    def from_folders(cls, pasd_dir: Path, base_dir: Path, device: torch.device,
-                     dtype: torch.dtype, memory_budget: int | None = None) -> "PASDPipeline":
+    def from_folders(
+        cls, pasd_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
+    ) -> PASDPipeline:
         return cls(load_components(Path(pasd_dir), Path(base_dir)), device, dtype, memory_budget)
 
     def new_scheduler(self, steps: int, seed: int = 0):
@@ -118,27 +120,57 @@ class PASDPipeline:
         vae = self.vae.vae
         return max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
 
-    def initial_latents(self, hint: torch.Tensor, scheduler, settings: UpscaleSettings,
-                        vae_tile: int = 0, on_tile=None, checkpoint_bytes: int = 0) -> torch.Tensor:
-        mean, std = self.vae.encode_moments(hint, tile=vae_tile, on_tile=on_tile,
-                                            checkpoint_bytes=checkpoint_bytes)
+    def initial_latents(
+        self,
+        hint: torch.Tensor,
+        scheduler,
+        settings: UpscaleSettings,
+        vae_tile: int = 0,
+        on_tile=None,
+        checkpoint_bytes: int = 0,
+    ) -> torch.Tensor:
+        mean, std = self.vae.encode_moments(hint, tile=vae_tile, on_tile=on_tile, checkpoint_bytes=checkpoint_bytes)
         draws = standard_normal_draws(mean.shape, torch.Generator("cpu").manual_seed(settings.seed))
-        latents = initial_latents(mean, std, scheduler.timesteps, schedule_sigmas(scheduler),
-                                  settings.added_noise_level, self.vae.scaling_factor, draws)
+        latents = initial_latents(
+            mean,
+            std,
+            scheduler.timesteps,
+            schedule_sigmas(scheduler),
+            settings.added_noise_level,
+            self.vae.scaling_factor,
+            draws,
+        )
         return latents * scheduler.init_noise_sigma
 
-    def noise_predictor(self, prompt_embeds, hint, settings, progress: Progress | None = None,
-                        latent_tile: int | None = None):
+    def noise_predictor(
+        self, prompt_embeds, hint, settings, progress: Progress | None = None, latent_tile: int | None = None
+    ):
         on_tile = (lambda done, total: progress("tile", done, total)) if progress else None
         tile = latent_tile or settings.latent_tile
         return NoisePredictor(
-            self.unet, self.controlnet, prompt_embeds, hint,
+            self.unet,
+            self.controlnet,
+            prompt_embeds,
+            hint,
             Guidance(settings.guidance, settings.conditioning_scale),
-            tile, shrunk_overlap(settings.latent_overlap, settings.latent_tile, tile), settings.tile_batch,
-            settings.blend, dtype=self.unet.dtype, on_tile=on_tile)
+            tile,
+            shrunk_overlap(settings.latent_overlap, settings.latent_tile, tile),
+            settings.tile_batch,
+            settings.blend,
+            dtype=self.unet.dtype,
+            on_tile=on_tile,
+        )
 
-    def denoise(self, latents: torch.Tensor, prompt_embeds, hint, settings: UpscaleSettings,
-                latent_tile: int, progress: Progress | None = None, trace: Trace = _no_trace) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds,
+        hint,
+        settings: UpscaleSettings,
+        latent_tile: int,
+        progress: Progress | None = None,
+        trace: Trace = _no_trace,
+    ) -> torch.Tensor:
         scheduler = self.new_scheduler(settings.steps, settings.seed)  # fresh: a retry starts over
         predict = self.noise_predictor(prompt_embeds, hint, settings, progress, latent_tile)
         for index, t in enumerate(scheduler.timesteps):
@@ -151,9 +183,16 @@ class PASDPipeline:
         return latents
 
     @torch.inference_mode()
-    def upscale(self, lr_image: Image.Image, settings: UpscaleSettings, caption: str | None = None,
-                progress: Progress | None = None, trace: Trace = _no_trace,
-                label: str | None = None, on_warning: Warn | None = None) -> UpscaleResult:
+    def upscale(
+        self,
+        lr_image: Image.Image,
+        settings: UpscaleSettings,
+        caption: str | None = None,
+        progress: Progress | None = None,
+        trace: Trace = _no_trace,
+        label: str | None = None,
+        on_warning: Warn | None = None,
+    ) -> UpscaleResult:
         """`caption` or `label`: the image's high-level information (spec section 5), as
         `build_prompt` combines it with the settings' prompts. On an out-of-memory error the
         latent or VAE tile is halved and the stage run again, with one warning through
@@ -169,12 +208,16 @@ class PASDPipeline:
         shrink = TileShrinker(self.device, on_warning)
         vae_tile = self.vae_tile(settings, height, width)
         first_vae_tile = vae_tile
+
         # After an out-of-memory retry, no whole-image checkpoints either.
-        checkpoints = lambda tile: (self.vae_checkpoint_bytes(tile, height, width)  # noqa: E731
-                                    if tile == first_vae_tile else 0)
+        def checkpoints(tile):
+            return self.vae_checkpoint_bytes(tile, height, width) if tile == first_vae_tile else 0
+
         self.vae.set_attention_window(settings.vae_attention_window)
-        vae_progress = {stage: (lambda done, total, stage=stage: progress(stage, done, total)) if progress else None
-                        for stage in ("encode", "decode")}
+        vae_progress = {
+            stage: (lambda done, total, stage=stage: progress(stage, done, total)) if progress else None
+            for stage in ("encode", "decode")
+        }
 
         # 2. Prompts: [negative; positive] with guidance.
         prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
@@ -185,9 +228,14 @@ class PASDPipeline:
         # 3. Scheduler and the adjustable-noise initial latents.
         scheduler = self.new_scheduler(settings.steps, settings.seed)
         latents, vae_tile = shrink.run(
-            lambda tile: self.initial_latents(hint, scheduler, settings, tile, vae_progress["encode"],
-                                              checkpoints(tile)),
-            vae_tile, max(height, width), MIN_VAE_TILE, "VAE")
+            lambda tile: self.initial_latents(
+                hint, scheduler, settings, tile, vae_progress["encode"], checkpoints(tile)
+            ),
+            vae_tile,
+            max(height, width),
+            MIN_VAE_TILE,
+            "VAE",
+        )
         trace("timesteps", scheduler.timesteps)
         trace("initial_latents", latents)
 
@@ -195,13 +243,26 @@ class PASDPipeline:
         initial = latents
         latents, latent_tile = shrink.run(
             lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
-            settings.latent_tile, max(latents.shape[-2:]), MIN_LATENT_TILE, "latent", changes_result=True)
+            settings.latent_tile,
+            max(latents.shape[-2:]),
+            MIN_LATENT_TILE,
+            "latent",
+            changes_result=True,
+        )
 
         # 5. Decode to uint8, rounding.
         decoded, vae_tile = shrink.run(
-            lambda tile: self.vae.decode(latents / self.vae.scaling_factor, tile, on_tile=vae_progress["decode"],
-                                         checkpoint_bytes=checkpoints(tile)),
-            vae_tile, max(height, width), MIN_VAE_TILE, "VAE")
+            lambda tile: self.vae.decode(
+                latents / self.vae.scaling_factor,
+                tile,
+                on_tile=vae_progress["decode"],
+                checkpoint_bytes=checkpoints(tile),
+            ),
+            vae_tile,
+            max(height, width),
+            MIN_VAE_TILE,
+            "VAE",
+        )
         trace("decoded", decoded)
         sr_uint8 = decoded_to_uint8(decoded).cpu()
         del decoded
@@ -216,7 +277,15 @@ class PASDPipeline:
         image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
         latent_h, latent_w = latents.shape[-2:]
         overlap = shrunk_overlap(settings.latent_overlap, settings.latent_tile, latent_tile)
-        latent_tiles = (len(TileGrid.build(latent_h, latent_w, latent_tile, overlap).tiles)
-                        if needs_tiling(latent_h, latent_w, latent_tile) else 1)
-        return UpscaleResult(image=image, prompt=prompt, hint_size=hint_image.size, latent_tiles=latent_tiles,
-                             vae_tile=0 if vae_tile >= max(height, width) else vae_tile)
+        latent_tiles = (
+            len(TileGrid.build(latent_h, latent_w, latent_tile, overlap).tiles)
+            if needs_tiling(latent_h, latent_w, latent_tile)
+            else 1
+        )
+        return UpscaleResult(
+            image=image,
+            prompt=prompt,
+            hint_size=hint_image.size,
+            latent_tiles=latent_tiles,
+            vae_tile=0 if vae_tile >= max(height, width) else vae_tile,
+        )

@@ -14,8 +14,7 @@ def clean_caption(caption: str) -> str:
     return caption
 
 
-def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None,
-                 label: str | None = None) -> str:
+def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None) -> str:
     """The released rules; note that no separator precedes the added prompt.
 
     caption: "<caption>[ <user prompt>]"; label (a confident class): "[<user prompt>, ]<label>, ";
@@ -37,8 +36,9 @@ def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None
 @torch.inference_mode()
 def encode_texts(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
     """CLIP last hidden states, (len(texts), 77, C): padded to the model length, truncated."""
-    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     ids = tokens.input_ids.to(text_encoder.device)
     return text_encoder(ids)[0]
 

@@ -27,8 +27,9 @@ def make_hint(lr_image: Image.Image, scale: float, process_size: int) -> Image.I
         image = image.resize(_short_side_to(*image.size, process_size), Image.Resampling.BILINEAR)
     width, height = image.size
     if width < 8 or height < 8:
-        raise InputError(f"image of {width}x{height} px is too small after scaling",
-                         hint="use a larger scale or process size")
+        raise InputError(
+            f"image of {width}x{height} px is too small after scaling", hint="use a larger scale or process size"
+        )
     return image.resize((width // 8 * 8, height // 8 * 8), Image.Resampling.BICUBIC)
 
 

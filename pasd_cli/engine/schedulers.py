@@ -25,9 +25,13 @@ class SeededLCMScheduler(LCMScheduler):
         self._step_generator = torch.Generator("cpu").manual_seed(seed ^ _STEP_NOISE_STREAM)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        return super().step(model_output, timestep, sample,
-                            generator=generator if generator is not None else self._step_generator,
-                            return_dict=return_dict)
+        return super().step(
+            model_output,
+            timestep,
+            sample,
+            generator=generator if generator is not None else self._step_generator,
+            return_dict=return_dict,
+        )
 
 
 def schedule_sigmas(scheduler) -> torch.Tensor:

@@ -47,23 +47,27 @@ class UpscaleSettings:
     vae_attention_window: int = 0
 
     def __post_init__(self):
-        _require([
-            (self.steps >= 1, "steps must be at least 1"),
-            # What torch.Generator.manual_seed accepts; beyond it every image would fail alike.
-            (-2**63 <= self.seed < 2**64, "seed must fit in 64 bits"),
-            (self.scale > 0, "scale must be positive"),
-            (self.process_size >= 8, "process size must be at least 8"),
-            (0 <= self.added_noise_level < 1000, "added noise level must be in [0, 999]"),
-            (self.conditioning_scale >= 0, "conditioning scale must not be negative"),
-            (self.latent_tile >= 8, "latent tile must be at least 8"),
-            (0 <= self.latent_overlap < self.latent_tile, "latent overlap must be in [0, latent tile)"),
-            (self.tile_batch >= 1, "tile batch must be at least 1"),
-            (self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
-            (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
-            (self.vae_tile is None or self.vae_tile == 0 or self.vae_tile >= MIN_VAE_TILE,
-             f"VAE tile must be 0 (off) or at least {MIN_VAE_TILE} pixels"),
-            (self.vae_attention_window >= 0, "VAE attention window must not be negative"),
-        ])
+        _require(
+            [
+                (self.steps >= 1, "steps must be at least 1"),
+                # What torch.Generator.manual_seed accepts; beyond it every image would fail alike.
+                (-(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
+                (self.scale > 0, "scale must be positive"),
+                (self.process_size >= 8, "process size must be at least 8"),
+                (0 <= self.added_noise_level < 1000, "added noise level must be in [0, 999]"),
+                (self.conditioning_scale >= 0, "conditioning scale must not be negative"),
+                (self.latent_tile >= 8, "latent tile must be at least 8"),
+                (0 <= self.latent_overlap < self.latent_tile, "latent overlap must be in [0, latent tile)"),
+                (self.tile_batch >= 1, "tile batch must be at least 1"),
+                (self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
+                (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
+                (
+                    self.vae_tile is None or self.vae_tile == 0 or self.vae_tile >= MIN_VAE_TILE,
+                    f"VAE tile must be 0 (off) or at least {MIN_VAE_TILE} pixels",
+                ),
+                (self.vae_attention_window >= 0, "VAE attention window must not be negative"),
+            ]
+        )
 
     @property
     def uses_cfg(self) -> bool:
@@ -89,12 +93,14 @@ class CaptionSettings:
     min_probability: float = 0.1
 
     def __post_init__(self):
-        _require([
-            (self.mode in CAPTION_MODES, f"caption must be one of {', '.join(CAPTION_MODES)}"),
-            (self.num_beams >= 1, "caption beams must be at least 1"),
-            (1 <= self.min_length <= self.max_length, "caption lengths must satisfy 1 <= min <= max"),
-            (0.0 <= self.min_probability <= 1.0, "classify probability must be in [0, 1]"),
-        ])
+        _require(
+            [
+                (self.mode in CAPTION_MODES, f"caption must be one of {', '.join(CAPTION_MODES)}"),
+                (self.num_beams >= 1, "caption beams must be at least 1"),
+                (1 <= self.min_length <= self.max_length, "caption lengths must satisfy 1 <= min <= max"),
+                (0.0 <= self.min_probability <= 1.0, "classify probability must be in [0, 1]"),
+            ]
+        )
 
 
 # Stylization (spec section 6): the SR model on a personalized SD 1.5 base. The authors advise
@@ -125,7 +131,7 @@ class LoraSpec:
             raise ValueError(f"LoRA weight must be a finite number, got {self.weight}")
 
     @classmethod
-    def parse(cls, text: str, exists=os.path.exists) -> "LoraSpec":
+    def parse(cls, text: str, exists=os.path.exists) -> LoraSpec:
         """FILE or FILE:WEIGHT. The weight is whatever follows the LAST colon, and only when it
         reads as a number and the text as a whole is not an existing file, so Windows paths
         (C:\\loras\\x.safetensors) and names with colons stay intact."""

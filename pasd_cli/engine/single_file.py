@@ -77,21 +77,29 @@ def check_sd15_checkpoint(state: dict[str, torch.Tensor], source: Path) -> None:
     if not any(k.startswith(LDM_UNET_PREFIX) for k in state):
         if state and all(k.startswith(LORA_PREFIXES) for k in state):
             raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it with --lora")
-        raise ModelError(f"{source} holds no UNet in the original (LDM) layout "
-                         f"(no keys under {LDM_UNET_PREFIX})")
+        raise ModelError(f"{source} holds no UNet in the original (LDM) layout (no keys under {LDM_UNET_PREFIX})")
     model_type = infer_diffusers_model_type(state)
     if model_type != "v1":
-        raise ModelError(f"{source} is a Stable Diffusion '{model_type}' checkpoint; PASD's bases "
-                         "must be Stable Diffusion 1.5 models")
+        raise ModelError(
+            f"{source} is a Stable Diffusion '{model_type}' checkpoint; PASD's bases "
+            "must be Stable Diffusion 1.5 models"
+        )
 
 
-def read_single_file(path: Path, unet_config: dict | None = None, vae_config: dict | None = None,
-                     text_encoder_config=None, trust_pickle: bool = False,
-                     dtype: torch.dtype = torch.float32) -> SingleFileParts:
+def read_single_file(
+    path: Path,
+    unet_config: dict | None = None,
+    vae_config: dict | None = None,
+    text_encoder_config=None,
+    trust_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> SingleFileParts:
     """Convert a civitai/LDM checkpoint with diffusers' converters; configs default to SD 1.5's."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-                                                     convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     path = Path(path)
     state = read_state_dict(path, trust_pickle)

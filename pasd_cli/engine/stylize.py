@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import BASE_BLEND, LoraSpec
 from .bases import BaseReport, apply_base
 from .loading import Components
 from .lora import LoraReport, apply_lora
 from .schedulers import SeededLCMScheduler
+from .settings import BASE_BLEND, LoraSpec
 
 # on_stage(what, source): called before each part is applied ("base", "lora", "lcm").
 StageCallback = Callable[[str, Path], None]
@@ -31,9 +31,15 @@ def use_lcm(components: Components, lcm_lora: Path, trust_pickle: bool = False) 
     return report
 
 
-def personalize(components: Components, base: Path | None = None, blend: float = BASE_BLEND,
-                loras: Sequence[LoraSpec] = (), lcm_lora: Path | None = None,
-                trust_pickle: bool = False, on_stage: StageCallback | None = None) -> PersonalizeReport:
+def personalize(
+    components: Components,
+    base: Path | None = None,
+    blend: float = BASE_BLEND,
+    loras: Sequence[LoraSpec] = (),
+    lcm_lora: Path | None = None,
+    trust_pickle: bool = False,
+    on_stage: StageCallback | None = None,
+) -> PersonalizeReport:
     def stage(what: str, source) -> None:
         if on_stage:
             on_stage(what, Path(source))

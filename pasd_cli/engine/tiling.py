@@ -61,18 +61,21 @@ class TileGrid:
     col_starts: tuple[int, ...]
 
     @classmethod
-    def build(cls, height: int, width: int, tile: int, overlap: int) -> "TileGrid":
+    def build(cls, height: int, width: int, tile: int, overlap: int) -> TileGrid:
         size = min(tile, height, width)
         # A tile clipped to the latent keeps the requested overlap where it still can.
         overlap = min(overlap, size - 1)
-        return cls(height, width, size, tuple(tile_starts(height, size, overlap)),
-                   tuple(tile_starts(width, size, overlap)))
+        return cls(
+            height, width, size, tuple(tile_starts(height, size, overlap)), tuple(tile_starts(width, size, overlap))
+        )
 
     @cached_property
     def tiles(self) -> list[Tile]:
-        return [Tile(top, left, self.size, row, col)
-                for row, top in enumerate(self.row_starts)
-                for col, left in enumerate(self.col_starts)]
+        return [
+            Tile(top, left, self.size, row, col)
+            for row, top in enumerate(self.row_starts)
+            for col, left in enumerate(self.col_starts)
+        ]
 
     def weight(self, tile: Tile, blend: str) -> torch.Tensor:
         """(size, size) float32 blend weight of one tile."""
@@ -105,8 +108,9 @@ def released_weights(size: int) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64)
 
     def gaussian(centre: float) -> torch.Tensor:
-        return (torch.exp(-((coords - centre) ** 2) / (size * size) / (2 * RELEASED_VARIANCE))
-                / math.sqrt(2 * math.pi * RELEASED_VARIANCE))
+        return torch.exp(-((coords - centre) ** 2) / (size * size) / (2 * RELEASED_VARIANCE)) / math.sqrt(
+            2 * math.pi * RELEASED_VARIANCE
+        )
 
     return torch.outer(gaussian(size / 2), gaussian((size - 1) / 2)).float()
 
@@ -136,4 +140,3 @@ def axis_ramps(starts: tuple[int, ...] | list[int], size: int) -> list[torch.Ten
         after = start + size - starts[index + 1] if index + 1 < len(starts) else 0
         ramps.append((_rise(before, size) * _rise(after, size).flip(0)).float())
     return ramps
-

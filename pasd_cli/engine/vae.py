@@ -39,7 +39,7 @@ def _to_pixels(image: torch.Tensor, box: Box | None, dtype: torch.dtype, device)
     """Image in [0, 1] (float) or uint8 -> VAE input in [-1, 1]; x/255*2-1 as the whole-image path."""
     if box is not None:
         top, left, height, width = box
-        image = image[:, :, top:top + height, left:left + width]
+        image = image[:, :, top : top + height, left : left + width]
     image = image.to(device)
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
@@ -83,13 +83,19 @@ class VaeCodec:
             def run(x, block=block, first=index == 0):
                 return block(encoder.conv_in(x) if first else x)
 
-            stages.append(Stage(run, parts + ((encoder.down_blocks, str(index)),),
-                                block.resnets[-1].out_channels, scale))
+            stages.append(
+                Stage(run, parts + ((encoder.down_blocks, str(index)),), block.resnets[-1].out_channels, scale)
+            )
         return stages
 
-    def encode_moments(self, image: torch.Tensor, tile: int = 0, exact: bool = True,
-                       on_tile: TileProgress | None = None,
-                       checkpoint_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_moments(
+        self,
+        image: torch.Tensor,
+        tile: int = 0,
+        exact: bool = True,
+        on_tile: TileProgress | None = None,
+        checkpoint_bytes: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`image` in [0, 1] or uint8, (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8).
         `tile` is the side of a tile's core in pixels; 0 or at least the image: untiled.
         `checkpoint_bytes` may hold whole-image activations between blocks (vae_tiling)."""
@@ -98,9 +104,16 @@ class VaeCodec:
         if self._covers(tile, height, width):
             posterior = vae.encode(_to_pixels(image, None, vae.dtype, vae.device)).latent_dist
         else:
-            features = run_chain(self._encoder_stages(),
-                                 lambda box: _to_pixels(image, box, vae.dtype, vae.device),
-                                 (height, width), tile, exact, checkpoint_bytes, vae.dtype.itemsize, on_tile)
+            features = run_chain(
+                self._encoder_stages(),
+                lambda box: _to_pixels(image, box, vae.dtype, vae.device),
+                (height, width),
+                tile,
+                exact,
+                checkpoint_bytes,
+                vae.dtype.itemsize,
+                on_tile,
+            )
             posterior = DiagonalGaussianDistribution(self._encoder_tail(features))
         return posterior.mean.float(), posterior.std.float()
 
@@ -143,14 +156,19 @@ class VaeCodec:
             if previous is not None:
                 scale *= 2 ** len(previous.upsamplers or ())
             if last:
-                stages.append(Stage(run, parts, self.vae.config.out_channels,
-                                    scale * 2 ** len(block.upsamplers or ())))
+                stages.append(Stage(run, parts, self.vae.config.out_channels, scale * 2 ** len(block.upsamplers or ())))
             else:
                 stages.append(Stage(run, parts, block.resnets[-1].out_channels, scale))
         return stages
 
-    def decode(self, latents: torch.Tensor, tile: int = 0, exact: bool = True,
-               on_tile: TileProgress | None = None, checkpoint_bytes: int = 0) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        tile: int = 0,
+        exact: bool = True,
+        on_tile: TileProgress | None = None,
+        checkpoint_bytes: int = 0,
+    ) -> torch.Tensor:
         """Unscaled latents -> decoder output in about [-1, 1], before clamping, float32.
         `tile` is the side of a tile's core in output pixels; 0 or at least the image: untiled."""
         vae = self.vae
@@ -163,15 +181,27 @@ class VaeCodec:
         if vae.post_quant_conv is not None:
             latents = vae.post_quant_conv(latents)
         features = decoder.mid_block(decoder.conv_in(latents), None)
-        out = torch.empty((latents.shape[0], vae.config.out_channels, height * factor, width * factor),
-                          dtype=torch.float32, device=latents.device)
+        out = torch.empty(
+            (latents.shape[0], vae.config.out_channels, height * factor, width * factor),
+            dtype=torch.float32,
+            device=latents.device,
+        )
 
         def crop(box: Box) -> torch.Tensor:
             top, left, box_h, box_w = box
-            return features[:, :, top:top + box_h, left:left + box_w]
+            return features[:, :, top : top + box_h, left : left + box_w]
 
-        return run_chain(self._decoder_stages(), crop, (height, width), max(1, tile // factor), exact,
-                         checkpoint_bytes, vae.dtype.itemsize, on_tile, out=out)
+        return run_chain(
+            self._decoder_stages(),
+            crop,
+            (height, width),
+            max(1, tile // factor),
+            exact,
+            checkpoint_bytes,
+            vae.dtype.itemsize,
+            on_tile,
+            out=out,
+        )
 
 
 def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:

@@ -30,10 +30,22 @@ class SpatialSelfAttnProcessor:
         self.window = window
         self.max_scores = max_scores
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
-        if (hidden_states.ndim != 4 or encoder_hidden_states is not None or attention_mask is not None
-                or attn.spatial_norm is not None):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if (
+            hidden_states.ndim != 4
+            or encoder_hidden_states is not None
+            or attention_mask is not None
+            or attn.spatial_norm is not None
+        ):
             raise ValueError("SpatialSelfAttnProcessor handles plain spatial self-attention only")
         batch, channels, height, width = hidden_states.shape
         residual = hidden_states
@@ -72,8 +84,9 @@ class SpatialSelfAttnProcessor:
             return F.scaled_dot_product_attention(query, key, value)
         out = torch.empty_like(query)
         for start in range(0, query.shape[-2], chunk):
-            out[:, :, start:start + chunk] = F.scaled_dot_product_attention(
-                query[:, :, start:start + chunk], key, value)
+            out[:, :, start : start + chunk] = F.scaled_dot_product_attention(
+                query[:, :, start : start + chunk], key, value
+            )
         return out
 
     def _windowed(self, query, key, value, height: int, width: int) -> torch.Tensor:
@@ -89,17 +102,23 @@ class SpatialSelfAttnProcessor:
             for left in range(0, width, block):
                 right = min(width, left + block)
                 k_left, k_right = max(0, left - radius), min(width, right + radius)
-                near_rows = (torch.arange(top, bottom, device=device)[:, None]
-                             - torch.arange(k_top, k_bottom, device=device)[None, :]).abs() <= radius
-                near_cols = (torch.arange(left, right, device=device)[:, None]
-                             - torch.arange(k_left, k_right, device=device)[None, :]).abs() <= radius
+                near_rows = (
+                    torch.arange(top, bottom, device=device)[:, None]
+                    - torch.arange(k_top, k_bottom, device=device)[None, :]
+                ).abs() <= radius
+                near_cols = (
+                    torch.arange(left, right, device=device)[:, None]
+                    - torch.arange(k_left, k_right, device=device)[None, :]
+                ).abs() <= radius
                 mask = (near_rows[:, None, :, None] & near_cols[None, :, None, :]).reshape(
-                    (bottom - top) * (right - left), (k_bottom - k_top) * (k_right - k_left))
+                    (bottom - top) * (right - left), (k_bottom - k_top) * (k_right - k_left)
+                )
                 q = q2[:, :, top:bottom, left:right].reshape(batch, heads, -1, dim)
                 k = k2[:, :, k_top:k_bottom, k_left:k_right].reshape(batch, heads, -1, dim)
                 v = v2[:, :, k_top:k_bottom, k_left:k_right].reshape(batch, heads, -1, v2.shape[-1])
-                out[:, :, top:bottom, left:right] = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask).view(batch, heads, bottom - top, right - left, -1)
+                out[:, :, top:bottom, left:right] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(
+                    batch, heads, bottom - top, right - left, -1
+                )
         return out.view(batch, heads, height * width, -1)
 
 

@@ -75,7 +75,7 @@ class _TileState:
 class PooledGroupNorm(nn.Module):
     """Stands in for one nn.GroupNorm while a section runs tiled."""
 
-    def __init__(self, norm: nn.GroupNorm, section: "TiledSection"):
+    def __init__(self, norm: nn.GroupNorm, section: TiledSection):
         super().__init__()
         self.norm = norm
         self.section = section
@@ -180,8 +180,9 @@ class TiledSection:
     the multiple that tile edges keep in input pixels (8 where the section downsamples 8x).
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
-                 parts: list[tuple[nn.Module, str]], align: int = 1):
+    def __init__(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], parts: list[tuple[nn.Module, str]], align: int = 1
+    ):
         self.forward = forward
         self.parts = parts
         self.align = align
@@ -193,10 +194,19 @@ class TiledSection:
         swapped: list[tuple[nn.Module, str, nn.GroupNorm]] = []
         for root_parent, root_name in self.parts:
             root = getattr(root_parent, root_name)
-            targets = [(root_parent, root_name, root)] if isinstance(root, nn.GroupNorm) else [
-                (root.get_submodule(name.rpartition(".")[0]) if "." in name else root,
-                 name.rpartition(".")[2], module)
-                for name, module in root.named_modules() if isinstance(module, nn.GroupNorm)]
+            targets = (
+                [(root_parent, root_name, root)]
+                if isinstance(root, nn.GroupNorm)
+                else [
+                    (
+                        root.get_submodule(name.rpartition(".")[0]) if "." in name else root,
+                        name.rpartition(".")[2],
+                        module,
+                    )
+                    for name, module in root.named_modules()
+                    if isinstance(module, nn.GroupNorm)
+                ]
+            )
             for parent, name, module in targets:
                 setattr(parent, name, PooledGroupNorm(module, self))
                 swapped.append((parent, name, module))
@@ -208,8 +218,12 @@ class TiledSection:
 
     def _probe(self, example: torch.Tensor) -> _Plan:
         probe = _Probe(example.shape[-2])
-        convs = [module for parent, name in self.parts for module in getattr(parent, name).modules()
-                 if isinstance(module, nn.Conv2d)]
+        convs = [
+            module
+            for parent, name in self.parts
+            for module in getattr(parent, name).modules()
+            if isinstance(module, nn.Conv2d)
+        ]
         hooks = [conv.register_forward_hook(lambda m, args, out: probe.saw_conv(m, args[0], out)) for conv in convs]
         self.probing = probe
         self.state = _TileState(tuple(example.shape[-2:]), (0, 0, *example.shape[-2:]))
@@ -222,8 +236,13 @@ class TiledSection:
         norms = [norm for norm, _ in probe.norms]
         if len(set(map(id, norms))) != len(norms):
             raise RuntimeError("a GroupNorm runs twice in one section; tiling cannot pool it")
-        return _Plan(norms, [halo for _, halo in probe.norms], probe.halo(),
-                     Fraction(out.shape[-2], example.shape[-2]), out[:, :, :0, :0])
+        return _Plan(
+            norms,
+            [halo for _, halo in probe.norms],
+            probe.halo(),
+            Fraction(out.shape[-2], example.shape[-2]),
+            out[:, :, :0, :0],
+        )
 
     def cores(self, height: int, width: int, tile: int) -> list[Box]:
         """Tile cores partitioning the input: equal sizes, edges on multiples of `align`."""
@@ -234,12 +253,21 @@ class TiledSection:
             return [round(length * k / count / self.align) * self.align for k in range(count)] + [length]
 
         rows, cols = cuts(height), cuts(width)
-        return [(top, left, bottom - top, right - left)
-                for top, bottom in zip(rows, rows[1:]) for left, right in zip(cols, cols[1:])]
+        return [
+            (top, left, bottom - top, right - left)
+            for top, bottom in zip(rows, rows[1:])
+            for left, right in zip(cols, cols[1:])
+        ]
 
-    def run(self, source: Callable[[Box], torch.Tensor], size: tuple[int, int], tile: int,
-            exact: bool = True, on_tile: TileProgress | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        source: Callable[[Box], torch.Tensor],
+        size: tuple[int, int],
+        tile: int,
+        exact: bool = True,
+        on_tile: TileProgress | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`source(box)` returns the section input under a box (top, left, height, width) of the
         input of `size` (height, width). Returns the whole output (or fills `out`)."""
         height, width = size
@@ -273,8 +301,9 @@ class TiledSection:
                 result, (y0, x0) = self._run_tile(source, size, core, plan.halo)
                 top, left, core_h, core_w = core
                 oy, ox, oh, ow = (int(v * scale) for v in (y0, x0, core_h, core_w))
-                out[:, :, int(top * scale):int(top * scale) + oh, int(left * scale):int(left * scale) + ow] = \
-                    result[:, :, oy:oy + oh, ox:ox + ow]
+                out[:, :, int(top * scale) : int(top * scale) + oh, int(left * scale) : int(left * scale) + ow] = (
+                    result[:, :, oy : oy + oh, ox : ox + ow]
+                )
                 done += 1
                 if on_tile:
                     on_tile(done, total)
@@ -303,8 +332,9 @@ class Stage:
     out_scale: Fraction
 
 
-def plan_sections(stages: list[Stage], size: tuple[int, int], dtype_bytes: int,
-                  checkpoint_bytes: int) -> list[list[Stage]]:
+def plan_sections(
+    stages: list[Stage], size: tuple[int, int], dtype_bytes: int, checkpoint_bytes: int
+) -> list[list[Stage]]:
     """Cut the chain after a stage when its whole-image output and the previous cut's fit in
     `checkpoint_bytes` together: the sections after a cut start from that stored tensor instead
     of recomputing everything before it in each GroupNorm pass. 0: one section, memory of one
@@ -322,9 +352,17 @@ def plan_sections(stages: list[Stage], size: tuple[int, int], dtype_bytes: int,
     return sections + [current]
 
 
-def run_chain(stages: list[Stage], source: Callable[[Box], torch.Tensor], size: tuple[int, int],
-              tile: int, exact: bool = True, checkpoint_bytes: int = 0, dtype_bytes: int = 4,
-              on_tile: TileProgress | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def run_chain(
+    stages: list[Stage],
+    source: Callable[[Box], torch.Tensor],
+    size: tuple[int, int],
+    tile: int,
+    exact: bool = True,
+    checkpoint_bytes: int = 0,
+    dtype_bytes: int = 4,
+    on_tile: TileProgress | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run a chain of stages tiled, in sections (see plan_sections). `tile` is the side of a
     tile's core in chain-input pixels; the last section fills `out` if given."""
     sections = plan_sections(stages, size, dtype_bytes, checkpoint_bytes)
@@ -342,14 +380,13 @@ def run_chain(stages: list[Stage], source: Callable[[Box], torch.Tensor], size: 
         parts = [part for stage in section_stages for part in stage.parts]
         section = TiledSection(forward, parts, align)
         last = number == len(sections) - 1
-        result = section.run(source, size, max(align, int(tile * in_scale)), exact, on_tile,
-                             out=out if last else None)
+        result = section.run(source, size, max(align, int(tile * in_scale)), exact, on_tile, out=out if last else None)
         if last:
             return result
 
         def source(box: Box, stored: torch.Tensor = result) -> torch.Tensor:
             top, left, height, width = box
-            return stored[:, :, top:top + height, left:left + width]
+            return stored[:, :, top : top + height, left : left + width]
 
         size = tuple(result.shape[-2:])
         in_scale = out_scale

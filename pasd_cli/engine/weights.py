@@ -29,8 +29,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-        raise ModelError(f"{path}: unknown weights format {suffix or '(no suffix)'}",
-                         hint="use a .safetensors file")
+        raise ModelError(f"{path}: unknown weights format {suffix or '(no suffix)'}", hint="use a .safetensors file")
     refuse_untrusted_pickle(path, trust_pickle)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
@@ -44,8 +43,10 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for bad zips
-        raise ModelError(f"restricted unpickling refused {path}: {first_line(exc)}",
-                         hint="convert the file to .safetensors with the tool that made it") from None
+        raise ModelError(
+            f"restricted unpickling refused {path}: {first_line(exc)}",
+            hint="convert the file to .safetensors with the tool that made it",
+        ) from None
     state = _tensors_only(obj, path)
     if not state:
         raise ModelError(f"{path} holds no tensors")

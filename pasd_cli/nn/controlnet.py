@@ -32,15 +32,21 @@ class DegradationRemovalModule(ControlNetConditioningEmbedding):
     released checkpoints load strictly, and never computed here.
     """
 
-    def __init__(self, conditioning_embedding_channels: int, conditioning_channels: int = 3,
-                 block_out_channels: tuple[int, ...] = (16, 32, 96, 256), rrdb_blocks: int = 0):
+    def __init__(
+        self,
+        conditioning_embedding_channels: int,
+        conditioning_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+        rrdb_blocks: int = 0,
+    ):
         super().__init__(conditioning_embedding_channels, conditioning_channels, block_out_channels)
         first = block_out_channels[0]
         if rrdb_blocks:
             # Released name, spelling included.
             self.preprocesser = nn.Sequential(*(RRDB(first, first) for _ in range(rrdb_blocks)))
         self.to_rgbs = nn.ModuleList(
-            nn.Conv2d(channels, 3, kernel_size=3, padding=1) for channels in block_out_channels[1:])
+            nn.Conv2d(channels, 3, kernel_size=3, padding=1) for channels in block_out_channels[1:]
+        )
 
     def forward(self, conditioning):
         if isinstance(conditioning, EmbeddedHint):

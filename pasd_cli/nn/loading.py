@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelError
-from .keys import read_keys
 from .controlnet import PASDControlNet
+from .keys import read_keys
 from .unet import FULL, LIGHT, PASDUNet
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -38,8 +38,7 @@ def detect_unet_variant(keys) -> str:
         return FULL
     if light:
         return LIGHT
-    raise ModelError("UNet weights hold no PACA layers: this is a stock Stable Diffusion UNet, "
-                     "not a PASD checkpoint")
+    raise ModelError("UNet weights hold no PACA layers: this is a stock Stable Diffusion UNet, not a PASD checkpoint")
 
 
 def detect_rrdb_blocks(keys) -> int:
@@ -66,8 +65,10 @@ def weights_path(folder: Path) -> Path:
         return path
     pickles = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
     if pickles:
-        raise ModelError(f"{folder} holds only pickled weights ({pickles[0]}); "
-                         "PASD loads safetensors only", hint="convert the file to .safetensors")
+        raise ModelError(
+            f"{folder} holds only pickled weights ({pickles[0]}); PASD loads safetensors only",
+            hint="convert the file to .safetensors",
+        )
     raise ModelError(f"missing {path}")
 
 
@@ -76,13 +77,21 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mis_shaped = [f"{k} {tuple(state[k].shape)} != {expected[k]}"
-                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    problems = [(name, items) for name, items in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if items]
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    problems = [
+        (name, items)
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+        if items
+    ]
     if problems:
-        text = "; ".join(f"{len(items)} {name}: {', '.join(items[:_SHOW_KEYS])}"
-                         + (", ..." if len(items) > _SHOW_KEYS else "") for name, items in problems)
+        text = "; ".join(
+            f"{len(items)} {name}: {', '.join(items[:_SHOW_KEYS])}" + (", ..." if len(items) > _SHOW_KEYS else "")
+            for name, items in problems
+        )
         raise ModelError(f"{source} does not match {type(model).__name__}: {text}")
 
 

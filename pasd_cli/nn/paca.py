@@ -47,7 +47,7 @@ class LightPixelAttentionBlock(BasicTransformerBlock):
     pixel_context: torch.Tensor | None = None
 
     @classmethod
-    def upgrade(cls, block: BasicTransformerBlock, context_dim: int) -> "LightPixelAttentionBlock":
+    def upgrade(cls, block: BasicTransformerBlock, context_dim: int) -> LightPixelAttentionBlock:
         # The block was built by diffusers inside Transformer2DModel; upgrading it in place keeps
         # every stock argument diffusers chose and all stock parameter names.
         if block.norm_type != "layer_norm" or block.pos_embed is not None:
@@ -66,14 +66,19 @@ class LightPixelAttentionBlock(BasicTransformerBlock):
         )
         return block
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, **_unused):
+    def forward(
+        self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, **_unused
+    ):
         if self.pixel_context is None:
             raise RuntimeError("PASD UNet called without ControlNet residuals")
         h = hidden_states
         self_context = encoder_hidden_states if self.only_cross_attention else None
         h = self.attn1(self.norm1(h), encoder_hidden_states=self_context, attention_mask=attention_mask) + h
-        h = self.attn2(self.norm2(h), encoder_hidden_states=encoder_hidden_states,
-                       attention_mask=encoder_attention_mask) + h
+        h = (
+            self.attn2(
+                self.norm2(h), encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask
+            )
+            + h
+        )
         h = self.attn2_plus(self.norm2_plus(h), encoder_hidden_states=self.pixel_context) + h
         return self.ff(self.norm3(h)) + h

@@ -74,16 +74,18 @@ class PASDUNet(UNet2DConditionModel):
             layers = []
             for site in (s for s in self._paca_sites if s.block == i):
                 out = block.resnets[site.layer].out_channels
-                layers.append(PixelAttention(
-                    num_attention_heads=heads,
-                    attention_head_dim=out // heads,
-                    in_channels=out,
-                    num_layers=1,
-                    cross_attention_dim=self._skip_channels(site),
-                    norm_num_groups=cfg.norm_num_groups,
-                    use_linear_projection=cfg.use_linear_projection,
-                    upcast_attention=cfg.upcast_attention,
-                ))
+                layers.append(
+                    PixelAttention(
+                        num_attention_heads=heads,
+                        attention_head_dim=out // heads,
+                        in_channels=out,
+                        num_layers=1,
+                        cross_attention_dim=self._skip_channels(site),
+                        norm_num_groups=cfg.norm_num_groups,
+                        use_linear_projection=cfg.use_linear_projection,
+                        upcast_attention=cfg.upcast_attention,
+                    )
+                )
             block.pixel_attentions = nn.ModuleList(layers)
             anchors = getattr(block, "attentions", None) or block.resnets
             for anchor, paca in zip(anchors, layers):
@@ -96,8 +98,9 @@ class PASDUNet(UNet2DConditionModel):
                 continue
             transformer = block.attentions[site.layer]
             skip = self._skip_channels(site)
-            transformer.proj_in_plus = (nn.Linear(skip, skip) if transformer.use_linear_projection
-                                        else nn.Conv2d(skip, skip, kernel_size=1))
+            transformer.proj_in_plus = (
+                nn.Linear(skip, skip) if transformer.use_linear_projection else nn.Conv2d(skip, skip, kernel_size=1)
+            )
             for tblock in transformer.transformer_blocks:
                 LightPixelAttentionBlock.upgrade(tblock, context_dim=skip)
 
@@ -118,8 +121,16 @@ class PASDUNet(UNet2DConditionModel):
                 pairs.extend((tblock, context) for tblock in transformer.transformer_blocks)
         return pairs
 
-    def forward(self, sample, timestep, encoder_hidden_states, *args,
-                down_block_additional_residuals=None, mid_block_additional_residual=None, **kwargs):
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        *args,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+        **kwargs,
+    ):
         if self.paca_variant is None:
             raise RuntimeError("PASDUNet has no PACA layers; call add_pixel_attention first")
         if down_block_additional_residuals is None or mid_block_additional_residual is None:
@@ -129,9 +140,14 @@ class PASDUNet(UNet2DConditionModel):
             module.pixel_context = context
         try:
             return super().forward(
-                sample, timestep, encoder_hidden_states, *args,
+                sample,
+                timestep,
+                encoder_hidden_states,
+                *args,
                 down_block_additional_residuals=down_block_additional_residuals,
-                mid_block_additional_residual=mid_block_additional_residual, **kwargs)
+                mid_block_additional_residual=mid_block_additional_residual,
+                **kwargs,
+            )
         finally:
             for module, _ in pairs:
                 module.pixel_context = None
