@@ -13,6 +13,7 @@ from PIL import Image
 
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
+from .limits import attention_heads, device_limits, latent_tile_cap
 from .loading import Components, load_components, model_dtypes
 from .memory import TileShrinker, Warn
 from .noise import initial_latents, standard_normal_draws
@@ -21,7 +22,7 @@ from .resize import final_resize, make_hint
 from .schedulers import schedule_sigmas
 from .settings import MIN_VAE_TILE, UpscaleSettings
 from .tiling import TileGrid, needs_tiling, shrunk_overlap
-from .vae import VaeCodec, choose_vae_tile, vae_peak_bytes
+from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, vae_peak_bytes
 
 # progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
 # "decode" (VAE tile passes).
@@ -77,6 +78,7 @@ class PASDPipeline:
 
         self.memory_budget = memory_budget
         self.device, self.dtype = torch.device(device), dtype
+        self.limits = device_limits(self.device)
         net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
         self.unet = components.unet.to(self.device, net_dtype)
         self.controlnet = components.controlnet.to(self.device, net_dtype)
@@ -104,13 +106,20 @@ class PASDPipeline:
         return prompt_embeddings(self.tokenizer, self.text_encoder, prompt, negative_prompt, cfg)
 
     def vae_tile(self, settings: UpscaleSettings, height: int, width: int) -> int:
-        """The VAE tile for an image of height x width pixels (0: untiled)."""
-        if settings.vae_tile is not None:
-            return settings.vae_tile
-        if self.memory_budget is None:
-            return 0
+        """The VAE tile for an image of height x width pixels (0: untiled); a requested tile too
+        large for the device's per-tensor limits is made smaller (the result is the same)."""
         vae = self.vae.vae
-        return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget)
+        if settings.vae_tile is None and self.memory_budget is not None:
+            return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget, self.limits)
+        tile = settings.vae_tile or 0
+        return cap_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.limits, tile)
+
+    def latent_tile(self, settings: UpscaleSettings) -> int:
+        """The requested latent tile, made smaller where the device's attention must fit one buffer
+        (MPS): there a too large attention aborts the process, so no retry could catch it."""
+        batch = (2 if settings.uses_cfg else 1) * settings.tile_batch
+        cap = latent_tile_cap(self.limits, attention_heads(self.unet.config), batch)
+        return settings.latent_tile if cap is None else min(settings.latent_tile, cap)
 
     def vae_checkpoint_bytes(self, tile: int, height: int, width: int) -> int:
         """What the memory budget leaves beside one tile: whole-image activations between VAE
@@ -118,7 +127,9 @@ class PASDPipeline:
         if not self.memory_budget or tile <= 0:
             return 0
         vae = self.vae.vae
-        return max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
+        left = max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
+        # Each stored activation is at most this, so none passes the device's per-tensor limits.
+        return min(left, self.limits.max_tensor_bytes(vae.dtype.itemsize) or left)
 
     def initial_latents(
         self,
@@ -243,7 +254,7 @@ class PASDPipeline:
         initial = latents
         latents, latent_tile = shrink.run(
             lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
-            settings.latent_tile,
+            self.latent_tile(settings),
             max(latents.shape[-2:]),
             MIN_LATENT_TILE,
             "latent",
