@@ -19,7 +19,7 @@ from .memory import TileShrinker, Warn
 from .noise import initial_latents, standard_normal_draws
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
-from .schedulers import schedule_sigmas
+from .schedulers import PortableUniPCScheduler, schedule_sigmas
 from .settings import MIN_VAE_TILE, UpscaleSettings
 from .tiling import TileGrid, needs_tiling, shrunk_overlap
 from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, vae_peak_bytes
@@ -74,8 +74,6 @@ class PASDPipeline:
     def __init__(
         self, components: Components, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
     ):
-        from diffusers import UniPCMultistepScheduler
-
         self.memory_budget = memory_budget
         self.device, self.dtype = torch.device(device), dtype
         self.limits = device_limits(self.device)
@@ -85,7 +83,7 @@ class PASDPipeline:
         self.text_encoder = components.text_encoder.to(self.device, net_dtype)
         self.tokenizer = components.tokenizer
         self.vae = VaeCodec(components.vae.to(self.device, vae_dtype))
-        scheduler_class = components.scheduler_class or UniPCMultistepScheduler
+        scheduler_class = components.scheduler_class or PortableUniPCScheduler
         self._scheduler_config = scheduler_class.from_config(components.scheduler_config).config
         self._scheduler_class = scheduler_class
 
