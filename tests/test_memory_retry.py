@@ -150,6 +150,7 @@ def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
 
     class Failing:
         device = torch.device("mps")
+        dtype = torch.float16
 
         def __init__(self, error):
             self.error = error

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ModelError
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
 from .limits import attention_heads, device_limits, latent_tile_cap
 from .loading import Components, load_components, model_dtypes
 from .memory import TileShrinker, Warn
 from .noise import initial_latents, standard_normal_draws
+from .precision import NonFiniteError, dtype_name, require_finite, safer_dtype
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
 from .schedulers import PortableUniPCScheduler, schedule_sigmas
@@ -45,6 +47,7 @@ class UpscaleResult:
     hint_size: tuple[int, int]
     latent_tiles: int = 1  # tiles per denoising step (1: untiled)
     vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
+    dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -191,7 +194,14 @@ class PASDPipeline:
                 progress("step", index + 1, len(scheduler.timesteps))
         return latents
 
-    @torch.inference_mode()
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the networks in place: their weights exist once, on the device."""
+        net_dtype, vae_dtype = model_dtypes(dtype, self.vae.vae)
+        for model in (self.unet, self.controlnet, self.text_encoder):
+            model.to(dtype=net_dtype)
+        self.vae.vae.to(dtype=vae_dtype)
+        self.dtype = dtype
+
     def upscale(
         self,
         lr_image: Image.Image,
@@ -205,7 +215,47 @@ class PASDPipeline:
         """`caption` or `label`: the image's high-level information (spec section 5), as
         `build_prompt` combines it with the settings' prompts. On an out-of-memory error the
         latent or VAE tile is halved and the stage run again, with one warning through
-        `on_warning`."""
+        `on_warning`.
+
+        Latents or a decoded image holding NaN or inf (a float16 overflow) never become an image:
+        the image is run again in a safer dtype (bfloat16, then float32), with one warning. The
+        networks keep that dtype for the next images, since casting them back down would not
+        restore the weights' precision. Non-finite even in float32 raises ModelError."""
+        tried: list[torch.dtype] = []
+        while True:
+            try:
+                result = self._upscale(lr_image, settings, caption, progress, trace, label, on_warning)
+                break
+            except NonFiniteError as exc:
+                tried.append(self.dtype)
+                failed = exc.what
+            # Outside the handler, so that the failed run's tensors are freed before the cast.
+            safer = safer_dtype(self.dtype, self.device)
+            if safer is None:
+                raise ModelError(
+                    f"the model gives non-finite values (NaN or inf) in the {failed}, in "
+                    + ", ".join(map(dtype_name, tried)),
+                    hint="its weights overflow: a merged base or LoRA may be broken or weighted too high",
+                )
+            self.use_dtype(safer)
+        if tried and on_warning:
+            on_warning(
+                f"{dtype_name(tried[0])} overflowed (non-finite {failed}); this image was made in "
+                f"{dtype_name(self.dtype)}, which the networks keep for the next images"
+            )
+        return result
+
+    @torch.inference_mode()
+    def _upscale(
+        self,
+        lr_image: Image.Image,
+        settings: UpscaleSettings,
+        caption: str | None,
+        progress: Progress | None,
+        trace: Trace,
+        label: str | None,
+        on_warning: Warn | None,
+    ) -> UpscaleResult:
         # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8. It
         # stays uint8 (a third of the memory of floats); each consumer converts its crop.
         lr_image = lr_image.convert("RGB")
@@ -258,6 +308,8 @@ class PASDPipeline:
             "latent",
             changes_result=True,
         )
+        # Decoded, NaN or inf would make a black or white image that looks like a result.
+        require_finite(latents, "latents")
 
         # 5. Decode to uint8, rounding.
         decoded, vae_tile = shrink.run(
@@ -272,6 +324,7 @@ class PASDPipeline:
             MIN_VAE_TILE,
             "VAE",
         )
+        require_finite(decoded, "decoded image")
         trace("decoded", decoded)
         sr_uint8 = decoded_to_uint8(decoded).cpu()
         del decoded
@@ -297,4 +350,5 @@ class PASDPipeline:
             hint_size=hint_image.size,
             latent_tiles=latent_tiles,
             vae_tile=0 if vae_tile >= max(height, width) else vae_tile,
+            dtype=self.dtype,
         )
