@@ -11,12 +11,12 @@ import signal
 import pytest
 import torch
 from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, TINY_PASD, tiny_model_args
+from faults import poison_unet
 from PIL import Image
 
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
 from pasd_cli.errors import ModelError
 from pasd_cli.metadata import read_record
-from pasd_cli.nn.unet import PASDUNet
 from pasd_cli.settings import UpscaleSettings
 
 SETTINGS = UpscaleSettings(steps=2, guidance=9.0, scale=2, process_size=112, seed=1234, prompt="a tiny test image")
@@ -26,22 +26,7 @@ HALF = (torch.float16, torch.bfloat16)
 @pytest.fixture
 def overflow(monkeypatch):
     """overflow(dtypes, value): the UNet's prediction becomes `value` in those dtypes."""
-    original = PASDUNet.forward
-    calls = []
-
-    def install(dtypes, value=float("inf")):
-        def forward(self, *args, **kwargs):
-            out = original(self, *args, **kwargs)
-            calls.append(self.dtype)
-            if self.dtype not in dtypes:
-                return out
-            poisoned = torch.full_like(out[0], value)
-            return (poisoned, *out[1:]) if isinstance(out, tuple) else type(out)(sample=poisoned)
-
-        monkeypatch.setattr(PASDUNet, "forward", forward)
-        return calls
-
-    return install
+    return lambda dtypes, value=float("inf"): poison_unet(monkeypatch, dtypes, value)
 
 
 def _pipeline(dtype) -> PASDPipeline:

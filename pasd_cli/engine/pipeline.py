@@ -51,8 +51,10 @@ class UpscaleResult:
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> uint8 (3, H, W)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    """PIL RGB -> uint8 (3, H, W), contiguous. The pixels come interleaved (H, W, 3); a permuted
+    view of them would be channels-last in memory, and every elementwise op and the first
+    convolutions on the device would inherit that layout by accident, unlike the networks' own."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1)))
 
 
 def tensor_to_image(image: torch.Tensor) -> Image.Image:
