@@ -120,9 +120,10 @@ class PASDPipeline:
     def latent_tile(self, settings: UpscaleSettings) -> int:
         """The requested latent tile, made smaller where the device's attention must fit one buffer
         (MPS): there a too large attention aborts the process, so no retry could catch it."""
+        if not self.limits.attention_materialised:
+            return settings.latent_tile
         batch = (2 if settings.uses_cfg else 1) * settings.tile_batch
-        cap = latent_tile_cap(self.limits, attention_heads(self.unet.config), batch)
-        return settings.latent_tile if cap is None else min(settings.latent_tile, cap)
+        return min(settings.latent_tile, latent_tile_cap(self.limits, attention_heads(self.unet.config), batch))
 
     def vae_checkpoint_bytes(self, tile: int, height: int, width: int) -> int:
         """What the memory budget leaves beside one tile: whole-image activations between VAE
