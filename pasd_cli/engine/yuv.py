@@ -27,7 +27,9 @@ _U_B, _V_R = 8061, 14369  # U = 0.492 (B - Y), V = 0.877 (R - Y)
 _B_U, _G_U, _G_V, _R_V = 33292, -6472, -9519, 18678  # the inverse: 2.032 u, -0.395 u - 0.581 v, 1.140 v
 # Rows per strip of the merges: bounds their float64 temporaries for large images.
 _STRIP_ROWS = 256
-LUMA_WEIGHTS = np.array([_Y_R, _Y_G, _Y_B], dtype=np.float64) / (1 << _SHIFT)
+# BT.601 luma weights exactly (Pillow's "L" uses them to 16 bits); the exact merge keeps this
+# luma, which the 14-bit weights above reproduce within 0.01 of an 8-bit level.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
