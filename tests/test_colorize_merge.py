@@ -94,7 +94,9 @@ def _float_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
 
 
-@pytest.mark.parametrize("size,target", [((64, 88), (56, 40)), ((40, 56), (88, 64)), ((31, 9), (5, 77)), ((3, 200), (40, 2))])
+@pytest.mark.parametrize(
+    "size,target", [((64, 88), (56, 40)), ((40, 56), (88, 64)), ((31, 9), (5, 77)), ((3, 200), (40, 2))]
+)
 def test_resize_within_a_level_of_float_bilinear(rng, size, target):
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     ours = resize_linear(image, target).astype(np.float64)

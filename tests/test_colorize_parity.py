@@ -169,7 +169,9 @@ def test_released_merge_moves_luma_as_the_readme_says(ref, free_run):
 
 
 def test_exact_luma_on_the_public_run(ref, tiny_colorizer, free_run):
-    result = tiny_colorizer.colorize(Image.open(COLOR_INPUT), ColorizeSettings(**{**SETTINGS.__dict__, "luma": "exact"}))
+    result = tiny_colorizer.colorize(
+        Image.open(COLOR_INPUT), ColorizeSettings(**{**SETTINGS.__dict__, "luma": "exact"})
+    )
     gray = ref["gray_uint8"][0].numpy().astype(np.int64)
     rgb = np.asarray(result.image)
     assert np.abs(luma(rgb) - gray).max() <= 1 and result.luma_shift <= 1

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pasd_cli.engine.colorize import COLOR_NEGATIVE_PROMPT, ColorizeSettings, colorize_hint, colorize_prompt, colorize_size
+from pasd_cli.engine.colorize import (
+    COLOR_NEGATIVE_PROMPT,
+    ColorizeSettings,
+    colorize_hint,
+    colorize_prompt,
+    colorize_size,
+)
 from pasd_cli.errors import InputError
 
 
@@ -41,7 +47,11 @@ def test_no_added_prompt_and_the_fixed_negative():
 
 @pytest.mark.parametrize(
     "changes,message",
-    [({"luma": "clip"}, "luma must be one of"), ({"scale": 2}, "scale must be 1"), ({"color_fix": "wavelet"}, "colour fix")],
+    [
+        ({"luma": "clip"}, "luma must be one of"),
+        ({"scale": 2}, "scale must be 1"),
+        ({"color_fix": "wavelet"}, "colour fix"),
+    ],
 )
 def test_settings_refuse_what_colorization_cannot_do(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -89,9 +89,7 @@ def exact_merge(gray: np.ndarray, color_rgb: np.ndarray, max_value: int = 255) -
         offset = color - (color @ LUMA_WEIGHTS)[..., None]
         # The largest k in [0, 1] with levels + k * offset inside [0, max_value] in every channel.
         with np.errstate(divide="ignore", invalid="ignore"):
-            room = np.where(
-                offset > 0, (max_value - levels) / offset, np.where(offset < 0, -levels / offset, np.inf)
-            )
+            room = np.where(offset > 0, (max_value - levels) / offset, np.where(offset < 0, -levels / offset, np.inf))
         k = np.clip(room.min(axis=-1, keepdims=True), 0.0, 1.0)
         return np.clip(np.rint(levels + k * offset), 0, max_value)
 
