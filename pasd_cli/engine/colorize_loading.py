@@ -12,6 +12,7 @@ otherwise UniPC, as released. The base model's scheduler is not used in this mod
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -30,9 +31,22 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 LOOP_SCHEDULERS = (
     "UniPCMultistepScheduler",
     "DDIMScheduler",
-    "PNDMScheduler",
     "DPMSolverMultistepScheduler",
     "DEISMultistepScheduler",
+    "PNDMScheduler",
+)
+# Keys that shape the noise schedule: a class that would ignore one the config sets (PNDM and
+# DEIS have no zero-terminal-SNR rescaling) would sample another schedule than the model's.
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "rescale_betas_zero_snr",
 )
 
 
@@ -61,13 +75,16 @@ def read_scheduler_config(scheduler_dir: Path) -> dict:
 
 
 def scheduler_class_for(config: dict) -> type:
-    """The class the config names when the shared loop can drive it, else UniPC (the released
-    choice, whatever the config names)."""
+    """The class the config names when the shared loop can drive it and it takes every
+    schedule key the config sets; else UniPC, the released choice whatever the config names."""
     import diffusers
 
     name = config.get("_class_name")
     if isinstance(name, str) and name in LOOP_SCHEDULERS:
-        return getattr(diffusers, name)
+        named = getattr(diffusers, name)
+        accepted = inspect.signature(named.__init__).parameters
+        if all(key in accepted for key in SCHEDULE_KEYS if config.get(key) not in (None, False)):
+            return named
     return diffusers.UniPCMultistepScheduler
 
 
