@@ -5,14 +5,12 @@ The released code always builds `UniPCMultistepScheduler.from_pretrained(<parent
 "scheduler")`, where the parent comes from splitting the checkpoint path string on "/", so a
 trailing slash makes it look inside the checkpoint folder. We take the parent of the normalised
 path, read whatever config the folder holds (the authors only say it was "updated to ensure
-zero-terminal SNR"; no value is assumed here), and build the scheduler class the config names
-when it is a diffusers scheduler that the shared denoising loop drives as it drives UniPC;
-otherwise UniPC, as released. The base model's scheduler is not used in this mode.
+zero-terminal SNR"; no value is assumed here), and build UniPC from it whatever class it names,
+as released. The base model's scheduler is not used in this mode.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -24,30 +22,6 @@ from .loading import Components, load_components
 
 SCHEDULER_FOLDER = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
-# The loop feeds the model unscaled latents, starts from the adjustable-noise latents in the
-# variance-preserving form (init_noise_sigma 1) and draws no noise between steps. These
-# diffusers schedulers fit; the Euler/Heun/LMS family scales its input and starts from
-# sigma-scaled noise, DDPM and the ancestral and SDE ones draw noise.
-LOOP_SCHEDULERS = (
-    "UniPCMultistepScheduler",
-    "DDIMScheduler",
-    "DPMSolverMultistepScheduler",
-    "DEISMultistepScheduler",
-    "PNDMScheduler",
-)
-# Keys that shape the noise schedule: a class that would ignore one the config sets (PNDM and
-# DEIS have no zero-terminal-SNR rescaling) would sample another schedule than the model's.
-SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-    "timestep_spacing",
-    "steps_offset",
-    "rescale_betas_zero_snr",
-)
 
 
 def colorize_scheduler_dir(pasd_dir: Path | str) -> Path:
@@ -74,20 +48,6 @@ def read_scheduler_config(scheduler_dir: Path) -> dict:
     return config
 
 
-def scheduler_class_for(config: dict) -> type:
-    """The class the config names when the shared loop can drive it and it takes every
-    schedule key the config sets; else UniPC, the released choice whatever the config names."""
-    import diffusers
-
-    name = config.get("_class_name")
-    if isinstance(name, str) and name in LOOP_SCHEDULERS:
-        named = getattr(diffusers, name)
-        accepted = inspect.signature(named.__init__).parameters
-        if all(key in accepted for key in SCHEDULE_KEYS if config.get(key) not in (None, False)):
-            return named
-    return diffusers.UniPCMultistepScheduler
-
-
 def load_colorize_components(
     pasd_dir: Path | str, base_dir: Path | str, scheduler_dir: Path | str | None = None
 ) -> Components:
@@ -97,8 +57,7 @@ def load_colorize_components(
     scheduler_dir = Path(scheduler_dir) if scheduler_dir is not None else colorize_scheduler_dir(pasd_dir)
     config = read_scheduler_config(scheduler_dir)
     components = load_components(Path(pasd_dir), Path(base_dir))
-    components.scheduler_config = config
-    components.scheduler_class = scheduler_class_for(config)
+    components.scheduler_config = config  # built as UniPC, the pipeline's default class
     return components
 
 

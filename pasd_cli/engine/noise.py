@@ -21,8 +21,7 @@ def released_step_index(timesteps: torch.Tensor, level: int) -> int:
 def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # float32 tensor arithmetic, as the scheduler does it, keeps the result bit-identical.
     alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    # A zero-terminal-SNR schedule may start at sigma = inf (DDIM's does): pure noise.
-    return alpha, torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma * alpha)
+    return alpha, sigma * alpha
 
 
 def standard_normal_draws(shape, generator: torch.Generator, count: int = 3) -> list[torch.Tensor]:
