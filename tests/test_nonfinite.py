@@ -82,6 +82,21 @@ def test_non_finite_even_in_fp32_fails_with_a_clear_reason(overflow):
         _pipeline(torch.float16).upscale(Image.open(LR_INPUT), SETTINGS)
 
 
+def test_colorization_shares_the_retry(overflow):
+    from conftest import COLOR_INPUT, TINY_COLOR
+
+    from pasd_cli.engine.colorize import ColorizeSettings
+    from pasd_cli.engine.colorize_loading import load_colorizer
+
+    overflow({torch.float16})
+    pipeline = load_colorizer(TINY_COLOR, TINY_BASE, torch.device("cpu"), torch.float16)
+    warnings = []
+    settings = ColorizeSettings(steps=2, seed=1234, process_size=64)
+    result = pipeline.colorize(Image.open(COLOR_INPUT), settings, on_warning=warnings.append)
+    assert pipeline.dtype == torch.bfloat16 and len(warnings) == 1 and "float16 overflowed" in warnings[0]
+    assert _pixels(result.image).float().std() > 1
+
+
 def test_a_non_finite_decoded_image_fails_too():
     pipeline = _pipeline(torch.float32)
     hook = pipeline.vae.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: out * float("inf"))

@@ -50,6 +50,16 @@ class UpscaleResult:
     dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
 
 
+@dataclass
+class Generated:
+    """What the shared denoising path makes of a ready hint image."""
+
+    image: torch.Tensor  # uint8 (3, H, W) at the hint's size, before any colour fix
+    latent_tiles: int = 1
+    vae_tile: int = 0
+    dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> uint8 (3, H, W), contiguous. The pixels come interleaved (H, W, 3); a permuted
     view of them would be channels-last in memory, and every elementwise op and the first
@@ -218,7 +228,43 @@ class PASDPipeline:
         """`caption` or `label`: the image's high-level information (spec section 5), as
         `build_prompt` combines it with the settings' prompts. On an out-of-memory error the
         latent or VAE tile is halved and the stage run again, with one warning through
-        `on_warning`.
+        `on_warning`; so is an image whose results overflowed (see `generate`)."""
+        # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8. It
+        # stays uint8 (a third of the memory of floats); each consumer converts its crop.
+        lr_image = lr_image.convert("RGB")
+        hint_image = make_hint(lr_image, settings.scale, settings.process_size)
+        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
+        generated = self.generate(hint_image, prompt, settings, progress, trace, on_warning)
+
+        # 6. Colour fix against the hint, truncating.
+        sr_uint8 = generated.image
+        if settings.color_fix != "none":
+            sr_uint8 = COLOR_FIXES[settings.color_fix](sr_uint8, image_to_tensor(hint_image))
+            trace("color_fixed_uint8", sr_uint8)
+
+        # 7. Back to the requested output size.
+        image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
+        return UpscaleResult(
+            image=image,
+            prompt=prompt,
+            hint_size=hint_image.size,
+            latent_tiles=generated.latent_tiles,
+            vae_tile=generated.vae_tile,
+            dtype=generated.dtype,
+        )
+
+    def generate(
+        self,
+        hint_image: Image.Image,
+        prompt: str,
+        settings: UpscaleSettings,
+        progress: Progress | None = None,
+        trace: Trace = _no_trace,
+        on_warning: Warn | None = None,
+    ) -> Generated:
+        """The path every mode shares, from a ready hint image (RGB, sides multiples of 8) and
+        the exact positive prompt: prompts, initial latents, denoising, decoding. The settings'
+        scale, process size, prompt parts and colour fix are not read here.
 
         Latents or a decoded image holding NaN or inf (a float16 overflow) never become an image:
         the image is run again in a safer dtype (bfloat16, then float32), with one warning. The
@@ -227,7 +273,7 @@ class PASDPipeline:
         tried: list[torch.dtype] = []
         while True:
             try:
-                result = self._upscale(lr_image, settings, caption, progress, trace, label, on_warning)
+                generated = self._generate(hint_image, prompt, settings, progress, trace, on_warning)
                 break
             except NonFiniteError as exc:
                 tried.append(self.dtype)
@@ -246,23 +292,18 @@ class PASDPipeline:
                 f"{dtype_name(tried[0])} overflowed (non-finite {failed}); this image was made in "
                 f"{dtype_name(self.dtype)}, which the networks keep for the next images"
             )
-        return result
+        return generated
 
     @torch.inference_mode()
-    def _upscale(
+    def _generate(
         self,
-        lr_image: Image.Image,
+        hint_image: Image.Image,
+        prompt: str,
         settings: UpscaleSettings,
-        caption: str | None,
         progress: Progress | None,
         trace: Trace,
-        label: str | None,
         on_warning: Warn | None,
-    ) -> UpscaleResult:
-        # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8. It
-        # stays uint8 (a third of the memory of floats); each consumer converts its crop.
-        lr_image = lr_image.convert("RGB")
-        hint_image = make_hint(lr_image, settings.scale, settings.process_size)
+    ) -> Generated:
         hint_uint8 = image_to_tensor(hint_image)
         hint = hint_uint8.unsqueeze(0).to(self.device)
         trace("upscaled_input_uint8", hint_uint8)
@@ -282,7 +323,6 @@ class PASDPipeline:
         }
 
         # 2. Prompts: [negative; positive] with guidance.
-        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
         prompt_embeds = self.encode_prompts(prompt, settings.negative_prompt, settings.uses_cfg)
         trace("prompt", prompt)
         trace("prompt_embeds", prompt_embeds)
@@ -333,13 +373,6 @@ class PASDPipeline:
         del decoded
         trace("pipeline_output_uint8", sr_uint8)
 
-        # 6. Colour fix against the hint, truncating.
-        if settings.color_fix != "none":
-            sr_uint8 = COLOR_FIXES[settings.color_fix](sr_uint8, hint_uint8)
-            trace("color_fixed_uint8", sr_uint8)
-
-        # 7. Back to the requested output size.
-        image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
         latent_h, latent_w = latents.shape[-2:]
         overlap = shrunk_overlap(settings.latent_overlap, settings.latent_tile, latent_tile)
         latent_tiles = (
@@ -347,11 +380,22 @@ class PASDPipeline:
             if needs_tiling(latent_h, latent_w, latent_tile)
             else 1
         )
-        return UpscaleResult(
-            image=image,
-            prompt=prompt,
-            hint_size=hint_image.size,
-            latent_tiles=latent_tiles,
-            vae_tile=0 if vae_tile >= max(height, width) else vae_tile,
-            dtype=self.dtype,
-        )
+        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile, self.dtype)
+
+    def colorize(
+        self,
+        image: Image.Image,
+        settings,
+        luma16: np.ndarray | None = None,
+        caption: str | None = None,
+        label: str | None = None,
+        progress: Progress | None = None,
+        trace: Trace = _no_trace,
+        on_warning: Warn | None = None,
+    ):
+        """Colorization of a black-and-white image (spec section 7): `settings` is a
+        `ColorizeSettings`; returns a `ColorizeResult`. Needs the colorization checkpoint and
+        its scheduler (`load_colorizer`). See engine/colorize.py."""
+        from .colorize import colorize
+
+        return colorize(self, image, settings, luma16, caption, label, progress, trace, on_warning)
