@@ -51,7 +51,9 @@ def test_an_fp16_overflow_is_made_again_in_bf16_with_one_warning(overflow, made_
     calls = overflow({torch.float16})
     pipeline = _pipeline(torch.float16)
     warnings = []
-    result = pipeline.upscale(Image.open(LR_INPUT), SETTINGS, on_warning=warnings.append)
+    with torch.inference_mode():  # as a caller may run it; the cast weights stay ordinary tensors
+        result = pipeline.upscale(Image.open(LR_INPUT), SETTINGS, on_warning=warnings.append)
+    assert not any(p.is_inference() for p in pipeline.unet.parameters())
     assert torch.float16 in calls and result.dtype == pipeline.dtype == torch.bfloat16
     assert warnings == [
         "float16 overflowed (non-finite latents); this image was made in bfloat16, "

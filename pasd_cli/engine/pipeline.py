@@ -208,11 +208,14 @@ class PASDPipeline:
         return latents
 
     def use_dtype(self, dtype: torch.dtype) -> None:
-        """Cast the networks in place: their weights exist once, on the device."""
+        """Cast the networks in place: their weights exist once, on the device. Outside inference
+        mode whatever the caller's, so the weights stay ordinary tensors (later merges may change
+        them in place)."""
         net_dtype, vae_dtype = model_dtypes(dtype, self.vae.vae)
-        for model in (self.unet, self.controlnet, self.text_encoder):
-            model.to(dtype=net_dtype)
-        self.vae.vae.to(dtype=vae_dtype)
+        with torch.inference_mode(False):
+            for model in (self.unet, self.controlnet, self.text_encoder):
+                model.to(dtype=net_dtype)
+            self.vae.vae.to(dtype=vae_dtype)
         self.dtype = dtype
 
     def upscale(
