@@ -45,17 +45,22 @@ def pick_dtype(name: str, device):
 def use_true_fp32(device, dtype) -> None:
     """fp32 asked for on CUDA means IEEE fp32: torch lets cuDNN convolutions run in TF32 by
     default (10-bit mantissa), which would make `--dtype fp32` differ from the released model's
-    fp32 results well beyond rounding."""
+    fp32 results well beyond rounding.
+
+    Set for every cuDNN op (convolutions and RNNs) and for matmuls. torch 2.9 added a precision
+    API beside the legacy flags and keeps both: the legacy cuDNN flag's getter, which
+    torch.compile reads, raises when that flag disagrees with the new per-op values. So the
+    legacy flags are set first (on torch 2.9+ that clears the per-op values), then, where it
+    exists, the new API to the same IEEE precision: both views agree on every torch."""
     import torch
 
     if device.type != "cuda" or dtype != torch.float32:
         return
-    if hasattr(torch.backends.cudnn, "conv"):
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if hasattr(torch.backends.cudnn, "fp32_precision"):  # torch 2.9+
+        torch.backends.cudnn.fp32_precision = "ieee"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-    else:  # torch before 2.9
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def dtype_name(dtype) -> str:
@@ -65,17 +70,24 @@ def dtype_name(dtype) -> str:
 
 def memory_budget(device) -> int:
     """Bytes a VAE pass may use on `device`: a share of what is free now (call it after the
-    models are loaded)."""
+    models are loaded). The allocator's cached blocks are handed back first: the device counts
+    them as used, though the pass could reuse them. Per-tensor limits are the engine's concern
+    (engine.limits), applied when it chooses tiles within this budget."""
     import psutil
     import torch
 
     share = VAE_MEMORY_SHARE
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * share)
     if device.type == "mps":
+        torch.mps.empty_cache()
+        # Unified memory: the system and every other program share it with the GPU, and macOS
+        # swaps rather than refusing, so a pass takes half the usual share of what Metal
+        # recommends and the driver has not yet handed out.
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-        return int(max(0, free) * share)
+        return int(max(0, free) * share / 2)
     return int(psutil.virtual_memory().available * share)
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from .batch import Job, Progress
+from .devices import dtype_name
 from .engine.memory import is_out_of_memory
 from .errors import DeviceError
 from .image_job import Transform
@@ -17,7 +18,8 @@ from .settings import UpscaleSettings
 def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=None) -> Transform:
     """`prompts` (a `caption_cli.ImagePrompts`) gives each image's high-level information; without
     it every image gets the settings' prompt alone. `warn` hears that a tile was halved after an
-    out-of-memory error."""
+    out-of-memory error, or that the networks overflowed and moved to a safer dtype."""
+    asked = pipeline.dtype  # what the model identity in every record names
 
     def transform(rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict]:
         chosen = prompts.for_job(job) if prompts is not None else None
@@ -34,6 +36,8 @@ def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=No
             ) from None
         # The JSON record also gets `chosen.to_json()`, from the pre-pass (ImagePrompts).
         tiles = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
+        if result.dtype is not None and result.dtype != asked:  # after an overflow (engine.precision)
+            tiles["dtype"] = dtype_name(result.dtype)
         return result.image, {"prompt": result.prompt, **(chosen.provenance() if chosen else {}), **tiles}
 
     return transform

@@ -82,7 +82,8 @@ def test_prompt_embeddings(ref, free_run):
 
 def test_scheduler_from_the_folder_beside_the_checkpoint(ref, tiny_colorizer):
     scheduler = tiny_colorizer.new_scheduler(2)
-    assert type(scheduler).__name__ == ref["scheduler_class"]
+    # The released class, or its subclass that runs on every device (engine/schedulers.py).
+    assert ref["scheduler_class"] in {cls.__name__ for cls in type(scheduler).__mro__}
     for key, value in ref["scheduler_config"].items():
         if not key.startswith("_") and key in scheduler.config:
             assert scheduler.config[key] == value, key

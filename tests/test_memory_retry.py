@@ -101,6 +101,44 @@ def test_other_errors_are_not_retried():
         )
 
 
+# Messages as torch raises them for tensors too large for a kernel rather than for memory.
+TOO_LARGE = [
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+    "GET was unable to find an engine to execute this computation",
+    "input tensor must fit into 32-bit index math",
+    "Expected canUse32BitIndexMath(input) && canUse32BitIndexMath(output) to be true, but got false.",
+    "numel needs to be smaller than int32_t max; otherwise, please use packed_accessor64",
+    "upsample_nearest_nhwc only supports output tensors with less than INT_MAX elements",
+    "Output size of the matrix multiplication is larger than currently supported by the MPS backend: "
+    "72250,72250, needs to be less than 2**32 elements",
+    "MPSGaph does not support tensor dims larger than INT_MAX",
+]
+
+
+@pytest.mark.parametrize("message", TOO_LARGE)
+def test_errors_of_tensors_too_large_are_retried_with_smaller_tiles(message):
+    assert is_out_of_memory(RuntimeError(message))
+    calls = []
+
+    def stage(tile):
+        calls.append(tile)
+        if tile == 0 or tile > 300:
+            raise RuntimeError(message)
+        return tile
+
+    warnings = []
+    assert TileShrinker(torch.device("cpu"), warnings.append).run(stage, 0, 1000, 64, "VAE") == (250, 250)
+    assert calls == [0, 500, 250] and len(warnings) == 1
+
+
+def test_errors_that_a_smaller_tile_does_not_cure_are_not_retried():
+    for message in ("CUDA error: an illegal memory access was encountered", "expected scalar type Half but got Float"):
+        assert not is_out_of_memory(RuntimeError(message))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not a device error
+
+
 def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
     from pathlib import Path
 
@@ -112,6 +150,7 @@ def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
 
     class Failing:
         device = torch.device("mps")
+        dtype = torch.float16
 
         def __init__(self, error):
             self.error = error

@@ -13,15 +13,34 @@ T = TypeVar("T")
 Warn = Callable[[str], None]
 
 
-# What MPS says in a RuntimeError: out of memory, or one tensor above Metal's largest buffer
-# ("Invalid buffer size: 19.45 GB", e.g. an attention score matrix); smaller tiles cure both.
-_MPS_MEMORY_ERRORS = ("out of memory", "invalid buffer size")
+# Errors that mean "this tensor or pass is too large for the device" rather than a bug, matched
+# lower-case in the message. A smaller tile cures each of them:
+# - out of memory: CUDA's torch.OutOfMemoryError carries it, MPS says it in a RuntimeError;
+# - cuBLAS and cuDNN failing to allocate their workspace, and cuDNN refusing a convolution
+#   too large for its kernels (CUDNN_STATUS_NOT_SUPPORTED / INTERNAL_ERROR, or the v8/v9 API's
+#   "unable to find an engine"), which large activations provoke long before memory runs out;
+# - kernels that index with 32-bit integers refusing a tensor of 2^31 elements or more;
+# - MPS refusing a tensor above Metal's largest buffer ("Invalid buffer size: 19.45 GB", e.g. an
+#   attention score matrix) or above its 32-bit sizes.
+_MEMORY_LIKE_ERRORS = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_",
+    "unable to find an engine",
+    "32-bit index math",
+    "canuse32bitindexmath",
+    "int32_t max",
+    "less than int_max elements",
+    "invalid buffer size",
+    "currently supported by the mps backend",
+    "larger than int_max",
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError.
+    """Out of memory, or an error that a smaller tile avoids as surely (see above)."""
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MPS_MEMORY_ERRORS)
+        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MEMORY_LIKE_ERRORS)
     )
 
 

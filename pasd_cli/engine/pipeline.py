@@ -11,17 +11,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ModelError
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
+from .limits import attention_heads, device_limits, latent_tile_cap
 from .loading import Components, load_components, model_dtypes
 from .memory import TileShrinker, Warn
 from .noise import initial_latents, standard_normal_draws
+from .precision import NonFiniteError, dtype_name, require_finite, safer_dtype
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
-from .schedulers import schedule_sigmas
+from .schedulers import PortableUniPCScheduler, schedule_sigmas
 from .settings import MIN_VAE_TILE, UpscaleSettings
 from .tiling import TileGrid, needs_tiling, shrunk_overlap
-from .vae import VaeCodec, choose_vae_tile, vae_peak_bytes
+from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, vae_peak_bytes
 
 # progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
 # "decode" (VAE tile passes).
@@ -44,6 +47,7 @@ class UpscaleResult:
     hint_size: tuple[int, int]
     latent_tiles: int = 1  # tiles per denoising step (1: untiled)
     vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
+    dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
 
 
 @dataclass
@@ -53,11 +57,14 @@ class Generated:
     image: torch.Tensor  # uint8 (3, H, W) at the hint's size, before any colour fix
     latent_tiles: int = 1
     vae_tile: int = 0
+    dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> uint8 (3, H, W)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    """PIL RGB -> uint8 (3, H, W), contiguous. The pixels come interleaved (H, W, 3); a permuted
+    view of them would be channels-last in memory, and every elementwise op and the first
+    convolutions on the device would inherit that layout by accident, unlike the networks' own."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1)))
 
 
 def tensor_to_image(image: torch.Tensor) -> Image.Image:
@@ -82,17 +89,16 @@ class PASDPipeline:
     def __init__(
         self, components: Components, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
     ):
-        from diffusers import UniPCMultistepScheduler
-
         self.memory_budget = memory_budget
         self.device, self.dtype = torch.device(device), dtype
+        self.limits = device_limits(self.device)
         net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
         self.unet = components.unet.to(self.device, net_dtype)
         self.controlnet = components.controlnet.to(self.device, net_dtype)
         self.text_encoder = components.text_encoder.to(self.device, net_dtype)
         self.tokenizer = components.tokenizer
         self.vae = VaeCodec(components.vae.to(self.device, vae_dtype))
-        scheduler_class = components.scheduler_class or UniPCMultistepScheduler
+        scheduler_class = components.scheduler_class or PortableUniPCScheduler
         self._scheduler_config = scheduler_class.from_config(components.scheduler_config).config
         self._scheduler_class = scheduler_class
 
@@ -113,13 +119,21 @@ class PASDPipeline:
         return prompt_embeddings(self.tokenizer, self.text_encoder, prompt, negative_prompt, cfg)
 
     def vae_tile(self, settings: UpscaleSettings, height: int, width: int) -> int:
-        """The VAE tile for an image of height x width pixels (0: untiled)."""
-        if settings.vae_tile is not None:
-            return settings.vae_tile
-        if self.memory_budget is None:
-            return 0
+        """The VAE tile for an image of height x width pixels (0: untiled); a requested tile too
+        large for the device's per-tensor limits is made smaller (the result is the same)."""
         vae = self.vae.vae
-        return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget)
+        if settings.vae_tile is None and self.memory_budget is not None:
+            return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget, self.limits)
+        tile = settings.vae_tile or 0
+        return cap_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.limits, tile)
+
+    def latent_tile(self, settings: UpscaleSettings) -> int:
+        """The requested latent tile, made smaller where the device's attention must fit one buffer
+        (MPS): there a too large attention aborts the process, so no retry could catch it."""
+        if not self.limits.attention_materialised:
+            return settings.latent_tile
+        batch = (2 if settings.uses_cfg else 1) * settings.tile_batch
+        return min(settings.latent_tile, latent_tile_cap(self.limits, attention_heads(self.unet.config), batch))
 
     def vae_checkpoint_bytes(self, tile: int, height: int, width: int) -> int:
         """What the memory budget leaves beside one tile: whole-image activations between VAE
@@ -127,7 +141,9 @@ class PASDPipeline:
         if not self.memory_budget or tile <= 0:
             return 0
         vae = self.vae.vae
-        return max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
+        left = max(0, self.memory_budget - vae_peak_bytes(vae.config, height, width, vae.dtype.itemsize, tile))
+        # Each stored activation is at most this, so none passes the device's per-tensor limits.
+        return min(left, self.limits.max_tensor_bytes(vae.dtype.itemsize) or left)
 
     def initial_latents(
         self,
@@ -191,7 +207,17 @@ class PASDPipeline:
                 progress("step", index + 1, len(scheduler.timesteps))
         return latents
 
-    @torch.inference_mode()
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the networks in place: their weights exist once, on the device. Outside inference
+        mode whatever the caller's, so the weights stay ordinary tensors (later merges may change
+        them in place)."""
+        net_dtype, vae_dtype = model_dtypes(dtype, self.vae.vae)
+        with torch.inference_mode(False):
+            for model in (self.unet, self.controlnet, self.text_encoder):
+                model.to(dtype=net_dtype)
+            self.vae.vae.to(dtype=vae_dtype)
+        self.dtype = dtype
+
     def upscale(
         self,
         lr_image: Image.Image,
@@ -205,7 +231,7 @@ class PASDPipeline:
         """`caption` or `label`: the image's high-level information (spec section 5), as
         `build_prompt` combines it with the settings' prompts. On an out-of-memory error the
         latent or VAE tile is halved and the stage run again, with one warning through
-        `on_warning`."""
+        `on_warning`; so is an image whose results overflowed (see `generate`)."""
         # 1. The hint image: upscaled, enlarged to the process size, sides multiples of 8. It
         # stays uint8 (a third of the memory of floats); each consumer converts its crop.
         lr_image = lr_image.convert("RGB")
@@ -227,9 +253,9 @@ class PASDPipeline:
             hint_size=hint_image.size,
             latent_tiles=generated.latent_tiles,
             vae_tile=generated.vae_tile,
+            dtype=generated.dtype,
         )
 
-    @torch.inference_mode()
     def generate(
         self,
         hint_image: Image.Image,
@@ -241,7 +267,46 @@ class PASDPipeline:
     ) -> Generated:
         """The path every mode shares, from a ready hint image (RGB, sides multiples of 8) and
         the exact positive prompt: prompts, initial latents, denoising, decoding. The settings'
-        scale, process size, prompt parts and colour fix are not read here."""
+        scale, process size, prompt parts and colour fix are not read here.
+
+        Latents or a decoded image holding NaN or inf (a float16 overflow) never become an image:
+        the image is run again in a safer dtype (bfloat16, then float32), with one warning. The
+        networks keep that dtype for the next images, since casting them back down would not
+        restore the weights' precision. Non-finite even in float32 raises ModelError."""
+        tried: list[torch.dtype] = []
+        while True:
+            try:
+                generated = self._generate(hint_image, prompt, settings, progress, trace, on_warning)
+                break
+            except NonFiniteError as exc:
+                tried.append(self.dtype)
+                failed = exc.what
+            # Outside the handler, so that the failed run's tensors are freed before the cast.
+            safer = safer_dtype(self.dtype, self.device)
+            if safer is None:
+                raise ModelError(
+                    f"the model gives non-finite values (NaN or inf) in the {failed}, in "
+                    + ", ".join(map(dtype_name, tried)),
+                    hint="its weights overflow: a merged base or LoRA may be broken or weighted too high",
+                )
+            self.use_dtype(safer)
+        if tried and on_warning:
+            on_warning(
+                f"{dtype_name(tried[0])} overflowed (non-finite {failed}); this image was made in "
+                f"{dtype_name(self.dtype)}, which the networks keep for the next images"
+            )
+        return generated
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        hint_image: Image.Image,
+        prompt: str,
+        settings: UpscaleSettings,
+        progress: Progress | None,
+        trace: Trace,
+        on_warning: Warn | None,
+    ) -> Generated:
         hint_uint8 = image_to_tensor(hint_image)
         hint = hint_uint8.unsqueeze(0).to(self.device)
         trace("upscaled_input_uint8", hint_uint8)
@@ -283,12 +348,14 @@ class PASDPipeline:
         initial = latents
         latents, latent_tile = shrink.run(
             lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
-            settings.latent_tile,
+            self.latent_tile(settings),
             max(latents.shape[-2:]),
             MIN_LATENT_TILE,
             "latent",
             changes_result=True,
         )
+        # Decoded, NaN or inf would make a black or white image that looks like a result.
+        require_finite(latents, "latents")
 
         # 5. Decode to uint8, rounding.
         decoded, vae_tile = shrink.run(
@@ -303,6 +370,7 @@ class PASDPipeline:
             MIN_VAE_TILE,
             "VAE",
         )
+        require_finite(decoded, "decoded image")
         trace("decoded", decoded)
         sr_uint8 = decoded_to_uint8(decoded).cpu()
         del decoded
@@ -315,7 +383,7 @@ class PASDPipeline:
             if needs_tiling(latent_h, latent_w, latent_tile)
             else 1
         )
-        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile)
+        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile, self.dtype)
 
     def colorize(
         self,

@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from . import vae_attention
+from .limits import DeviceLimits, vae_elements_per_pixel
 from .vae_tiling import Box, Stage, TileProgress, run_chain
 
 # Activations of a full-resolution resnet's width alive at once, for the memory estimates below.
@@ -204,6 +205,14 @@ class VaeCodec:
         )
 
 
+def _tile_pixels(config, height: int, width: int, tile: int = 0) -> int:
+    """Pixels one pass covers: the whole image, or a tile of `tile` pixels with its halo."""
+    if tile <= 0 or tile >= max(height, width):
+        return height * width
+    halo = 16 * 2 ** (len(config.block_out_channels) - 1)  # a little above the SD decoder's 98 px and encoder's 72 px
+    return min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
+
+
 def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:
     """Rough peak memory of a VAE pass over an image of height x width pixels, untiled or with
     tiles of `tile` pixels (their halo included). The middle block runs on the whole latent
@@ -211,22 +220,50 @@ def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int 
     channels = list(config.block_out_channels)
     factor = 2 ** (len(channels) - 1)
     mid = channels[-1] * (height // factor) * (width // factor)
-    if tile <= 0 or tile >= max(height, width):
-        tile_pixels = height * width
-    else:
-        halo = 16 * factor  # a little above the SD decoder's 98 px and encoder's 72 px
-        tile_pixels = min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
+    tile_pixels = _tile_pixels(config, height, width, tile)
     full = _LIVE_ACTIVATIONS * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
     return max(_LIVE_MID * mid, full + mid) * dtype_bytes
 
 
-def choose_vae_tile(config, height: int, width: int, dtype_bytes: int, budget: int) -> int:
-    """0 (untiled) when the whole image fits the memory budget, else the largest tile that does.
+def vae_tile_fits(config, height: int, width: int, dtype_bytes: int, limits: DeviceLimits, tile: int = 0) -> bool:
+    """Whether every single tensor of a pass (untiled, or tiles of `tile` pixels) stays within the
+    device's per-tensor limits: the largest activation of a tile, the middle block's whole latent,
+    and the float32 decoded image the tiles are written into."""
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    mid = config.block_out_channels[-1] * -(-height // factor) * -(-width // factor)
+    largest = vae_elements_per_pixel(config) * _tile_pixels(config, height, width, tile)
+    return limits.fits(max(largest, mid), dtype_bytes) and limits.fits(config.out_channels * height * width, 4)
+
+
+def cap_vae_tile(config, height: int, width: int, dtype_bytes: int, limits: DeviceLimits, tile: int) -> int:
+    """`tile` (0: untiled), or the largest automatic tile below it whose tensors fit the device's
+    per-tensor limits. Tiling is exact, so this changes the cost, not the result."""
+    if vae_tile_fits(config, height, width, dtype_bytes, limits, tile):
+        return tile
+    covers = tile <= 0 or tile >= max(height, width)
+    for candidate in _AUTO_TILES:
+        if (covers or candidate < tile) and vae_tile_fits(config, height, width, dtype_bytes, limits, candidate):
+            return candidate
+    return _AUTO_TILES[-1] if covers else min(tile, _AUTO_TILES[-1])  # only whole-image tensors are too large
+
+
+def choose_vae_tile(
+    config, height: int, width: int, dtype_bytes: int, budget: int, limits: DeviceLimits | None = None
+) -> int:
+    """0 (untiled) when the whole image fits the memory budget, else the largest tile that does;
+    with `limits`, also the largest whose every tensor fits the device's per-tensor limits.
 
     Tiling is exact, so this choice changes the cost, not the result."""
-    if vae_peak_bytes(config, height, width, dtype_bytes) <= budget:
+    limits = limits or DeviceLimits()
+
+    def fits(tile: int) -> bool:
+        return vae_peak_bytes(config, height, width, dtype_bytes, tile) <= budget and vae_tile_fits(
+            config, height, width, dtype_bytes, limits, tile
+        )
+
+    if fits(0):
         return 0
     for tile in _AUTO_TILES:
-        if vae_peak_bytes(config, height, width, dtype_bytes, tile) <= budget:
+        if fits(tile):
             return tile
     return _AUTO_TILES[-1]
