@@ -83,10 +83,10 @@ def sd_components():
 
 def child(config: dict) -> dict:
     import torch
-
     from pasd_cli.devices import limit_heap_fragmentation
-    from pasd_cli.engine.pipeline import PASDPipeline
     from pasd_cli.settings import UpscaleSettings
+
+    from pasd_cli.engine.pipeline import PASDPipeline
 
     limit_heap_fragmentation()  # as the CLI does
     device = torch.device(config["device"])

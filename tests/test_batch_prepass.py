@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pasd_cli.batch import DONE, FAILED, SKIPPED, FailureLog, Job, JobResult, Plan, run_jobs
+from pasd_cli.batch.report import Reporter
+from pasd_cli.batch.runner import DONE, FAILED, SKIPPED, FailureLog, Job, JobResult, Plan, run_jobs
+from pasd_cli.batch.settings import BatchSettings
 from pasd_cli.errors import InputError, ModelError
-from pasd_cli.report import Reporter
-from pasd_cli.settings import BatchSettings
 
 
 def plan_of(tmp_path: Path, names: str) -> Plan:

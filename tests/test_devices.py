@@ -11,7 +11,7 @@ import torch
 from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, run_pasd, tiny_model_args
 from PIL import Image
 
-from pasd_cli.devices import use_true_fp32
+from pasd_cli.cli.runtime import use_true_fp32
 from pasd_cli.engine.pipeline import image_to_tensor
 
 

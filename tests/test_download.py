@@ -20,8 +20,8 @@ from hub_server import FakeHub, Fault, Repo, clean_env, tiny_hub_repos
 from PIL import Image
 
 from pasd_cli.errors import ModelError
-from pasd_cli.hub import download
-from pasd_cli.store import Manifest, Store, load_manifests, resolve_models
+from pasd_cli.store.hub import download
+from pasd_cli.store.local import Manifest, Store, load_manifests, resolve_models
 
 MANIFESTS = load_manifests()
 PASD_REPO, SD_REPO = "yangtao9009/PASD", "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -9,11 +9,11 @@ import torch
 from conftest import LR_INPUT
 from PIL import Image
 
+from pasd_cli.batch.settings import UpscaleSettings
 from pasd_cli.engine.memory import TileShrinker, is_out_of_memory
 from pasd_cli.engine.pipeline import image_to_tensor
 from pasd_cli.engine.tiling import TileGrid
 from pasd_cli.errors import DeviceError
-from pasd_cli.settings import UpscaleSettings
 
 SETTINGS = UpscaleSettings(
     steps=1, guidance=1.0, scale=4, process_size=112, latent_tile=64, latent_overlap=4, vae_tile=0
@@ -106,9 +106,9 @@ def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
 
     from PIL import Image
 
-    from pasd_cli.batch import Job
-    from pasd_cli.settings import UpscaleSettings
-    from pasd_cli.upscale_job import upscale_transform
+    from pasd_cli.batch.runner import Job
+    from pasd_cli.batch.settings import UpscaleSettings
+    from pasd_cli.cli.upscale import upscale_transform
 
     class Failing:
         device = torch.device("mps")

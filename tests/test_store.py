@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pasd_cli import settings
+from pasd_cli.batch import settings
 from pasd_cli.errors import ModelError
-from pasd_cli.store import (
+from pasd_cli.store.local import (
     KINDS,
     Store,
     default_models,
@@ -138,7 +138,7 @@ def test_a_truncated_file_makes_the_model_unusable(tmp_path):
     store = Store(tmp_path)
     folder = store.model_dir("sd15")
     manifest = store.manifest("sd15")
-    from pasd_cli.store import Record, sha256_file
+    from pasd_cli.store.local import Record, sha256_file
 
     files = {}
     for rel in manifest.repo_paths:
@@ -184,7 +184,7 @@ def test_wheel_ships_the_manifests_and_finds_them(tmp_path):
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     probe = (
-        "import json, pasd_cli, pasd_cli.store as s; "
+        "import json, pasd_cli, pasd_cli.store.local as s; "
         "print(json.dumps([pasd_cli.__file__, str(s.manifests_dir()), sorted(s.load_manifests())]))"
     )
     run = subprocess.run(

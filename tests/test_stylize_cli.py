@@ -31,7 +31,7 @@ from tiny_bases import (
     write_unet_folder,
 )
 
-from pasd_cli.metadata import read_record
+from pasd_cli.imageio.metadata import read_record
 
 SEED = 7
 # tiny_bases.render's settings, on the command line.

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
+from pasd_cli.cli.stylize import HUB, PATH, STORE, base_source, lora_source
 from pasd_cli.engine.formats import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, check_base, check_lora_file
 from pasd_cli.errors import ModelError
-from pasd_cli.hub_bases import is_repo_id, pick_base_files, store_name
-from pasd_cli.store import Manifest, load_manifests
-from pasd_cli.stylize_cli import HUB, PATH, STORE, base_source, lora_source
+from pasd_cli.store.hub_bases import is_repo_id, pick_base_files, store_name
+from pasd_cli.store.local import Manifest, load_manifests
 
 TOKENIZER = [
     "tokenizer/merges.txt",

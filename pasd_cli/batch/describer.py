@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ModelError, UsageError
+from ..errors import ModelError, UsageError
 from .settings import CAPTION_MODEL, CLASSIFY_MODEL, CaptionSettings
 
 # The store's kind for each --caption mode that uses a model.
@@ -35,7 +35,7 @@ class StoreDescriber:
         interactive: bool = False,
         say: Callable[[str], None] = lambda text: None,
     ):
-        from .store import Store, names_a_path, offline_requested, store_root
+        from ..store.local import Store, names_a_path, offline_requested, store_root
 
         if mode not in MODEL_KINDS:
             raise ValueError(f"--caption {mode} uses no model")
@@ -64,7 +64,7 @@ class StoreDescriber:
     def describer_spec(self, need_files: bool):
         """The spec for the engine. Without `need_files`, a store model's install record is enough
         (its commit names the weights); with it, the files are checked, and fetched or refused."""
-        from .engine.captions import DescriberSpec
+        from ..engine.captions import DescriberSpec
 
         if self.folder is not None:
             if not self.folder.is_dir():
@@ -80,8 +80,8 @@ class StoreDescriber:
         )
 
     def _ensure_files(self) -> None:
-        from .prompt_sources import describer_missing
-        from .store import ensure_model, fetch_command, may_download, not_fetched_because
+        from ..prompts.sources import describer_missing
+        from ..store.local import ensure_model, fetch_command, may_download, not_fetched_because
 
         fetch = fetch_command([self.spec], self.store.root)
         problems = self.store.problems(self.spec)
@@ -100,7 +100,7 @@ class StoreDescriber:
         return self.describer_spec(need_files=False).identity()
 
     def load(self, device, dtype):
-        from .devices import dtype_name
+        from ..cli.runtime import dtype_name
 
         spec = self.describer_spec(need_files=True)
         import transformers  # its loading bars would drown our own stderr lines

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from . import imageio
-from .atomic import write_atomic
-from .batch import Job, JobResult, Progress, Worker
-from .errors import DeviceError
+from ..atomic import write_atomic
+from ..errors import DeviceError
+from ..imageio import images as imageio
+from .runner import Job, JobResult, Progress, Worker
 from .settings import BatchSettings
 
 # transform(rgb, job, progress) -> (8-bit RGB result at the output size, extra record fields).

@@ -34,9 +34,9 @@ from typing import Optional
 
 import typer
 
-from . import settings as defaults
-from .errors import InputError, UsageError
-from .option_groups import option_group
+from ..batch import settings as defaults
+from ..cli.option_groups import option_group
+from ..errors import InputError, UsageError
 
 _C = defaults.CaptionSettings()
 
@@ -137,13 +137,13 @@ class ImagePrompts:
         self.check_models = check_models or self._check_pasd_models
         self.prompt_file = None
         if options.prompt_file is not None:  # refused before any work when malformed
-            from .prompt_sources import PromptFile
+            from ..prompts.sources import PromptFile
 
             self.prompt_file = PromptFile.read(options.prompt_file)
         self.describer = None
         if options.settings.mode != "none":
-            from .describer_models import StoreDescriber
-            from .store import runs_at_terminal
+            from ..store.local import runs_at_terminal
+            from .describer import StoreDescriber
 
             self.describer = StoreDescriber(
                 options.settings.mode,
@@ -176,8 +176,8 @@ class ImagePrompts:
         reporter = pending.reporter
         if not self.batch.dry_run:  # a missing model is not found after an hour of captioning
             self.check_models(reporter)
-        from .imageio import read_rgb
-        from .prompt_sources import SidecarError
+        from ..imageio.images import read_rgb
+        from ..prompts.sources import SidecarError
 
         resolver, cache = self._resolver(reporter)
         rows = _PromptCsv(reporter.stdout) if self.options.caption_only and not self.batch.json else None
@@ -203,19 +203,19 @@ class ImagePrompts:
         self._after(pending, resolver, cache, finished)
 
     def _check_pasd_models(self, reporter) -> None:
-        from .diffusion_cli import resolve_model_dirs
+        from ..cli.diffusion import resolve_model_dirs
 
         resolve_model_dirs(self.models, reporter.info)
 
     def _resolver(self, reporter):
-        from .caption_cache import CaptionCache
-        from .prompt_sources import PromptResolver
+        from ..prompts.cache import CaptionCache
+        from ..prompts.sources import PromptResolver
 
         use_sidecars = self.options.sidecars
         if self.describer is None:
             return PromptResolver("none", prompt_file=self.prompt_file, use_sidecars=use_sidecars), None
-        from .diffusion_cli import pick_runtime
-        from .store import store_root
+        from ..cli.diffusion import pick_runtime
+        from ..store.local import store_root
 
         device, dtype = pick_runtime(self.models)
         self.describer.say = reporter.info
@@ -275,7 +275,7 @@ class _PromptCsv:
         self.writer.writerow(["file", "prompt"])
 
     def write(self, source: Path, chosen) -> None:
-        from .engine.prompts import clean_caption
+        from ..engine.prompts import clean_caption
 
         text = chosen.text or ""
         if chosen.source == "blip":

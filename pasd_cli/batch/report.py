@@ -9,7 +9,7 @@ import sys
 import time
 from typing import TextIO
 
-from .batch import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job, JobRecord, Summary
+from .runner import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job, JobRecord, Summary
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 # Without -v, plain progress repeats at most this often during one image (seconds).

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_atomic
-from .errors import DeviceError, InputError, Interrupted, OutputError, PasdError, UsageError
-from .imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe
+from ..atomic import write_atomic
+from ..errors import DeviceError, InputError, Interrupted, OutputError, PasdError, UsageError
+from ..imageio.images import OUTPUT_FORMATS, ImageInfo, output_format, probe
 from .inputs import Discovery
 from .settings import BatchSettings
 

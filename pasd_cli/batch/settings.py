@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine.settings import (  # noqa: F401  (re-exported for the CLI)
+from ..engine.settings import (  # noqa: F401  (re-exported for the CLI)
     ADDED_PROMPT,
     BASE_BLEND,
     BLENDS,

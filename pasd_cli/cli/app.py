@@ -10,11 +10,11 @@ import sys
 
 import typer
 
-from . import settings as defaults
-from .batch_cli import batch_options, run_batch_command
-from .caption_cli import CaptionOptions, ImagePrompts, caption_options
-from .devices import dtype_name
-from .diffusion_cli import (
+from ..batch import settings as defaults
+from ..batch.prompt_pass import CaptionOptions, ImagePrompts, caption_options
+from ..errors import Interrupted, PasdError
+from .batch_options import batch_options, run_batch_command
+from .diffusion import (
     DiffusionOptions,
     diffusion_options,
     model_identity,
@@ -25,9 +25,9 @@ from .diffusion_cli import (
     resolve_model_dirs,
     vae_memory_budget,
 )
-from .errors import Interrupted, PasdError
-from .models_cli import download_command, models_app
-from .stylize_cli import (
+from .models import download_command, models_app
+from .runtime import dtype_name
+from .stylize import (
     SD15_HELP,
     StyleChoice,
     fast_settings,
@@ -79,9 +79,9 @@ def upscale(batch: defaults.BatchSettings, diffusion: DiffusionOptions, captions
         pasd_dir, base_dir = resolve_model_dirs(models, reporter.info)
         device, dtype = pick_runtime(models)
         quiet_libraries()
-        from .engine.pipeline import PASDPipeline
-        from .image_job import image_worker
-        from .upscale_job import upscale_record, upscale_transform
+        from ..batch.image_job import image_worker
+        from ..engine.pipeline import PASDPipeline
+        from .upscale import upscale_record, upscale_transform
 
         reporter.info(f"loading PASD from {pasd_dir} on {device} ({dtype_name(dtype)})")
         pipeline = PASDPipeline.from_folders(pasd_dir, base_dir, device, dtype)
@@ -131,11 +131,11 @@ def stylize(
         files = resolve_style(style, models, reporter.info)
         device, dtype = pick_runtime(models)
         quiet_libraries()
-        from .engine.loading import load_components
-        from .engine.pipeline import PASDPipeline
-        from .engine.stylize import personalize
-        from .image_job import image_worker
-        from .upscale_job import upscale_transform
+        from ..batch.image_job import image_worker
+        from ..engine.loading import load_components
+        from ..engine.pipeline import PASDPipeline
+        from ..engine.stylize import personalize
+        from .upscale import upscale_transform
 
         reporter.info(f"loading PASD from {files.pasd} on {device} ({dtype_name(dtype)})")
         components = load_components(files.pasd, files.sd15)

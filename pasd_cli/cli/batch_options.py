@@ -20,8 +20,8 @@ from typing import Optional
 
 import typer
 
-from . import settings as defaults
-from .errors import UsageError
+from ..batch import settings as defaults
+from ..errors import UsageError
 from .option_groups import option_group
 
 _B = defaults.BatchSettings()
@@ -187,9 +187,9 @@ def run_batch_command(
     counters in `.extra` (they end up in the JSON summary). `prepass(batch.Pending)` runs once over
     the jobs to do before the loop (see `batch.run_jobs`). Raises typer.Exit(1) when some input
     failed; fatal errors propagate as PasdError."""
-    from .batch import FailureLog, hold_lock, plan_jobs, run_jobs
-    from .inputs import find_inputs
-    from .report import Reporter
+    from ..batch.inputs import find_inputs
+    from ..batch.report import Reporter
+    from ..batch.runner import FailureLog, hold_lock, plan_jobs, run_jobs
 
     if not batch.to_stdout:
         _check_output_folder(Path(batch.output))

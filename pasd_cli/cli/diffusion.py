@@ -10,10 +10,10 @@ from typing import Optional
 
 import typer
 
-from . import settings as defaults
-from .batch_cli import number_field
-from .errors import UsageError
-from .models_cli import MODELS_DIR_HELP
+from ..batch import settings as defaults
+from ..errors import UsageError
+from .batch_options import number_field
+from .models import MODELS_DIR_HELP
 from .option_groups import option_group
 
 
@@ -159,7 +159,7 @@ def diffusion_options(
     base_name = _parameter_name(base_flag)
 
     def build(pasd, offline, models_dir, device, dtype, vae_memory, **values) -> DiffusionOptions:
-        from .devices import DEVICES, DTYPES
+        from .runtime import DEVICES, DTYPES
 
         base = values.pop(base_name)
         device, dtype = device.lower(), dtype.lower()
@@ -181,7 +181,7 @@ def diffusion_options(
 def resolve_model_dirs(models: ModelChoice, say, extra: list[tuple[str, str]] = ()) -> tuple[Path, ...]:
     """(pasd folder, SD 1.5 folder, then a path for each (spec, option) in `extra`), resolved
     together so that every missing model is named in one error with one download command."""
-    from .store import offline_requested, resolve_models, runs_at_terminal
+    from ..store.local import offline_requested, resolve_models, runs_at_terminal
 
     if offline_requested(models.offline):
         os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
@@ -198,7 +198,7 @@ def resolve_model_dirs(models: ModelChoice, say, extra: list[tuple[str, str]] = 
 
 def pick_runtime(models: ModelChoice):
     """(torch device, torch dtype) from --device and --dtype."""
-    from .devices import limit_heap_fragmentation, pick_device, pick_dtype, use_true_fp32
+    from .runtime import limit_heap_fragmentation, pick_device, pick_dtype, use_true_fp32
 
     limit_heap_fragmentation()
     device = pick_device(models.device)
@@ -210,7 +210,7 @@ def pick_runtime(models: ModelChoice):
 def vae_memory_budget(models: ModelChoice, device) -> int:
     """Bytes a VAE pass may use: --vae-memory, else a share of what the device has free now
     (call it once the models are loaded)."""
-    from .devices import memory_budget
+    from .runtime import memory_budget
 
     return models.vae_memory_mb * 2**20 if models.vae_memory_mb else memory_budget(device)
 
@@ -228,7 +228,7 @@ def quiet_libraries() -> None:
 
 def model_identity(pasd_dir: Path, base_dir: Path, pipeline, device, dtype) -> dict:
     """What every output's metadata says about the model that made it."""
-    from .devices import dtype_name
+    from .runtime import dtype_name
 
     return {
         "pasd": str(pasd_dir),
@@ -247,6 +247,6 @@ def name_fields(run_settings: defaults.UpscaleSettings) -> dict[str, str]:
 
 def planned_size(run_settings: defaults.UpscaleSettings):
     """Output size for a dry run's plan, from the input size alone (no torch import)."""
-    from .engine.resize import output_size
+    from ..engine.resize import output_size
 
     return lambda size: output_size(size, run_settings.scale)

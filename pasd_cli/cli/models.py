@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import ModelError
+from ..errors import ModelError
 
 MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cache folder)."
 
@@ -30,7 +30,7 @@ def _say(message: str) -> None:
 
 
 def _store(models_dir: Optional[Path]):
-    from .store import Store, store_root
+    from ..store.local import Store, store_root
 
     return Store(store_root(models_dir))
 
@@ -45,9 +45,9 @@ def download_command(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Download models (and the models they need) into the store, or repair damaged ones."""
-    from .hub import download
-    from .hub_bases import download_hub_base, is_repo_id
-    from .store import default_models, with_needs
+    from ..store.hub import download
+    from ..store.hub_bases import download_hub_base, is_repo_id
+    from ..store.local import default_models, with_needs
 
     store = _store(models_dir)
     repo_ids = [n for n in names or () if is_repo_id(n)]
@@ -67,8 +67,8 @@ def list_models(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Every known model: installed or not, size on disk, path."""
-    from .hub import human_size
-    from .store import default_models
+    from ..store.hub import human_size
+    from ..store.local import default_models
 
     store = _store(models_dir)
     defaults = set(default_models())
@@ -112,8 +112,8 @@ def verify_models(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Re-hash installed files against the sizes and sha256 recorded at download; no network."""
-    from .hub import human_size
-    from .store import fetch_command
+    from ..store.hub import human_size
+    from ..store.local import fetch_command
 
     store = _store(models_dir)
     if name is not None:
@@ -157,7 +157,7 @@ def remove(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Delete a model's files from the store."""
-    from .bundle import remove_model
+    from ..store.bundle import remove_model
 
     store = _store(models_dir)
     if remove_model(store, name):
@@ -176,8 +176,8 @@ def export(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Write an installed model (verified first) to a bundle for a machine without network."""
-    from .bundle import export_models
-    from .store import with_needs
+    from ..store.bundle import export_models
+    from ..store.local import with_needs
 
     store = _store(models_dir)
     names = with_needs([name], store.manifests) if needs else [store.manifest(name).name]
@@ -191,7 +191,7 @@ def import_(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Install the models of a bundle, after checking every file's size and sha256."""
-    from .bundle import import_bundle
+    from ..store.bundle import import_bundle
 
     store = _store(models_dir)
     for name in import_bundle(store, file, say=_say):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import DeviceError
-from .settings import VAE_MEMORY_SHARE
+from ..batch.settings import VAE_MEMORY_SHARE
+from ..errors import DeviceError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import typer
 
-from . import settings as defaults
-from .diffusion_cli import ModelChoice, resolve_model_dirs
-from .engine.formats import SAFETENSORS_SUFFIXES, check_base, check_lora_file
-from .errors import ModelError, UsageError
+from ..batch import settings as defaults
+from ..engine.formats import SAFETENSORS_SUFFIXES, check_base, check_lora_file
+from ..errors import ModelError, UsageError
+from .diffusion import ModelChoice, resolve_model_dirs
 from .option_groups import option_group
 
 SD15_HELP = (
@@ -138,7 +138,7 @@ class Source:
 
 
 def base_source(spec: str, manifests: Mapping) -> Source:
-    from .hub_bases import is_repo_id
+    from ..store.hub_bases import is_repo_id
 
     path = Path(spec).expanduser()
     if path.exists():
@@ -171,7 +171,7 @@ def preflight(style: StyleChoice) -> None:
     """The checks that need no weights, for the files named on the command line: run before any
     input is looked at, so a refused base (a pickle, a LoRA, SDXL, a missing file) costs nothing
     and runs nothing. Store models and hub bases are checked once they are local."""
-    from .store import load_manifests
+    from ..store.local import load_manifests
 
     manifests = load_manifests()
     base = base_source(style.base, manifests)
@@ -203,7 +203,7 @@ def _lora_file(folder: Path, manifest) -> Path:
 def resolve_style(style: StyleChoice, models: ModelChoice, say) -> StyleFiles:
     """Every model the run needs as a local path: store models resolved together (one error names
     all that are missing), then a hub base; each checked as `preflight` checks local files."""
-    from .store import load_manifests, runs_at_terminal
+    from ..store.local import load_manifests, runs_at_terminal
 
     manifests = load_manifests()
     base = base_source(style.base, manifests)
@@ -215,7 +215,7 @@ def resolve_style(style: StyleChoice, models: ModelChoice, say) -> StyleFiles:
     pasd_dir, sd15_dir, *found = resolve_model_dirs(models, say, wanted)
     found = dict(zip([spec for spec, _ in wanted], found))
     if base.origin == HUB:
-        from .hub_bases import ensure_hub_base
+        from ..store.hub_bases import ensure_hub_base
 
         base_path = ensure_hub_base(
             base.spec, models_dir=models.models_dir, offline=models.offline, interactive=runs_at_terminal(), say=say

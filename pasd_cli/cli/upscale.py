@@ -7,11 +7,11 @@ from dataclasses import asdict
 import torch
 from PIL import Image
 
-from .batch import Job, Progress
-from .engine.memory import is_out_of_memory
-from .errors import DeviceError
-from .image_job import Transform
-from .settings import UpscaleSettings
+from ..batch.image_job import Transform
+from ..batch.runner import Job, Progress
+from ..batch.settings import UpscaleSettings
+from ..engine.memory import is_out_of_memory
+from ..errors import DeviceError
 
 
 def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=None) -> Transform:

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from . import deep, metadata
-from .errors import InputError
-from .settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
+from ..batch.settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
+from ..errors import InputError
+from . import metadata
+from . import rgb16 as deep
 
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}

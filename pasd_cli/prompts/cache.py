@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .atomic import write_atomic
-from .engine.captions import Description
-from .errors import DeviceError, OutputError
+from ..atomic import write_atomic
+from ..engine.captions import Description
+from ..errors import DeviceError, OutputError
 
 RECORD_FORMAT = 1
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .caption_cache import CaptionCache, image_digest
-from .engine.captions import Describer, DescriberSpec, Description
-from .engine.prompts import build_prompt
-from .errors import InputError, ModelError, UsageError
+from ..engine.captions import Describer, DescriberSpec, Description
+from ..engine.prompts import build_prompt
+from ..errors import InputError, ModelError, UsageError
+from .cache import CaptionCache, image_digest
 
 SIDECAR_SUFFIX = ".txt"
 SIDECAR_MAX_BYTES = 16 * 1024

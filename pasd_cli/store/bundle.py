@@ -23,9 +23,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import write_atomic
-from .errors import ModelError, OutputError
-from .store import RECORD_NAME, Record, Store, fetch_command, safe_relative
+from ..atomic import write_atomic
+from ..errors import ModelError, OutputError
+from .local import RECORD_NAME, Record, Store, fetch_command, safe_relative
 
 BUNDLE_INDEX = "pasd-bundle.json"
 BUNDLE_FORMAT = 1

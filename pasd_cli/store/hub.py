@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ModelError
-from .store import Manifest, Record, Store, offline_requested
+from ..errors import ModelError
+from .local import Manifest, Record, Store, offline_requested
 
 FreeSpace = Callable[[Path], int]
 

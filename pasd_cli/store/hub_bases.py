@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine.formats import PART_STEMS, PICKLE_SUFFIXES
-from .errors import ModelError
-from .store import Manifest, Store, fetch_command, may_download, not_fetched_because, offline_requested, store_root
+from ..engine.formats import PART_STEMS, PICKLE_SUFFIXES
+from ..errors import ModelError
+from .local import Manifest, Store, fetch_command, may_download, not_fetched_because, offline_requested, store_root
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import settings
-from .atomic import write_atomic
-from .errors import ModelError
+from ..atomic import write_atomic
+from ..batch import settings
+from ..errors import ModelError
 
 RECORD_NAME = "pasd-model.json"
 RECORD_FORMAT = 1
@@ -71,10 +71,10 @@ class Manifest:
 def manifests_dir() -> Path:
     """In a wheel the manifests sit in pasd_cli/models; in a source checkout, in models/ beside
     the package (an editable install cannot import a data-only folder as a package)."""
-    packaged = Path(__file__).parent / "models"
+    packaged = Path(__file__).parent.parent / "models"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parent.parent.parent / "models"
 
 
 def _parse_manifest(path: Path) -> Manifest:
