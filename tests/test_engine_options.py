@@ -9,7 +9,7 @@ import torch
 from conftest import LR_INPUT, run_pasd
 from PIL import Image
 
-from pasd_cli.batch.settings import UpscaleSettings
+from pasd_cli.engine import UpscaleSettings
 from pasd_cli.engine.color import adain_color_fix
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
 from pasd_cli.engine.prompts import encode_texts

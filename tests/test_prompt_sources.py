@@ -12,10 +12,10 @@ from conftest import LR_INPUT
 from PIL import Image, PngImagePlugin
 from tiny_captioners import one_torch_thread
 
-from pasd_cli.batch.settings import ADDED_PROMPT, CaptionSettings
+from pasd_cli.engine import ADDED_PROMPT, CaptionSettings
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.errors import InputError, UsageError
-from pasd_cli.imageio.images import read_rgb
+from pasd_cli.imageio import read_rgb
 from pasd_cli.prompts.cache import CaptionCache, image_digest
 from pasd_cli.prompts.sources import ImagePrompt, PromptFile, PromptResolver, describer_missing, read_sidecar
 
@@ -311,7 +311,7 @@ def test_an_unwritable_cache_does_not_fail_the_batch(tiny_blip_dir, batch, tmp_p
 
 
 def test_captioner_manifests_follow_the_model_schema():
-    from pasd_cli.store.local import load_manifests
+    from pasd_cli.store import load_manifests
 
     manifests = load_manifests()  # the store's parser validates the schema
     blip, resnet = manifests["blip"], manifests["resnet-50"]

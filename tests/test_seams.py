@@ -19,8 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pasd_cli.batch.settings import UpscaleSettings
-from pasd_cli.engine import tiling
+from pasd_cli.engine import UpscaleSettings, tiling
 from pasd_cli.engine.pipeline import image_to_tensor
 from pasd_cli.engine.vae_tiling import TiledSection
 

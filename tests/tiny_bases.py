@@ -14,7 +14,7 @@ from ldm_layout import checkpoint_from_parts
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pasd_cli.batch.settings import StylizeSettings
+from pasd_cli.engine import StylizeSettings
 from pasd_cli.engine.bases import stock_unet_keys
 from pasd_cli.engine.loading import load_components
 from pasd_cli.engine.pipeline import PASDPipeline

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import UsageError
-from ..imageio.images import IMAGE_SUFFIXES
+from ..imageio import IMAGE_SUFFIXES
 
 _GLOB_CHARS = set("*?[")
 

@@ -1,27 +1,10 @@
-"""The prompt options every PASD command shares (`--caption`, `--caption-model`, `--prompt-file`,
-`--sidecars`, `--caption-only`), declared once, and the pre-pass that gives every image its
-prompt before the diffusion model loads (spec section 5).
+"""The pre-pass that gives every image its prompt before the diffusion model loads (spec section
+5): a sidecar file, the --prompt-file CSV, the captioner (through the cache), or nothing.
 
-A command opts in with `@caption_options` beside the batch and diffusion groups and a
-`captions: CaptionOptions` parameter, builds one `ImagePrompts`, and hands it to its transform
-and to the batch runner:
-
-    @app.command()
-    @batch_options
-    @diffusion_options(...)
-    @caption_options
-    def stylize(batch: BatchSettings, diffusion: DiffusionOptions, captions: CaptionOptions):
-        prompts = ImagePrompts(captions, batch, diffusion)
-        ...  # in the transform: chosen = prompts.for_job(job)
-        ...  #   pipeline.upscale(rgb, settings, **chosen.pipeline_args()) -> extra fields
-        ...  #   {"prompt": result.prompt, **chosen.provenance()}  (see upscale_job.upscale_transform)
-        run_batch_command(batch, ..., prepass=prompts.prepass)
-
-The pre-pass runs before the model loads: it checks the models are there (so a missing one is
-not found after an hour of captioning; `check_models` for a command with more models than
---pasd and the base), resolves every pending image's prompt (sidecar > prompt file > caption,
-through the cache > none), then frees the captioner, so the captioner and PASD are never in
-memory together (always: the captioner has nothing left to do by then).
+It runs after the command's models are resolved (a missing one is not found after an hour of
+captioning), resolves every pending image's prompt, then frees the captioner, so the captioner
+and PASD are never in memory together. The describer's weights are needed only when some image
+must actually be captioned: its reference is lazy (see `store.resolve`).
 """
 
 from __future__ import annotations
@@ -30,157 +13,104 @@ import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-import typer
-
-from ..batch import settings as defaults
-from ..cli.option_groups import option_group
+from ..engine.settings import CaptionSettings, UpscaleSettings
 from ..errors import InputError, UsageError
+from ..store import CAPTION_MODEL, CLASSIFY_MODEL, Kind, ModelRef, Resolution, load_manifests, locate
+from .command import Pending
+from .plan import Job
+from .report import Reporter
 
-_C = defaults.CaptionSettings()
+if TYPE_CHECKING:
+    from ..prompts.cache import CaptionCache
+    from ..prompts.sources import ImagePrompt, PromptFile, PromptResolver
+
+# The store kind and the default model of each --caption mode that uses a model.
+DESCRIBER_KINDS = {"blip": Kind.CAPTIONER, "classify": Kind.CLASSIFIER}
+DESCRIBER_MODELS = {"blip": CAPTION_MODEL, "classify": CLASSIFY_MODEL}
+
+
+class Runtime(Protocol):
+    """Where a model runs, as the command line chose it."""
+
+    @property
+    def device(self) -> Any: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    @property
+    def label(self) -> str: ...
 
 
 @dataclass(frozen=True)
-class CaptionOptions:
-    settings: defaults.CaptionSettings
-    model: Optional[str]  # --caption-model: a name or a folder; None: the mode's default
-    prompt_file: Optional[Path]
-    sidecars: bool
-    caption_only: bool
+class PromptChoice:
+    """What the prompt options ask for."""
 
-
-_PARAMETERS = [
-    (
-        "caption",
-        typer.Option(
-            _C.mode,
-            "--caption",
-            help="High-level information for the prompt, from the original input: blip "
-            "(a caption), classify (its ImageNet class if p >= 0.1), or none.",
-        ),
-        str,
-    ),
-    (
-        "caption_model",
-        typer.Option(
-            None,
-            "--caption-model",
-            metavar="NAME|PATH",
-            show_default=False,
-            help=f"The captioner or classifier: a model name or a folder (default: "
-            f"{defaults.CAPTION_MODEL}; {defaults.CLASSIFY_MODEL} for classify).",
-        ),
-        Optional[str],
-    ),
-    (
-        "prompt_file",
-        typer.Option(
-            None,
-            "--prompt-file",
-            metavar="CSV",
-            show_default=False,
-            help="Rows of file,prompt: that image's description, in place of its caption.",
-        ),
-        Optional[Path],
-    ),
-    (
-        "sidecars",
-        typer.Option(
-            True,
-            "--sidecars/--no-sidecars",
-            help="photo.txt beside photo.jpg describes it, in place of its caption (before --prompt-file).",
-        ),
-        bool,
-    ),
-    (
-        "caption_only",
-        typer.Option(
-            False,
-            "--caption-only",
-            help="With --dry-run: print each image's description as --prompt-file "
-            "CSV (loads the captioner, never PASD).",
-        ),
-        bool,
-    ),
-]
-
-
-def build_caption_options(caption, caption_model, prompt_file, sidecars, caption_only) -> CaptionOptions:
-    try:
-        settings = defaults.CaptionSettings(mode=caption.lower())
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    return CaptionOptions(settings, caption_model, prompt_file, sidecars, caption_only)
-
-
-# Replaces a command's `captions` parameter with the shared options, packed into `CaptionOptions`.
-caption_options = option_group("captions", _PARAMETERS, build_caption_options)
+    settings: CaptionSettings
+    model: str | None = None  # --caption-model: a name or a folder; None: the mode's default
+    prompt_file: Path | None = None
+    sidecars: bool = True
+    caption_only: bool = False
 
 
 class ImagePrompts:
     """Every image's high-level information for one batch: filled by `prepass`, read by the
-    worker through `for_job`."""
+    command's transform through `for_job`."""
 
-    def __init__(
-        self, options: CaptionOptions, batch: defaults.BatchSettings, diffusion, check_models: Optional[Callable] = None
-    ):
-        """`check_models(reporter)` finds (or fetches, or refuses) every model the command will
-        load, before any captioning; by default the --pasd and base models. A command with more
-        models (a style base, LoRAs) passes its own resolver, so a missing one is reported first."""
-        if options.caption_only and not batch.dry_run:
+    def __init__(self, choice: PromptChoice, settings: UpscaleSettings, dry_run: bool, json_lines: bool):
+        if choice.caption_only and not dry_run:
             raise UsageError("--caption-only prints prompts instead of upscaling; it needs --dry-run")
-        if options.model is not None and options.settings.mode == "none":
+        mode = choice.settings.mode
+        if choice.model is not None and mode == "none":
             raise UsageError("--caption-model needs --caption blip or --caption classify")
-        self.options, self.batch = options, batch
-        self.run_settings, self.models = diffusion.settings, diffusion.models
-        self.check_models = check_models or self._check_pasd_models
-        self.prompt_file = None
-        if options.prompt_file is not None:  # refused before any work when malformed
+        self.choice, self.settings, self.dry_run, self.json_lines = choice, settings, dry_run, json_lines
+        self.prompt_file: PromptFile | None = None
+        if choice.prompt_file is not None:  # refused before any work when malformed
             from ..prompts.sources import PromptFile
 
-            self.prompt_file = PromptFile.read(options.prompt_file)
-        self.describer = None
-        if options.settings.mode != "none":
-            from ..store.local import runs_at_terminal
-            from .describer import StoreDescriber
+            self.prompt_file = PromptFile.read(choice.prompt_file)
+        self.describer_ref: ModelRef | None = None
+        if mode != "none":
+            spec = choice.model or DESCRIBER_MODELS[mode]
+            self.describer_ref = ModelRef(spec, DESCRIBER_KINDS[mode], "--caption-model", lazy=True)
+            locate(self.describer_ref, load_manifests())  # an unknown name fails before any work
+        self._prompts: dict[Path, ImagePrompt] = {}
 
-            self.describer = StoreDescriber(
-                options.settings.mode,
-                options.model,
-                options.settings,
-                models_dir=self.models.models_dir,
-                offline=self.models.offline,
-                interactive=runs_at_terminal(),
-            )
-        self._prompts: dict[Path, object] = {}
+    def refs(self) -> list[ModelRef]:
+        """The describer, for the command's one resolution: lazy, so it is fetched or refused only
+        when some image must be described. A dry run needs it only with --caption-only."""
+        if self.describer_ref is None or (self.dry_run and not self.choice.caption_only):
+            return []
+        return [self.describer_ref]
 
-    def for_job(self, job):
-        """The job's `prompt_sources.ImagePrompt`: `.pipeline_args()` for the engine, `.provenance()`
-        for the output's metadata (the JSON record gets its fields from the pre-pass)."""
+    def for_job(self, job: Job) -> ImagePrompt:
+        """The job's `ImagePrompt`: `.pipeline_args()` for the engine, `.provenance()` for the
+        output's metadata (the JSON record gets its fields from the pre-pass)."""
         try:
             return self._prompts[job.source]
         except KeyError:
             raise RuntimeError(f"no prompt was prepared for {job.source}") from None
 
-    def record_fields(self, chosen) -> dict:
+    def record_fields(self, chosen: ImagePrompt) -> dict[str, Any]:
         """What the image's JSON record says about its prompt (dry runs included)."""
-        return {"prompt": chosen.build(self.run_settings.prompt, self.run_settings.added_prompt), **chosen.to_json()}
+        return {"prompt": chosen.build(self.settings.prompt, self.settings.added_prompt), **chosen.to_json()}
 
     # ----------------------------------------------------------------------------- the pre-pass
 
-    def prepass(self, pending) -> None:
-        """For `run_batch_command(prepass=...)`: a dry run only resolves prompts with --caption-only."""
-        if self.batch.dry_run and not self.options.caption_only:
+    def prepass(self, pending: Pending, models: Resolution, runtime: Callable[[], Runtime], store_root: Path) -> None:
+        """A dry run resolves prompts only with --caption-only. `models` holds the describer's
+        reference (see `refs`); `runtime()` says where it runs; captions are cached under
+        `store_root`/captions."""
+        if pending.dry_run and not self.choice.caption_only:
             return
-        reporter = pending.reporter
-        if not self.batch.dry_run:  # a missing model is not found after an hour of captioning
-            self.check_models(reporter)
-        from ..imageio.images import read_rgb
+        from ..imageio import read_rgb
         from ..prompts.sources import SidecarError
 
-        resolver, cache = self._resolver(reporter)
-        rows = _PromptCsv(reporter.stdout) if self.options.caption_only and not self.batch.json else None
+        reporter = pending.reporter
+        resolver, cache = self._resolver(reporter, models, runtime, store_root)
+        rows = _PromptCsv(reporter.stdout) if self.choice.caption_only and not self.json_lines else None
         finished = False
         try:
             for index, job in enumerate(pending.jobs):
@@ -202,45 +132,45 @@ class ImagePrompts:
             reporter.end_stage("caption")
         self._after(pending, resolver, cache, finished)
 
-    def _check_pasd_models(self, reporter) -> None:
-        from ..cli.diffusion import resolve_model_dirs
-
-        resolve_model_dirs(self.models, reporter.info)
-
-    def _resolver(self, reporter):
+    def _resolver(
+        self, reporter: Reporter, models: Resolution, runtime: Callable[[], Runtime], store_root: Path
+    ) -> tuple[PromptResolver, CaptionCache | None]:
         from ..prompts.cache import CaptionCache
         from ..prompts.sources import PromptResolver
 
-        use_sidecars = self.options.sidecars
-        if self.describer is None:
+        use_sidecars = self.choice.sidecars
+        if self.describer_ref is None:
             return PromptResolver("none", prompt_file=self.prompt_file, use_sidecars=use_sidecars), None
-        from ..cli.diffusion import pick_runtime
-        from ..store.local import store_root
+        from .describer import ResolvedDescriber
 
-        device, dtype = pick_runtime(self.models)
-        self.describer.say = reporter.info
-        cache = CaptionCache(store_root(self.models.models_dir) / "captions")
-        return PromptResolver(
-            self.options.settings.mode,
-            self.describer,
-            device=device,
-            dtype=dtype,
+        where = runtime()
+        mode = self.choice.settings.mode
+        describer = ResolvedDescriber(
+            mode, models, self.describer_ref, self.choice.settings, reporter.info, where.label
+        )
+        cache = CaptionCache(store_root / "captions")
+        resolver = PromptResolver(
+            mode,
+            describer,
+            device=where.device,
+            dtype=where.dtype,
             prompt_file=self.prompt_file,
             cache=cache,
             use_sidecars=use_sidecars,
-        ), cache
+        )
+        return resolver, cache
 
-    def _report(self, reporter, job, chosen, rows) -> None:
+    def _report(self, reporter: Reporter, job: Job, chosen: ImagePrompt, rows: _PromptCsv | None) -> None:
         cached = " (cached)" if chosen.cached else ""
         line = f"prompt {job.source} [{chosen.source}{cached}]: {job.extra['prompt']}"
-        if self.options.caption_only:
+        if self.choice.caption_only:
             reporter.info(line)
         else:
             reporter.debug(line)
         if rows is not None and chosen.source != "sidecar":  # a sidecar is edited where it is
             rows.write(job.source, chosen)
 
-    def _after(self, pending, resolver, cache, finished: bool) -> None:
+    def _after(self, pending: Pending, resolver: PromptResolver, cache: CaptionCache | None, finished: bool) -> None:
         stats = resolver.stats.to_json()
         stats["caption_cache_write_errors"] = cache.write_errors if cache is not None else 0
         pending.summary.extra["prompts"] = stats
@@ -269,12 +199,12 @@ class _PromptCsv:
     what the prompt file would need to give the same description (a caption cleaned as the
     released code cleans it; a prompt file's text is used as written)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: TextIO):
         self.writer = csv.writer(stream, lineterminator="\n")
         self.stream = stream
         self.writer.writerow(["file", "prompt"])
 
-    def write(self, source: Path, chosen) -> None:
+    def write(self, source: Path, chosen: ImagePrompt) -> None:
         from ..engine.prompts import clean_caption
 
         text = chosen.text or ""

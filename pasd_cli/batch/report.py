@@ -9,7 +9,8 @@ import sys
 import time
 from typing import TextIO
 
-from .runner import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job, JobRecord, Summary
+from .plan import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job
+from .records import JobRecord, Summary
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 # Without -v, plain progress repeats at most this often during one image (seconds).

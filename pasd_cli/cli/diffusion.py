@@ -1,218 +1,161 @@
-"""The model and diffusion options every PASD command shares, declared once, and the steps that
-turn them into a loaded pipeline."""
+"""What `upscale`, `stylize` and `colorize` share as command objects for the batch runner: the
+models they resolve (once), the prompt pre-pass, where the model runs, the per-image call into
+the engine and the record every output carries. Each command adds how its pipeline loads."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import typer
+from PIL import Image
 
-from ..batch import settings as defaults
-from ..errors import UsageError
-from .batch_options import number_field
-from .models import MODELS_DIR_HELP
-from .option_groups import option_group
+from ..batch.command import ImageCommand, Pending, Progress
+from ..batch.plan import Job, Size
+from ..batch.prompt_pass import ImagePrompts, PromptChoice
+from ..batch.report import Reporter
+from ..batch.settings import BatchSettings
+from ..engine.settings import UpscaleSettings
+from ..errors import DeviceError
+from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
+from .options import ModelChoice
+from .runtime import Runtime, pick_runtime
 
-
-@dataclass(frozen=True)
-class ModelChoice:
-    pasd: str
-    base: str
-    offline: bool
-    models_dir: Optional[Path]
-    device: str
-    dtype: str
-    vae_memory_mb: Optional[int] = None  # None: a share of the device's free memory
-    base_flag: str = "--base"  # the option that named `base`, for messages
+if TYPE_CHECKING:
+    from ..engine.pipeline import PASDPipeline, UpscaleResult
 
 
-@dataclass(frozen=True)
-class DiffusionOptions:
-    settings: defaults.UpscaleSettings
-    models: ModelChoice
+def number_field(value: float) -> str:
+    """4.0 -> "4", 2.5 -> "2.5": how a number reads in a file name."""
+    return f"{value:g}"
 
 
-BASE_HELP = "Stable Diffusion 1.5: a model name, or a folder in diffusers layout."
+class DiffusionCommand(ImageCommand):
+    """A PASD command: resolve its models, describe its images, load its pipeline, run each image
+    through it. Subclasses name themselves and load their pipeline (`load_pipeline`)."""
 
+    name: ClassVar[str]
 
-def _parameters(d: defaults.UpscaleSettings, pasd_model: str, base_flag: str, base_help: str) -> list:
-    return [
-        (
-            "pasd",
-            typer.Option(
-                pasd_model, "--pasd", help="PASD model: a name from `pasd models list`, or a checkpoint folder."
-            ),
-            str,
-        ),
-        (_parameter_name(base_flag), typer.Option(defaults.BASE_MODEL, base_flag, help=base_help), str),
-        ("offline", typer.Option(False, "--offline", help="Never use the network; fail if a model is missing."), bool),
-        ("models_dir", typer.Option(None, "--models-dir", help=MODELS_DIR_HELP), Optional[Path]),
-        ("steps", typer.Option(d.steps, "--steps", min=1, help="Denoising steps."), int),
-        (
-            "guidance",
-            typer.Option(d.guidance, "--guidance", help="Classifier-free guidance; <= 1 turns it off."),
-            float,
-        ),
-        (
-            "conditioning_scale",
-            typer.Option(
-                d.conditioning_scale, "--conditioning-scale", min=0.0, help="Strength of the image condition."
-            ),
-            float,
-        ),
-        ("scale", typer.Option(d.scale, "--scale", min=0.01, help="Output size / input size."), float),
-        (
-            "process_size",
-            typer.Option(d.process_size, "--process-size", min=8, help="Short side the model works at, at least."),
-            int,
-        ),
-        (
-            "added_noise_level",
-            typer.Option(
-                d.added_noise_level,
-                "--added-noise-level",
-                min=0,
-                max=999,
-                help="Timestep of the noise added to the initial latent.",
-            ),
-            int,
-        ),
-        ("prompt", typer.Option(d.prompt, "--prompt", help="Text that describes the image."), str),
-        ("added_prompt", typer.Option(d.added_prompt, "--added-prompt", help="Appended to every prompt."), str),
-        ("negative_prompt", typer.Option(d.negative_prompt, "--negative-prompt"), str),
-        ("seed", typer.Option(d.seed, "--seed", help="Seed of each image's random draws."), int),
-        (
-            "latent_tile",
-            typer.Option(d.latent_tile, "--latent-tile", min=8, help="Latent tile side (pixels / 8)."),
-            int,
-        ),
-        ("latent_overlap", typer.Option(d.latent_overlap, "--latent-overlap", min=0, help="Latent tile overlap."), int),
-        (
-            "blend",
-            typer.Option(
-                d.blend, "--latent-blend", help="gaussian (released) or ramp (cross-fade over the whole overlap)."
-            ),
-            str,
-        ),
-        (
-            "tile_batch",
-            typer.Option(
-                d.tile_batch, "--tile-batch", min=1, help="Latent tiles per forward pass (same result, more memory)."
-            ),
-            int,
-        ),
-        (
-            "vae_tile",
-            typer.Option(
-                d.vae_tile,
-                "--vae-tile",
-                min=0,
-                show_default="auto",
-                help="VAE tile side in pixels; 0 = off. Exact either way.",
-            ),
-            Optional[int],
-        ),
-        (
-            "vae_memory",
-            typer.Option(
-                None,
-                "--vae-memory",
-                min=1,
-                show_default=f"{defaults.VAE_MEMORY_SHARE:.0%} of the free memory",
-                help="MB the VAE may use; decides automatic VAE tiling.",
-            ),
-            Optional[int],
-        ),
-        (
-            "vae_attention_window",
-            typer.Option(
-                d.vae_attention_window,
-                "--vae-attention-window",
-                min=0,
-                help="Approximate the VAE's global attention by a window of this many latent pixels; 0 = exact.",
-            ),
-            int,
-        ),
-        ("color_fix", typer.Option(d.color_fix, "--color-fix", help="wavelet, adain or none."), str),
-        ("device", typer.Option("auto", "--device", help="auto, cpu, cuda or mps."), str),
-        ("dtype", typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."), str),
-    ]
+    def __init__(self, settings: UpscaleSettings, models: ModelChoice, prompts: PromptChoice, batch: BatchSettings):
+        super().__init__(batch)
+        self.settings, self.models = settings, models
+        self.prompts = ImagePrompts(prompts, settings, batch.dry_run, batch.json)
+        self.pasd_ref = ModelRef(models.pasd, Kind.PASD, "--pasd")
+        self.base_ref = ModelRef(models.base, Kind.BASE, "--base")
+        self.resolution: Resolution | None = None
+        self._runtime: Runtime | None = None
+        self.pipeline: PASDPipeline | None = None
+        self._identity: dict[str, Any] = {}
+        self._reporter: Reporter | None = None
 
+    # -- what the runner asks before running
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
 
-def _parameter_name(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+    def name_fields(self) -> dict[str, str]:
+        s = self.settings
+        return {"scale": number_field(s.scale), "seed": str(s.seed), "steps": str(s.steps)}
 
+    def planned_size(self, size: Size) -> Size:
+        from ..engine.resize import output_size  # no torch: sizes from headers alone
 
-def diffusion_options(
-    settings_class: type = defaults.UpscaleSettings,
-    pasd_model: str = defaults.PASD_MODEL,
-    base_flag: str = "--base",
-    base_help: str = BASE_HELP,
-) -> callable:
-    """Replaces a command's `diffusion` parameter with the shared options, defaults taken from
-    `settings_class`, packed into `DiffusionOptions`. `base_flag` renames the SD 1.5 option for a
-    command whose own --base means something else (stylize: `--sd15`)."""
-    preset = settings_class()
-    base_name = _parameter_name(base_flag)
+        return output_size(size, self.settings.scale)
 
-    def build(pasd, offline, models_dir, device, dtype, vae_memory, **values) -> DiffusionOptions:
-        from .runtime import DEVICES, DTYPES
+    # -- the lifecycle
+    def model_refs(self) -> list[ModelRef]:
+        """Every model the pipeline loads."""
+        return [self.pasd_ref, self.base_ref]
 
-        base = values.pop(base_name)
-        device, dtype = device.lower(), dtype.lower()
-        for flag, value, choices in (("--device", device, DEVICES), ("--dtype", dtype, DTYPES)):
-            if value not in choices:  # checked here too, so that a dry run refuses it
-                raise UsageError(f"{flag} {value}: choose from {', '.join(choices)}")
-        try:
-            run_settings = replace(preset, **values)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        return DiffusionOptions(
-            run_settings,
-            ModelChoice(pasd, base, offline, models_dir, device, dtype, vae_memory_mb=vae_memory, base_flag=base_flag),
-        )
-
-    return option_group("diffusion", _parameters(preset, pasd_model, base_flag, base_help), build)
-
-
-def resolve_model_dirs(models: ModelChoice, say, extra: list[tuple[str, str]] = ()) -> tuple[Path, ...]:
-    """(pasd folder, SD 1.5 folder, then a path for each (spec, option) in `extra`), resolved
-    together so that every missing model is named in one error with one download command."""
-    from ..store.local import offline_requested, resolve_models, runs_at_terminal
-
-    if offline_requested(models.offline):
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
-    return tuple(
-        resolve_models(
-            [(models.pasd, "--pasd"), (models.base, models.base_flag), *extra],
-            models_dir=models.models_dir,
-            offline=models.offline,
+    def resolve(self, reporter: Reporter, dry_run: bool) -> None:
+        if offline_requested(self.models.offline):
+            os.environ["HF_HUB_OFFLINE"] = "1"  # for every library loaded below, not just our store
+        refs = [] if dry_run else self.model_refs()
+        self.resolution = resolve(
+            [*refs, *self.prompts.refs()],
+            models_dir=self.models.models_dir,
+            offline=self.models.offline,
             interactive=runs_at_terminal(),
-            say=say,
+            say=reporter.info,
         )
-    )
+
+    def prepass(self, pending: Pending) -> None:
+        assert self.resolution is not None  # resolved first, by the runner
+        self.prompts.prepass(pending, self.resolution, self.runtime, store_root(self.models.models_dir))
+
+    def runtime(self) -> Runtime:
+        """The device and dtype (--device, --dtype), chosen once."""
+        if self._runtime is None:
+            self._runtime = pick_runtime(self.models.device, self.models.dtype)
+        return self._runtime
+
+    def load(self, reporter: Reporter) -> None:
+        from .runtime import memory_budget
+
+        assert self.resolution is not None
+        runtime = self.runtime()
+        quiet_libraries()
+        pasd_dir = self.resolution.path(self.pasd_ref)
+        reporter.info(f"loading PASD from {pasd_dir} on {runtime.label}")
+        pipeline, identity = self.load_pipeline(self.resolution, runtime, reporter)
+        mb = self.models.vae_memory_mb  # measured with the models in place
+        pipeline.memory_budget = mb * 2**20 if mb else memory_budget(runtime.device)
+        self.pipeline, self._reporter = pipeline, reporter
+        self._identity = {
+            "pasd": str(pasd_dir),
+            "base": str(self.resolution.path(self.base_ref)),
+            "variant": pipeline.unet.paca_variant,
+            "rrdb_blocks": pipeline.controlnet.rrdb_blocks,
+            "device": str(runtime.device),
+            "dtype": runtime.dtype_name,
+            **identity,
+        }
+
+    @abstractmethod
+    def load_pipeline(
+        self, models: Resolution, runtime: Runtime, reporter: Reporter
+    ) -> tuple[PASDPipeline, dict[str, Any]]:
+        """The command's pipeline on `runtime`, and what the outputs record about its models
+        beyond PASD and SD 1.5."""
+
+    def transform(self, rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict[str, Any]]:
+        assert self.pipeline is not None  # loaded by the runner before the first job
+        chosen = self.prompts.for_job(job)
+        warn = self._reporter.warn if self._reporter is not None else None
+        result = upscale_image(self.pipeline, rgb, self.settings, job, progress, warn, chosen.pipeline_args())
+        # The JSON record also gets `chosen.to_json()`, from the pre-pass.
+        tiles = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
+        return result.image, {"prompt": result.prompt, **chosen.provenance(), **tiles}
+
+    def record(self) -> dict[str, Any]:
+        return {"command": self.name, "settings": asdict(self.settings), "model": self._identity}
 
 
-def pick_runtime(models: ModelChoice):
-    """(torch device, torch dtype) from --device and --dtype."""
-    from .runtime import limit_heap_fragmentation, pick_device, pick_dtype, use_true_fp32
+def upscale_image(
+    pipeline: PASDPipeline,
+    rgb: Image.Image,
+    settings: UpscaleSettings,
+    job: Job,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+    prompt: dict[str, str | None] | None = None,
+) -> UpscaleResult:
+    """One image through the engine; running out of memory fails the batch (exit 4) with the
+    image named. `prompt`: the image's high-level information (`ImagePrompt.pipeline_args`)."""
+    from ..engine import upscale
+    from ..engine.memory import is_out_of_memory
 
-    limit_heap_fragmentation()
-    device = pick_device(models.device)
-    dtype = pick_dtype(models.dtype, device)
-    use_true_fp32(device, dtype)
-    return device, dtype
-
-
-def vae_memory_budget(models: ModelChoice, device) -> int:
-    """Bytes a VAE pass may use: --vae-memory, else a share of what the device has free now
-    (call it once the models are loaded)."""
-    from .runtime import memory_budget
-
-    return models.vae_memory_mb * 2**20 if models.vae_memory_mb else memory_budget(device)
+    try:
+        return upscale(pipeline, rgb, settings, progress=progress, on_warning=warn, **(prompt or {}))
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(exc):
+            raise
+        raise DeviceError(
+            f"out of memory on {pipeline.device} upscaling {job.source}",
+            hint="use a smaller --latent-tile or --process-size",
+        ) from None
 
 
 def quiet_libraries() -> None:
@@ -226,27 +169,12 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def model_identity(pasd_dir: Path, base_dir: Path, pipeline, device, dtype) -> dict:
-    """What every output's metadata says about the model that made it."""
-    from .runtime import dtype_name
+def run(command: DiffusionCommand, batch: BatchSettings) -> None:
+    """Run the command over the batch; exit code 1 when some input failed."""
+    import typer
 
-    return {
-        "pasd": str(pasd_dir),
-        "base": str(base_dir),
-        "variant": pipeline.unet.paca_variant,
-        "rrdb_blocks": pipeline.controlnet.rrdb_blocks,
-        "device": str(device),
-        "dtype": dtype_name(dtype),
-    }
+    from ..batch.runner import run_batch
 
-
-def name_fields(run_settings: defaults.UpscaleSettings) -> dict[str, str]:
-    """Fields a --name template may use."""
-    return {"scale": number_field(run_settings.scale), "seed": str(run_settings.seed), "steps": str(run_settings.steps)}
-
-
-def planned_size(run_settings: defaults.UpscaleSettings):
-    """Output size for a dry run's plan, from the input size alone (no torch import)."""
-    from ..engine.resize import output_size
-
-    return lambda size: output_size(size, run_settings.scale)
+    summary = run_batch(command, batch)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)

@@ -1,7 +1,7 @@
 """`pasd download` and `pasd models ...`: fetch, list, verify, remove, export and import models.
 
 Results go to stdout (paths, table rows, or one JSON object per line with --json); progress and
-notes go to stderr. Every failure is a ModelError (exit code 3), mapped by cli.main.
+notes go to stderr. Every failure is a ModelError (exit code 3), mapped by `app.main`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Optional
 import typer
 
 from ..errors import ModelError
-
-MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cache folder)."
+from .options import MODELS_DIR_HELP
 
 models_app = typer.Typer(
     help="List, verify, remove, export and import downloaded models.",
@@ -30,7 +29,7 @@ def _say(message: str) -> None:
 
 
 def _store(models_dir: Optional[Path]):
-    from ..store.local import Store, store_root
+    from ..store import Store, store_root
 
     return Store(store_root(models_dir))
 
@@ -45,9 +44,9 @@ def download_command(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Download models (and the models they need) into the store, or repair damaged ones."""
+    from ..store import default_models, with_needs
     from ..store.hub import download
     from ..store.hub_bases import download_hub_base, is_repo_id
-    from ..store.local import default_models, with_needs
 
     store = _store(models_dir)
     repo_ids = [n for n in names or () if is_repo_id(n)]
@@ -67,8 +66,8 @@ def list_models(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Every known model: installed or not, size on disk, path."""
+    from ..store import default_models
     from ..store.hub import human_size
-    from ..store.local import default_models
 
     store = _store(models_dir)
     defaults = set(default_models())
@@ -112,8 +111,8 @@ def verify_models(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Re-hash installed files against the sizes and sha256 recorded at download; no network."""
+    from ..store import fetch_command
     from ..store.hub import human_size
-    from ..store.local import fetch_command
 
     store = _store(models_dir)
     if name is not None:
@@ -176,8 +175,8 @@ def export(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
 ):
     """Write an installed model (verified first) to a bundle for a machine without network."""
+    from ..store import with_needs
     from ..store.bundle import export_models
-    from ..store.local import with_needs
 
     store = _store(models_dir)
     names = with_needs([name], store.manifests) if needs else [store.manifest(name).name]

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from ..batch.settings import VAE_MEMORY_SHARE
+from dataclasses import dataclass
+from typing import Any
+
 from ..errors import DeviceError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# Without --vae-memory, a VAE pass may use this share of the device's free memory (measured once
+# the models are loaded); the rest is headroom for the diffusion and other programs.
+VAE_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the models run: a torch device and dtype."""
+
+    device: Any
+    dtype: Any
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    @property
+    def label(self) -> str:
+        """ "cuda (float16)", for messages."""
+        return f"{self.device} ({self.dtype_name})"
+
+
+def pick_runtime(device: str, dtype: str) -> Runtime:
+    """The device and dtype for --device and --dtype (one of DEVICES, DTYPES)."""
+    limit_heap_fragmentation()
+    chosen = pick_device(device)
+    precision = pick_dtype(dtype, chosen)
+    use_true_fp32(chosen, precision)
+    return Runtime(chosen, precision)
 
 
 def pick_device(name: str):

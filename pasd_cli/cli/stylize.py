@@ -1,125 +1,138 @@
-"""`pasd stylize`'s own options (the personalized base, LoRAs, blend, fast mode, pickles), the
-checks that refuse a bad base before anything heavy is loaded, and the steps that turn the
-options into local files and a metadata record.
+"""`pasd stylize`: the PASD model on a personalized Stable Diffusion 1.5 base (`--style`: a
+civitai checkpoint, a DreamBooth folder, a model name or a hub repo), with LoRAs and the LCM fast
+mode (spec section 6). `--base` is SD 1.5, as in every command.
 
-Where a `--base BASE` comes from, in this order: an existing file or folder; a model name from
-`models/` (kind `base`); a hub repo id `owner/name` (fetched into the store, `hub_bases.py`).
-A `--lora` is a file or a model name of kind `lora`. Nothing here imports torch.
+A style named on the command line is checked before anything heavy is loaded (a pickle, a LoRA,
+SDXL, a missing file); one from the store or the hub once it is local. Nothing here imports torch
+before the pipeline loads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..batch import settings as defaults
-from ..engine.formats import SAFETENSORS_SUFFIXES, check_base, check_lora_file
-from ..errors import ModelError, UsageError
-from .diffusion import ModelChoice, resolve_model_dirs
-from .option_groups import option_group
-
-SD15_HELP = (
-    "Stable Diffusion 1.5 (a model name, or a folder in diffusers layout): the tokenizer and "
-    "scheduler, and the VAE and text encoder when BASE has none."
+from ..batch.prompt_pass import PromptChoice
+from ..batch.report import Reporter
+from ..batch.settings import BatchSettings
+from ..engine.formats import check_base, check_lora_file
+from ..engine.settings import FAST_GUIDANCE, FAST_STEPS, StylizeSettings
+from ..store import LCM_LORA, STYLIZE_PASD, Kind, ModelRef, Origin, Resolution, load_manifests, locate
+from .diffusion import DiffusionCommand, run
+from .option_groups import with_options
+from .options import (
+    BATCH_OPTIONS,
+    PROMPT_OPTIONS,
+    STYLE_OPTIONS,
+    ModelChoice,
+    StyleChoice,
+    diffusion_options,
+    model_options,
 )
-PATH, STORE, HUB = "path", "store", "hub"
+from .runtime import Runtime
+
+if TYPE_CHECKING:
+    from ..engine import PersonalizeReport
+    from ..engine.pipeline import PASDPipeline
 
 
-@dataclass(frozen=True)
-class StyleChoice:
-    base: str
-    loras: tuple[defaults.LoraSpec, ...]
-    blend: float
-    fast: bool
-    trust_pickle: bool
+class StylizeCommand(DiffusionCommand):
+    name = "stylize"
+
+    def __init__(
+        self,
+        settings: StylizeSettings,
+        models: ModelChoice,
+        prompts: PromptChoice,
+        batch: BatchSettings,
+        style: StyleChoice,
+    ):
+        super().__init__(settings, models, prompts, batch)
+        self.style = style
+        self.style_ref = ModelRef(style.style, Kind.STYLE, "--style")
+        self.lora_refs = [ModelRef(spec.path, Kind.LORA, "--lora") for spec in style.loras]
+        self.lcm_ref = ModelRef(LCM_LORA, Kind.LORA, "--fast") if style.fast else None
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """The checks that need no weights, for the files named on the command line: run before any
+        input is looked at, so a refused style (a pickle, a LoRA, SDXL, a missing file) costs
+        nothing and runs nothing. Store models and hub bases are checked once they are local."""
+        manifests = load_manifests()
+        style = locate(self.style_ref, manifests)
+        if style.origin is Origin.PATH and style.path is not None:
+            check_base(style.path, self.style.trust_pickle)
+        for ref in self.lora_refs:
+            lora = locate(ref, manifests)
+            if lora.origin is Origin.PATH and lora.path is not None:
+                check_lora_file(lora.path, self.style.trust_pickle)
+
+    def model_refs(self) -> list[ModelRef]:
+        extra = [self.lcm_ref] if self.lcm_ref is not None else []
+        return [*super().model_refs(), self.style_ref, *self.lora_refs, *extra]
+
+    def resolve(self, reporter: Reporter, dry_run: bool) -> None:
+        super().resolve(reporter, dry_run)
+        if dry_run:
+            return
+        assert self.resolution is not None
+        check_base(self.resolution.path(self.style_ref), self.style.trust_pickle)
+        for ref in self.lora_refs:
+            check_lora_file(self.resolution.path(ref), self.style.trust_pickle)
+
+    def load_pipeline(
+        self, models: Resolution, runtime: Runtime, reporter: Reporter
+    ) -> tuple[PASDPipeline, dict[str, Any]]:
+        from ..engine import load_stylize_pipeline
+
+        loras = tuple(replace(spec, path=str(models.path(ref))) for spec, ref in zip(self.style.loras, self.lora_refs))
+        # On the CPU in float32, before the move to the device: merges are exact and cost no VRAM.
+        pipeline, report = load_stylize_pipeline(
+            models.path(self.pasd_ref),
+            models.path(self.base_ref),
+            models.path(self.style_ref),
+            blend=self.style.blend,
+            loras=loras,
+            lcm_lora=models.path(self.lcm_ref) if self.lcm_ref is not None else None,
+            trust_pickle=self.style.trust_pickle,
+            device=runtime.device,
+            dtype=runtime.dtype,
+            on_stage=lambda what, source: reporter.info(f"applying {what} {source}"),
+        )
+        return pipeline, self._identity_of(report, str(models.path(self.base_ref)))
+
+    def _identity_of(self, report: PersonalizeReport, sd15: str) -> dict[str, Any]:
+        """What the outputs record beyond PASD: SD 1.5 (`sd15`), the style (`base`, as the record
+        has always called it), the LoRAs and the LCM-LoRA, from the engine's report."""
+        base = report.base
+        assert base is not None  # a style is always applied
+        return {
+            "sd15": sd15,
+            "base": {
+                "spec": self.style.style,
+                "path": str(base.source),
+                "kind": base.kind,
+                "blend": base.blend,
+                "replaced": list(base.replaced),
+            },
+            "loras": [{"path": str(lora.source), "weight": lora.weight} for lora in report.loras],
+            "lcm_lora": str(report.lcm.source) if report.lcm else None,
+        }
 
 
-_PARAMETERS = [
-    (
-        "base",
-        typer.Option(
-            ...,
-            "--base",
-            metavar="BASE",
-            show_default=False,
-            help="The personalized SD 1.5 base: a .safetensors checkpoint (civitai / LDM "
-            "layout), a diffusers folder, a UNet folder, a model name, or a hub repo "
-            "id (owner/name).",
-        ),
-        str,
-    ),
-    (
-        "lora",
-        typer.Option(
-            [],
-            "--lora",
-            metavar="FILE[:WEIGHT]",
-            show_default=False,
-            help="A LoRA (kohya or diffusers keys; alpha/rank honoured) merged at WEIGHT (default 1). Repeatable.",
-        ),
-        list[str],
-    ),
-    # Not `blend`: that name is the latent tiles' blend in the shared diffusion settings.
-    (
-        "base_blend",
-        typer.Option(
-            defaults.BASE_BLEND,
-            "--blend",
-            min=0.0,
-            max=1.0,
-            help="Weight of the base's UNet against SD 1.5's: 1 replaces it, 0 keeps it "
-            "(the base's VAE and text encoder are used either way).",
-        ),
-        float,
-    ),
-    (
-        "fast",
-        typer.Option(
-            False,
-            "--fast",
-            help=f"The LCM-LoRA ({defaults.LCM_LORA}) with the LCM scheduler: "
-            f"{defaults.FAST_STEPS} steps and guidance {defaults.FAST_GUIDANCE:g} "
-            "unless --steps / --guidance are given.",
-        ),
-        bool,
-    ),
-    (
-        "trust_pickle",
-        typer.Option(
-            False,
-            "--trust-pickle",
-            help="Read pickled weights (.ckpt, .pt, .bin) with restricted unpickling; refused otherwise.",
-        ),
-        bool,
-    ),
-]
-
-
-def build_style(base: str, lora: list[str], base_blend: float, fast: bool, trust_pickle: bool) -> StyleChoice:
-    try:
-        loras = tuple(defaults.LoraSpec.parse(text) for text in lora)
-    except ValueError as exc:
-        raise UsageError(f"--lora: {exc}") from None
-    return StyleChoice(base, loras, base_blend, fast, trust_pickle)
-
-
-# Replaces a command's `style` parameter with the stylize options, packed into a `StyleChoice`.
-style_options = option_group("style", _PARAMETERS, build_style)
-
-
-def fast_settings(run_settings: defaults.StylizeSettings, given: Callable[[str], bool]):
+def fast_settings(settings: StylizeSettings, given: Callable[[str], bool]) -> StylizeSettings:
     """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
     return replace(
-        run_settings,
-        steps=run_settings.steps if given("steps") else defaults.FAST_STEPS,
-        guidance=run_settings.guidance if given("guidance") else defaults.FAST_GUIDANCE,
+        settings,
+        steps=settings.steps if given("steps") else FAST_STEPS,
+        guidance=settings.guidance if given("guidance") else FAST_GUIDANCE,
     )
 
 
-def given_on_command_line(ctx) -> Callable[[str], bool]:
+def given_on_command_line(ctx: typer.Context) -> Callable[[str], bool]:
     def given(name: str) -> bool:
         source = ctx.get_parameter_source(name)
         return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
@@ -127,130 +140,27 @@ def given_on_command_line(ctx) -> Callable[[str], bool]:
     return given
 
 
-# --- where a base or a LoRA comes from --------------------------------------------------------------
+@with_options(
+    batch=BATCH_OPTIONS,
+    models=model_options(STYLIZE_PASD),
+    settings=diffusion_options(StylizeSettings()),
+    prompts=PROMPT_OPTIONS,
+    style=STYLE_OPTIONS,
+)
+def stylize(
+    ctx: typer.Context,
+    batch: BatchSettings,
+    models: ModelChoice,
+    settings: StylizeSettings,
+    prompts: PromptChoice,
+    style: StyleChoice,
+) -> None:
+    """Stylize images: PASD on a personalized Stable Diffusion 1.5 base (--style), with LoRAs.
 
+    Defaults follow the authors' advice: PASD-light, conditioning scale 0.7 (smaller is more stylized), scale 1.
 
-@dataclass(frozen=True)
-class Source:
-    spec: str
-    origin: str  # PATH, STORE or HUB
-    path: Path | None = None
-
-
-def base_source(spec: str, manifests: Mapping) -> Source:
-    from ..store.hub_bases import is_repo_id
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        return Source(spec, PATH, path)
-    if spec in manifests:
-        kind = manifests[spec].kind
-        if kind != "base":
-            raise ModelError(
-                f"--base {spec}: '{spec}' is a {kind} model, not a base",
-                hint="pass a LoRA with --lora" if kind == "lora" else None,
-            )
-        if not {"unet/config.json", "config.json"} & set(manifests[spec].files):
-            raise ModelError(f"--base {spec}: '{spec}' has no UNet (it serves as --sd15); name a personalized base")
-        return Source(spec, STORE)
-    if is_repo_id(spec):
-        return Source(spec, HUB)
-    raise ModelError(f"--base {spec}: no such file or folder, model name, or hub repo id (owner/name)")
-
-
-def lora_source(spec: str, manifests: Mapping) -> Source:
-    path = Path(spec).expanduser()
-    if not path.exists() and spec in manifests:
-        if manifests[spec].kind != "lora":
-            raise ModelError(f"--lora {spec}: '{spec}' is a {manifests[spec].kind} model, not a LoRA")
-        return Source(spec, STORE)
-    return Source(spec, PATH, path)
-
-
-def preflight(style: StyleChoice) -> None:
-    """The checks that need no weights, for the files named on the command line: run before any
-    input is looked at, so a refused base (a pickle, a LoRA, SDXL, a missing file) costs nothing
-    and runs nothing. Store models and hub bases are checked once they are local."""
-    from ..store.local import load_manifests
-
-    manifests = load_manifests()
-    base = base_source(style.base, manifests)
-    if base.origin == PATH:
-        check_base(base.path, style.trust_pickle)
-    for spec in style.loras:
-        source = lora_source(spec.path, manifests)
-        if source.origin == PATH:
-            check_lora_file(source.path, style.trust_pickle)
-
-
-@dataclass(frozen=True)
-class StyleFiles:
-    pasd: Path
-    sd15: Path
-    base: Path
-    loras: tuple[defaults.LoraSpec, ...]  # with local file paths
-    lcm_lora: Path | None
-
-
-def _lora_file(folder: Path, manifest) -> Path:
-    """The weights file of a LoRA model in the store."""
-    weights = [f for f in manifest.files if f.lower().endswith(SAFETENSORS_SUFFIXES)]
-    if len(weights) != 1 or manifest.entry:
-        raise ModelError(f"bad model manifest {manifest.name}: a LoRA lists exactly one .safetensors file and no entry")
-    return folder / weights[0]
-
-
-def resolve_style(style: StyleChoice, models: ModelChoice, say) -> StyleFiles:
-    """Every model the run needs as a local path: store models resolved together (one error names
-    all that are missing), then a hub base; each checked as `preflight` checks local files."""
-    from ..store.local import load_manifests, runs_at_terminal
-
-    manifests = load_manifests()
-    base = base_source(style.base, manifests)
-    loras = [(spec, lora_source(spec.path, manifests)) for spec in style.loras]
-    wanted = [(base.spec, "--base")] if base.origin == STORE else []
-    wanted += [(source.spec, "--lora") for _, source in loras if source.origin == STORE]
+    The style's stock UNet weights, VAE and text encoder are used; PASD's own layers always stay.
+    """
     if style.fast:
-        wanted.append((defaults.LCM_LORA, "--fast"))
-    pasd_dir, sd15_dir, *found = resolve_model_dirs(models, say, wanted)
-    found = dict(zip([spec for spec, _ in wanted], found))
-    if base.origin == HUB:
-        from ..store.hub_bases import ensure_hub_base
-
-        base_path = ensure_hub_base(
-            base.spec, models_dir=models.models_dir, offline=models.offline, interactive=runs_at_terminal(), say=say
-        )
-    else:
-        base_path = base.path if base.origin == PATH else found[base.spec]
-    check_base(base_path, style.trust_pickle)
-    lora_files = []
-    for spec, source in loras:
-        path = source.path if source.origin == PATH else _lora_file(found[source.spec], manifests[source.spec])
-        check_lora_file(path, style.trust_pickle)
-        lora_files.append(replace(spec, path=str(path)))
-    lcm = _lora_file(found[defaults.LCM_LORA], manifests[defaults.LCM_LORA]) if style.fast else None
-    return StyleFiles(pasd_dir, sd15_dir, base_path, tuple(lora_files), lcm)
-
-
-# --- what the outputs record ----------------------------------------------------------------------
-
-
-def style_identity(model: dict, style: StyleChoice, report) -> dict:
-    """The model identity of `diffusion_cli.model_identity` (its `base` is SD 1.5 here), plus the
-    personalized base, the LoRAs and the LCM-LoRA, from the engine's report of what it applied."""
-    identity = {k: v for k, v in model.items() if k != "base"}
-    identity["sd15"] = model["base"]
-    identity["base"] = {
-        "spec": style.base,
-        "path": str(report.base.source),
-        "kind": report.base.kind,
-        "blend": report.base.blend,
-        "replaced": list(report.base.replaced),
-    }
-    identity["loras"] = [{"path": str(lora.source), "weight": lora.weight} for lora in report.loras]
-    identity["lcm_lora"] = str(report.lcm.source) if report.lcm else None
-    return identity
-
-
-def stylize_record(run_settings: defaults.StylizeSettings, identity: dict) -> dict:
-    return {"command": "stylize", "settings": asdict(run_settings), "model": identity}
+        settings = fast_settings(settings, given_on_command_line(ctx))
+    run(StylizeCommand(settings, models, prompts, batch, style), batch)

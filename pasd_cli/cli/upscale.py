@@ -1,44 +1,44 @@
-"""`pasd upscale`'s part of a batch: the model call for one image."""
+"""`pasd upscale`: PASD real-world super-resolution over a batch of images."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
+from ..batch.prompt_pass import PromptChoice
+from ..batch.report import Reporter
+from ..batch.settings import BatchSettings
+from ..engine.settings import UpscaleSettings
+from ..store import PASD_MODEL, Resolution
+from .diffusion import DiffusionCommand, run
+from .option_groups import with_options
+from .options import BATCH_OPTIONS, PROMPT_OPTIONS, ModelChoice, diffusion_options, model_options
+from .runtime import Runtime
 
-from ..batch.image_job import Transform
-from ..batch.runner import Job, Progress
-from ..batch.settings import UpscaleSettings
-from ..engine.memory import is_out_of_memory
-from ..errors import DeviceError
-
-
-def upscale_transform(pipeline, settings: UpscaleSettings, prompts=None, warn=None) -> Transform:
-    """`prompts` (a `caption_cli.ImagePrompts`) gives each image's high-level information; without
-    it every image gets the settings' prompt alone. `warn` hears that a tile was halved after an
-    out-of-memory error."""
-
-    def transform(rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict]:
-        chosen = prompts.for_job(job) if prompts is not None else None
-        try:
-            result = pipeline.upscale(
-                rgb, settings, progress=progress, on_warning=warn, **(chosen.pipeline_args() if chosen else {})
-            )
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            raise DeviceError(
-                f"out of memory on {pipeline.device} upscaling {job.source}",
-                hint="use a smaller --latent-tile or --process-size",
-            ) from None
-        # The JSON record also gets `chosen.to_json()`, from the pre-pass (ImagePrompts).
-        tiles = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
-        return result.image, {"prompt": result.prompt, **(chosen.provenance() if chosen else {}), **tiles}
-
-    return transform
+if TYPE_CHECKING:
+    from ..engine.pipeline import PASDPipeline
 
 
-def upscale_record(settings: UpscaleSettings, model: dict) -> dict:
-    """What every output's metadata says about how it was made."""
-    return {"command": "upscale", "settings": asdict(settings), "model": model}
+class UpscaleCommand(DiffusionCommand):
+    name = "upscale"
+
+    def load_pipeline(
+        self, models: Resolution, runtime: Runtime, reporter: Reporter
+    ) -> tuple[PASDPipeline, dict[str, Any]]:
+        from ..engine import load_pipeline
+
+        pipeline = load_pipeline(models.path(self.pasd_ref), models.path(self.base_ref), runtime.device, runtime.dtype)
+        return pipeline, {}
+
+
+@with_options(
+    batch=BATCH_OPTIONS,
+    models=model_options(PASD_MODEL),
+    settings=diffusion_options(UpscaleSettings()),
+    prompts=PROMPT_OPTIONS,
+)
+def upscale(batch: BatchSettings, models: ModelChoice, settings: UpscaleSettings, prompts: PromptChoice) -> None:
+    """Upscale images (PASD real-world super-resolution).
+
+    Results are written atomically to -o; existing outputs are skipped, so a re-run only does what is left.
+    """
+    run(UpscaleCommand(settings, models, prompts, batch), batch)

@@ -1,5 +1,5 @@
 """Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and encoding results
-with their metadata (`atomic.write_atomic` puts them in place).
+with their metadata (the caller puts them in place, with `atomic.write_atomic`).
 
 The models see 8-bit RGB only. `load` splits an input into what the model sees and what it does
 not (alpha, gray-ness, 16-bit precision, metadata); `restore` puts the model's output back into
@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from ..batch.settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
 from ..errors import InputError
 from . import metadata
 from . import rgb16 as deep
 
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+# Larger inputs are refused from their header alone, before any decoding. 64 MP is far above
+# what a diffusion upscaler can enlarge usefully, and below Pillow's own decompression-bomb guard.
+MAX_INPUT_PIXELS = 64_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}
 
 
@@ -40,6 +42,7 @@ OUTPUT_FORMATS = {
     "webp": OutputFormat("WEBP", ".webp", False, True),
     "tiff": OutputFormat("TIFF", ".tiff", True, True),
 }
+DEFAULT_QUALITY = {"jpg": 95, "webp": 95}
 # `--format same`: BMP can carry neither metadata nor pasd's record, so its results are PNGs.
 SAME_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "png"}
 

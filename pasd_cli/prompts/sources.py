@@ -16,13 +16,15 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from ..engine.captions import Describer, DescriberSpec, Description
-from ..engine.prompts import build_prompt
 from ..errors import InputError, ModelError, UsageError
 from .cache import CaptionCache, image_digest
+
+if TYPE_CHECKING:  # torch: loaded only when an image is described
+    from ..engine.captions import Describer, Description
 
 SIDECAR_SUFFIX = ".txt"
 SIDECAR_MAX_BYTES = 16 * 1024
@@ -160,6 +162,8 @@ class ImagePrompt:
         return {}
 
     def build(self, user_prompt: str, added_prompt: str) -> str:
+        from ..engine.prompts import build_prompt
+
         return build_prompt(user_prompt, added_prompt, **self.pipeline_args())
 
     def to_json(self) -> dict:
@@ -206,6 +210,17 @@ def describer_missing(mode: str, model: str, reason: str, fetch: str = "pasd dow
     )
 
 
+class DescriberSource(Protocol):
+    """What the resolver needs of a describer (the engine's `DescriberSpec` is one): its kind, its
+    identity for the cache, and a way to load it."""
+
+    kind: str
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def load(self, device: Any, dtype: Any) -> Describer: ...
+
+
 class PromptResolver:
     """Resolves each image's prompt source: sidecar > prompt file > describer > none.
 
@@ -217,7 +232,7 @@ class PromptResolver:
     def __init__(
         self,
         mode: str,
-        describer: DescriberSpec | None = None,
+        describer: DescriberSource | None = None,
         *,
         device=None,
         dtype=None,

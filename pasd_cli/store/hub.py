@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ModelError
-from .local import Manifest, Record, Store, offline_requested
+from .local import Record, Store, offline_requested
+from .manifests import Manifest
 
 FreeSpace = Callable[[Path], int]
 
