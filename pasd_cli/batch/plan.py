@@ -82,7 +82,7 @@ def plan_jobs(
     options: BatchSettings,
     name_fields: dict[str, str],
     failures: FailureLog | None = None,
-    output_size: Callable[[Size], Size] | None = None,
+    output_size: Callable[[Size], Size | None] | None = None,
 ) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
     `output_size(input_size)` is the command's size rule, for the plan's records."""

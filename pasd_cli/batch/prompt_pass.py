@@ -10,6 +10,7 @@ must actually be captioned: its reference is lazy (see `store.resolve`).
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ class ImagePrompts:
         try:
             for index, job in enumerate(pending.jobs):
                 try:
-                    chosen = resolver.resolve(job.source, lambda job=job: read_rgb(job.source))
+                    chosen = resolver.resolve(job.source, functools.partial(read_rgb, job.source))
                 except InputError as exc:
                     if pending.fail(job, exc, remember=not isinstance(exc, SidecarError)):
                         break

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -40,7 +43,7 @@ def pick_runtime(device: str, dtype: str) -> Runtime:
     return Runtime(chosen, precision)
 
 
-def pick_device(name: str):
+def pick_device(name: str) -> torch.device:
     """`name` is one of DEVICES (the option parser checks it)."""
     import torch
 
@@ -60,7 +63,7 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def pick_dtype(name: str, device):
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: float16 on GPUs, as released; float32 on the CPU, where float16 is slow. `name` is
     one of DTYPES (the option parser checks it)."""
     import torch
@@ -73,7 +76,7 @@ def pick_dtype(name: str, device):
     return table[name]
 
 
-def use_true_fp32(device, dtype) -> None:
+def use_true_fp32(device: torch.device, dtype: torch.dtype) -> None:
     """fp32 asked for on CUDA means IEEE fp32: torch lets cuDNN convolutions run in TF32 by
     default (10-bit mantissa), which would make `--dtype fp32` differ from the released model's
     fp32 results well beyond rounding."""
@@ -89,12 +92,12 @@ def use_true_fp32(device, dtype) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """torch.float16 -> "float16", for messages and records."""
     return str(dtype).removeprefix("torch.")
 
 
-def memory_budget(device) -> int:
+def memory_budget(device: torch.device) -> int:
     """Bytes a VAE pass may use on `device`: a share of what is free now (call it after the
     models are loaded)."""
     import psutil

@@ -72,7 +72,7 @@ def _size_turned_on_open(image: Image.Image) -> bool:
     then the stored width and height swapped."""
     if image.format != "TIFF":
         return False
-    stored = (image.tag_v2.get(256), image.tag_v2.get(257))
+    stored = (image.tag_v2.get(256), image.tag_v2.get(257))  # type: ignore[attr-defined]
     return image.size != stored
 
 
@@ -117,7 +117,8 @@ def _open(path: Path) -> Image.Image:
     # Phone and camera JPEGs often carry a second, preview picture (MPO); the first is the photo.
     if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
         image.close()
-        raise InputError(f"{path}: has {image.n_frames} frames or pages; only single images are supported")
+        frames = getattr(image, "n_frames", 1)
+        raise InputError(f"{path}: has {frames} frames or pages; only single images are supported")
     if image.mode == "F":
         image.close()
         raise InputError(f"{path}: 32-bit float images are not supported")
@@ -125,7 +126,7 @@ def _open(path: Path) -> Image.Image:
 
 
 def _format(image: Image.Image) -> str:
-    return "JPEG" if image.format == "MPO" else image.format
+    return "JPEG" if image.format == "MPO" else str(image.format)
 
 
 def probe(path: Path) -> ImageInfo:
@@ -198,7 +199,7 @@ def load(path: Path) -> LoadedImage:
             notes=notes,
         )
         if opened.format == "PNG":
-            loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}
+            loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}  # type: ignore[attr-defined]
         rgb16 = _read_rgb16(path, opened, orientation, image.size, notes) if deep.is_rgb16(path, opened) else None
     _split_channels(image, loaded, rgb16)
     return loaded
@@ -267,8 +268,9 @@ def _cmyk_to_rgb(image: Image.Image, loaded: LoadedImage) -> Image.Image:
             source = ImageCms.ImageCmsProfile(io.BytesIO(loaded.icc))
             srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
             rgb = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
-            loaded.icc = srgb.tobytes()
-            return rgb
+            if rgb is not None:  # None only when converting in place
+                loaded.icc = srgb.tobytes()
+                return rgb
         except (ImageCms.PyCMSError, OSError):
             loaded.notes.append("CMYK profile unusable; converted without it")
     loaded.icc = None
@@ -348,7 +350,7 @@ def encode(
         image = image.to_8bit()
     if not isinstance(image, RGB16) and image.mode == "I;16" and not spec.bits16:
         image = Image.fromarray(_to8(np.asarray(image)))
-    if image.mode in ("RGBA", "LA") and not spec.alpha:  # never an RGB16: PNG and TIFF have alpha
+    if isinstance(image, Image.Image) and image.mode in ("RGBA", "LA") and not spec.alpha:  # PNG, TIFF have alpha
         background = Image.new(image.mode[:-1], image.size, "white")
         background.paste(image.convert(image.mode[:-1]), mask=image.getchannel("A"))
         image = background

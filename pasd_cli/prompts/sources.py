@@ -175,7 +175,7 @@ class ImagePrompt:
     def provenance(self) -> dict:
         """For the output's metadata: where the prompt came from, but not whether this run found
         it in the cache, so the same input and settings give the same bytes."""
-        record = {"prompt_source": self.source, "prompt_text": self.text}
+        record: dict[str, Any] = {"prompt_source": self.source, "prompt_text": self.text}
         if self.description is not None:
             record["description"] = self.description.to_json()
         return record
@@ -274,10 +274,11 @@ class PromptResolver:
         return ImagePrompt(self.mode, text, description, cached)
 
     def _describe(self, image: Image.Image) -> tuple[Description, bool]:
+        assert self.describer is not None  # a mode that describes has a describer
         if self._identity is None:
             self._identity = self.describer.identity()
         digest = image_digest(image) if self.cache is not None else None
-        if digest is not None:
+        if self.cache is not None and digest is not None:
             description = self.cache.get(self._identity, digest)
             if description is not None:
                 self.stats.cache_hits += 1
@@ -286,7 +287,7 @@ class PromptResolver:
             self._model = self.describer.load(self.device, self.dtype)
         description = self._model.describe(image)
         self.stats.described += 1
-        if digest is not None:
+        if self.cache is not None and digest is not None:
             self.cache.put(self._identity, digest, description)
         return description, False
 

@@ -12,7 +12,7 @@ usable offline later. `resolve.py` decides when a base is fetched.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..engine.formats import PART_STEMS, PICKLE_SUFFIXES
@@ -33,7 +33,7 @@ def store_name(repo_id: str) -> str:
     return "hub--" + repo_id.replace("/", "--")
 
 
-def _manifest(repo_id: str, files) -> Manifest:
+def _manifest(repo_id: str, files: Iterable[str]) -> Manifest:
     return Manifest(
         name=store_name(repo_id),
         kind="base",
@@ -67,7 +67,7 @@ def _part_files(listing: set[str], repo_id: str, folder: str, stem: str) -> list
     )
 
 
-def pick_base_files(listing, repo_id: str) -> list[str]:
+def pick_base_files(listing: Iterable[str], repo_id: str) -> list[str]:
     """The files of `listing` (paths in the repo) that make a base: a diffusers model (unet/ and
     what it has of vae/, text_encoder/, tokenizer/) or a lone UNet at the repo root."""
     listing = set(listing)

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from ..atomic import write_atomic
 from .manifests import Manifest, get_manifest, load_manifests
@@ -64,7 +65,7 @@ def offline_requested(flag: bool = False, env: Mapping[str, str] | None = None) 
     return flag or any(env.get(v, "").strip().lower() in _TRUE for v in ("PASD_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def runs_at_terminal(stdin=None, stderr=None) -> bool:
+def runs_at_terminal(stdin: IO[str] | None = None, stderr: IO[str] | None = None) -> bool:
     """A person is watching: both stdin and stderr are terminals (cron, pipes and services are not)."""
     stdin = sys.stdin if stdin is None else stdin
     stderr = sys.stderr if stderr is None else stderr
@@ -100,7 +101,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
@@ -115,14 +116,14 @@ class Record:
     commit: str
     subfolder: str
     entry: str
-    files: dict[str, dict] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
 
     @property
     def size(self) -> int:
         return sum(f["size"] for f in self.files.values())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "format": RECORD_FORMAT,
             "name": self.name,
@@ -136,7 +137,7 @@ class Record:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> Record:
+    def from_json(cls, data: dict[str, Any]) -> Record:
         if data.get("format") != RECORD_FORMAT:
             raise ValueError(f"unknown record format {data.get('format')!r}")
         files = data["files"]

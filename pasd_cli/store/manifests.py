@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelError
 
@@ -39,7 +40,7 @@ class Manifest:
     needs: tuple[str, ...] = ()
     entry: str = ""
     repo_type: str = "model"
-    variant: Mapping | None = None
+    variant: Mapping[str, Any] | None = None
     note: str = ""
 
     @property
