@@ -14,15 +14,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .plan import Job, Plan, Size
 from .records import JobResult, Summary
 from .report import Reporter
 from .settings import BatchSettings
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # progress(stage, done, total): stage is "step", "tile", "caption", ..., as the engine reports it.
 Progress = Callable[[str, int, int], None]

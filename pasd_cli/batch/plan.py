@@ -9,13 +9,16 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, PasdError, UsageError
-from ..imageio import OUTPUT_FORMATS, ImageInfo, output_format, probe
+from ..imageio import OUTPUT_FORMATS
 from .failures import FailureLog
 from .inputs import Discovery
 from .settings import BatchSettings
+
+if TYPE_CHECKING:
+    from ..imageio import ImageInfo
 
 # Job and record statuses.
 TODO, DONE, SKIPPED, FAILED = "todo", "done", "skipped", "failed"
@@ -86,6 +89,8 @@ def plan_jobs(
 ) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
     `output_size(input_size)` is the command's size rule, for the plan's records."""
+    from ..imageio import output_format, probe
+
     check_name_template(options.name, name_fields)
     jobs = [
         Job(item.path, Path(item.path.name), True, status=SKIPPED, reason=item.reason)

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from PIL import Image
-
 from ..batch.command import ImageCommand, Pending, Progress
 from ..batch.plan import Job, Size
 from ..batch.prompt_pass import ImagePrompts, PromptChoice
@@ -24,6 +22,8 @@ from .options import ModelChoice
 from .runtime import Runtime, pick_runtime
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..engine.pipeline import PASDPipeline, UpscaleResult
 
 

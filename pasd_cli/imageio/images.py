@@ -20,31 +20,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from ..errors import InputError
 from . import metadata
 from . import rgb16 as deep
-
-READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
-# Larger inputs are refused from their header alone, before any decoding. 64 MP is far above
-# what a diffusion upscaler can enlarge usefully, and below Pillow's own decompression-bomb guard.
-MAX_INPUT_PIXELS = 64_000_000
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    pillow: str
-    suffix: str
-    bits16: bool  # can hold 16-bit gray, RGB and RGBA
-    alpha: bool
-
-
-OUTPUT_FORMATS = {
-    "png": OutputFormat("PNG", ".png", True, True),
-    "jpg": OutputFormat("JPEG", ".jpg", False, False),
-    "webp": OutputFormat("WEBP", ".webp", False, True),
-    "tiff": OutputFormat("TIFF", ".tiff", True, True),
-}
-DEFAULT_QUALITY = {"jpg": 95, "webp": 95}
-# `--format same`: BMP can carry neither metadata nor pasd's record, so its results are PNGs.
-SAME_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "png"}
+from .formats import DEFAULT_QUALITY, MAX_INPUT_PIXELS, OUTPUT_FORMATS, READ_FORMATS, SAME_FORMAT
 
 
 @dataclass(frozen=True)
