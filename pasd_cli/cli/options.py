@@ -9,6 +9,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -300,9 +301,11 @@ def model_options(pasd_default: str) -> Group:
 # ------------------------------------------------------------------------------- diffusion
 
 
-def diffusion_options(preset: UpscaleSettings) -> Group:
-    """The engine's settings, defaults from `preset` (the command's settings class)."""
-    d = preset
+def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
+    """The engine's settings, defaults from `preset` (an instance of the command's settings class):
+    the options of the fields it has, and `extra` options for fields of its own, building an
+    object of its class."""
+    d = UpscaleSettings() if not isinstance(preset, UpscaleSettings) else preset
     params = [
         option(
             "scale", float, d.scale, "-s", "--scale", metavar="S", panel=INPUT_OUTPUT, help="Output size / input size."
@@ -423,7 +426,15 @@ def diffusion_options(preset: UpscaleSettings) -> Group:
         ),
     ]
 
-    def build(**values: Any) -> UpscaleSettings:
+    has = {f.name for f in fields(preset)}
+    params = [p for p in params if ("blend" if p.name == "latent_blend" else p.name) in has]
+    for p in params:  # defaults from `preset`, also for a settings class of another shape
+        field_name = "blend" if p.name == "latent_blend" else p.name
+        value = getattr(preset, field_name)
+        p.declaration.default = p.annotation(value) if p.choices is not None else value
+    params += list(extra)
+
+    def build(**values: Any) -> Any:
         given = {"blend" if name == "latent_blend" else name: _value(value) for name, value in values.items()}
         try:
             return replace(preset, **given)
@@ -431,7 +442,9 @@ def diffusion_options(preset: UpscaleSettings) -> Group:
             renamed = [replace(p, name="blend") if p.name == "latent_blend" else p for p in params]
             raise setting_error(exc, renamed, given) from None
 
-    assert {p.name for p in params} | {"blend"} >= {f.name for f in fields(preset)}, "an engine setting has no option"
+    assert {p.name for p in params} | {"blend"} >= has, (
+        f"engine settings without an option: {has - {p.name for p in params}}"
+    )
     return Group(params, build)
 
 
