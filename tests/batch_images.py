@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -45,7 +46,9 @@ BAD = {
 HIDDEN = {".hidden.png": "hidden file"}
 
 
+@functools.cache
 def srgb_icc() -> bytes:
+    # Made once: the profile records its creation time, so two calls a second apart differ.
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 

@@ -101,3 +101,28 @@ def tiny_blip_dir(tmp_path_factory):
     from tiny_captioners import build_tiny_blip
 
     return build_tiny_blip(tmp_path_factory.mktemp("blip"))
+
+
+# The colorization reference (reference README, "Colorization reference").
+COLOR_REFERENCE = REFERENCE / "color"
+TINY_COLOR = COLOR_REFERENCE / "tiny-pasd" / "pasd_light_color" / "checkpoint-180000"
+COLOR_INPUT = COLOR_REFERENCE / "color_public_input.png"
+
+
+@pytest.fixture(scope="session")
+def color_reference():
+    """color_public.pt; its meta holds torch's version string type, allowed explicitly."""
+    import torch
+    from torch.torch_version import TorchVersion
+
+    with torch.serialization.safe_globals([TorchVersion]):
+        return torch.load(COLOR_REFERENCE / "color_public.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_colorizer():
+    import torch
+
+    from pasd_cli.engine.colorize_loading import load_colorizer
+
+    return load_colorizer(TINY_COLOR, TINY_BASE, torch.device("cpu"), torch.float32)

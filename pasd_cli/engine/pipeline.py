@@ -46,6 +46,15 @@ class UpscaleResult:
     vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
 
 
+@dataclass
+class Generated:
+    """What the shared denoising path makes of a ready hint image."""
+
+    image: torch.Tensor  # uint8 (3, H, W) at the hint's size, before any colour fix
+    latent_tiles: int = 1
+    vae_tile: int = 0
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> uint8 (3, H, W)."""
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
@@ -201,6 +210,38 @@ class PASDPipeline:
         # stays uint8 (a third of the memory of floats); each consumer converts its crop.
         lr_image = lr_image.convert("RGB")
         hint_image = make_hint(lr_image, settings.scale, settings.process_size)
+        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
+        generated = self.generate(hint_image, prompt, settings, progress, trace, on_warning)
+
+        # 6. Colour fix against the hint, truncating.
+        sr_uint8 = generated.image
+        if settings.color_fix != "none":
+            sr_uint8 = COLOR_FIXES[settings.color_fix](sr_uint8, image_to_tensor(hint_image))
+            trace("color_fixed_uint8", sr_uint8)
+
+        # 7. Back to the requested output size.
+        image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
+        return UpscaleResult(
+            image=image,
+            prompt=prompt,
+            hint_size=hint_image.size,
+            latent_tiles=generated.latent_tiles,
+            vae_tile=generated.vae_tile,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        hint_image: Image.Image,
+        prompt: str,
+        settings: UpscaleSettings,
+        progress: Progress | None = None,
+        trace: Trace = _no_trace,
+        on_warning: Warn | None = None,
+    ) -> Generated:
+        """The path every mode shares, from a ready hint image (RGB, sides multiples of 8) and
+        the exact positive prompt: prompts, initial latents, denoising, decoding. The settings'
+        scale, process size, prompt parts and colour fix are not read here."""
         hint_uint8 = image_to_tensor(hint_image)
         hint = hint_uint8.unsqueeze(0).to(self.device)
         trace("upscaled_input_uint8", hint_uint8)
@@ -220,7 +261,6 @@ class PASDPipeline:
         }
 
         # 2. Prompts: [negative; positive] with guidance.
-        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
         prompt_embeds = self.encode_prompts(prompt, settings.negative_prompt, settings.uses_cfg)
         trace("prompt", prompt)
         trace("prompt_embeds", prompt_embeds)
@@ -268,13 +308,6 @@ class PASDPipeline:
         del decoded
         trace("pipeline_output_uint8", sr_uint8)
 
-        # 6. Colour fix against the hint, truncating.
-        if settings.color_fix != "none":
-            sr_uint8 = COLOR_FIXES[settings.color_fix](sr_uint8, hint_uint8)
-            trace("color_fixed_uint8", sr_uint8)
-
-        # 7. Back to the requested output size.
-        image = final_resize(tensor_to_image(sr_uint8), lr_image.size, settings.scale)
         latent_h, latent_w = latents.shape[-2:]
         overlap = shrunk_overlap(settings.latent_overlap, settings.latent_tile, latent_tile)
         latent_tiles = (
@@ -282,10 +315,22 @@ class PASDPipeline:
             if needs_tiling(latent_h, latent_w, latent_tile)
             else 1
         )
-        return UpscaleResult(
-            image=image,
-            prompt=prompt,
-            hint_size=hint_image.size,
-            latent_tiles=latent_tiles,
-            vae_tile=0 if vae_tile >= max(height, width) else vae_tile,
-        )
+        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile)
+
+    def colorize(
+        self,
+        image: Image.Image,
+        settings,
+        luma16: np.ndarray | None = None,
+        caption: str | None = None,
+        label: str | None = None,
+        progress: Progress | None = None,
+        trace: Trace = _no_trace,
+        on_warning: Warn | None = None,
+    ):
+        """Colorization of a black-and-white image (spec section 7): `settings` is a
+        `ColorizeSettings`; returns a `ColorizeResult`. Needs the colorization checkpoint and
+        its scheduler (`load_colorizer`). See engine/colorize.py."""
+        from .colorize import colorize
+
+        return colorize(self, image, settings, luma16, caption, label, progress, trace, on_warning)

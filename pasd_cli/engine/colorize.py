@@ -1,0 +1,176 @@
+"""Colorization of black-and-white photos (spec section 7; reference README, "Colorization
+reference"): the released path, and a merge that keeps the input's luma.
+
+The released path (test_pasd.py, control type "grayscale"): the input goes to luma and back to
+RGB; in the prompt "black and white" becomes "color", nothing is added to it, and the negative
+prompt is fixed; no enlargement; the process-size resize is always applied, capped at twice the
+process size, then the sides are cut to multiples of 8; the shared PASD pipeline runs with the
+colorization checkpoint and its own scheduler (engine/colorize_loading.py); there is no colour
+fix; the result is resized bilinearly back to the input size (OpenCV arithmetic) and merged in
+YUV, luma from the input and chroma from the result (engine/yuv.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import InputError
+from .linear_resize import resize_linear
+from .prompts import build_prompt
+from .settings import UpscaleSettings
+from .yuv import exact_merge, max_luma_shift, released_merge
+
+if TYPE_CHECKING:
+    from .memory import Warn
+    from .pipeline import PASDPipeline, Progress, Trace
+
+COLOR_NEGATIVE_PROMPT = "b&w, color bleeding"
+LUMA_MODES = ("exact", "released")
+# Replaced exactly and case-sensitively, in the whole prompt (caption included), as released.
+_MONOCHROME_WORDS, _COLOR_WORD = "black and white", "color"
+MAX16 = 65535
+
+
+@dataclass(frozen=True)
+class ColorizeSettings(UpscaleSettings):
+    """The shared settings with colorization's defaults (the released script's), plus `luma`:
+    "exact" keeps the input's luma (a colour that would leave the RGB cube loses saturation
+    instead), "released" is the released merge, which clips and so moves the luma.
+
+    `added_prompt` is empty as released (it is appended before the word replacement);
+    `negative_prompt` is the released fixed one. The output keeps the input's size and gets no
+    colour fix, so `scale` must stay 1 and `color_fix` "none"."""
+
+    scale: float = 1.0
+    added_prompt: str = ""
+    negative_prompt: str = COLOR_NEGATIVE_PROMPT
+    color_fix: str = "none"
+    luma: str = "exact"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.luma not in LUMA_MODES:
+            raise ValueError(f"luma must be one of {', '.join(LUMA_MODES)}")
+        if self.scale != 1:
+            raise ValueError("colorization keeps the input size: scale must be 1")
+        if self.color_fix != "none":
+            raise ValueError("colorization takes no colour fix: it would pull the colours back to grey")
+
+
+@dataclass
+class ColorizeResult:
+    image: Image.Image  # 8-bit RGB at the input's size
+    prompt: str  # the positive prompt used
+    hint_size: tuple[int, int]  # the model's working size
+    # uint16 (H, W, 3) RGB when a 16-bit luma was given: that luma with the result's chroma.
+    pixels16: np.ndarray | None = None
+    # Largest distance, in 8-bit levels, between the output's luma and the input's: at most 1
+    # with the exact merge, up to tens of levels with the released one.
+    luma_shift: int = 0
+    latent_tiles: int = 1
+    vae_tile: int = 0
+
+
+def colorize_prompt(
+    user_prompt: str, added_prompt: str = "", caption: str | None = None, label: str | None = None
+) -> str:
+    """The realisr prompt rules (a caption or label takes its place as there), then every
+    "black and white" becomes "color": a caption of a grey photo says "a black and white photo
+    of ...", which would ask the model for grey."""
+    return build_prompt(user_prompt, added_prompt, caption=caption, label=label).replace(_MONOCHROME_WORDS, _COLOR_WORD)
+
+
+def colorize_size(size: tuple[int, int], process_size: int) -> tuple[int, int]:
+    """The released resize_preproc size, torchvision's `Resize(P, max_size=2P)` arithmetic:
+    short side to P, long side truncated; when that exceeds 2P the long side becomes 2P and the
+    short one shrinks in proportion (truncated). Applied whatever the input size, so inputs
+    larger than P are reduced."""
+    width, height = size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = process_size, int(process_size * long / short)
+    if new_long > 2 * process_size:
+        new_short, new_long = int(2 * process_size * new_short / new_long), 2 * process_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def colorize_hint(gray_rgb: Image.Image, process_size: int) -> Image.Image:
+    """The model's input: resized by `colorize_size` (PIL BILINEAR, as torchvision does it on
+    PIL images), then sides cut to multiples of 8 by a BICUBIC resize, as released."""
+    size = colorize_size(gray_rgb.size, process_size)
+    image = gray_rgb if size == gray_rgb.size else gray_rgb.resize(size, Image.Resampling.BILINEAR)
+    width, height = image.size
+    if width < 8 or height < 8:
+        w, h = gray_rgb.size
+        raise InputError(
+            f"image of {w}x{h} px is too narrow to colorize: its short side would be {min(size)} px",
+            hint="use a larger process size",
+        )
+    return image.resize((width // 8 * 8, height // 8 * 8), Image.Resampling.BICUBIC)
+
+
+def _check_luma16(luma16: np.ndarray, size: tuple[int, int], settings: ColorizeSettings) -> None:
+    width, height = size
+    if luma16.dtype != np.uint16 or luma16.shape != (height, width):
+        raise ValueError(f"16-bit luma must be uint16 of shape ({height}, {width}), got {luma16.dtype} {luma16.shape}")
+    if settings.luma != "exact":
+        raise ValueError("a 16-bit luma is kept only by the exact luma merge")
+
+
+def colorize(
+    pipeline: PASDPipeline,
+    image: Image.Image,
+    settings: ColorizeSettings,
+    luma16: np.ndarray | None = None,
+    caption: str | None = None,
+    label: str | None = None,
+    progress: Progress | None = None,
+    trace: Trace | None = None,
+    on_warning: Warn | None = None,
+) -> ColorizeResult:
+    """`image`: any PIL image; its luma is what gets coloured (a colour image loses its colours).
+    `luma16`: the same picture's luma at 16 bits, (H, W) uint16, kept in `pixels16`.
+    `caption` / `label`: high-level information for the prompt, as in `upscale`."""
+    if not isinstance(settings, ColorizeSettings):
+        raise TypeError("colorize takes ColorizeSettings")
+    trace = trace or (lambda name, value: None)
+    # 1. Grey input: Pillow's luma, then three equal channels, as released.
+    gray = image.convert("RGB").convert("L")
+    if luma16 is not None:
+        _check_luma16(luma16, gray.size, settings)
+    gray_rgb = gray.convert("RGB")
+    gray_uint8 = np.asarray(gray)
+    trace("gray_uint8", torch.from_numpy(gray_uint8.copy()).unsqueeze(0))
+
+    # 2-5. Hint, prompt, the shared pipeline (no colour fix).
+    hint = colorize_hint(gray_rgb, settings.process_size)
+    prompt = colorize_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
+    generated = pipeline.generate(hint, prompt, settings, progress, trace, on_warning)
+
+    # 6. Back to the input size, bilinear with OpenCV's arithmetic.
+    color = resize_linear(generated.image.permute(1, 2, 0).numpy(), gray.size)
+    trace("color_resized_uint8", torch.from_numpy(color).permute(2, 0, 1))
+
+    # 7. Luma from the input, chroma from the result.
+    pixels16 = None
+    if settings.luma == "released":
+        rgb = released_merge(gray_uint8, color)
+    elif luma16 is None:
+        rgb = exact_merge(gray_uint8, color)
+    else:
+        pixels16 = exact_merge(luma16, color, MAX16)
+        rgb = np.round(pixels16 / 257).astype(np.uint8)
+    trace("final_uint8", torch.from_numpy(rgb).permute(2, 0, 1))
+    return ColorizeResult(
+        image=Image.fromarray(rgb),
+        prompt=prompt,
+        hint_size=hint.size,
+        pixels16=pixels16,
+        luma_shift=max_luma_shift(rgb, gray_uint8),
+        latent_tiles=generated.latent_tiles,
+        vae_tile=generated.vae_tile,
+    )
