@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import LR_INPUT, TINY_BASE, TINY_PASD, run_pasd
+from conftest import COLOR_INPUT, LR_INPUT, TINY_BASE, TINY_PASD, run_pasd
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +88,30 @@ def test_the_engine_imports_neither_typer_nor_rich_nor_torch_until_used():
     loaded = _modules_after("import pasd_cli.engine; from pasd_cli.engine import UpscaleSettings")
     assert {"typer", "rich", "click", "torch"}.isdisjoint(loaded), loaded & {"typer", "rich", "click", "torch"}
     assert "torch" in _modules_after("from pasd_cli.engine import PASDPipeline")  # the lazy name works
+
+
+def test_the_api_functions_are_not_shadowed_by_their_modules():
+    """engine/stylize.py and engine/colorize.py share their names with public functions."""
+    import pasd_cli.engine
+    import pasd_cli.engine.colorize
+    import pasd_cli.engine.stylize
+    from pasd_cli.engine import colorize, stylize
+    from pasd_cli.engine.stylize import personalize
+
+    assert callable(stylize) and callable(colorize) and callable(personalize)
+    assert pasd_cli.engine.stylize is stylize and sys.modules["pasd_cli.engine.colorize"].colorize is not colorize
+
+
+def test_colorize_through_the_public_api_is_the_engine_call(tiny_colorizer):
+    from pasd_cli.engine import ColorizeSettings, colorize
+    from pasd_cli.engine.colorize import colorize as engine_colorize
+
+    with Image.open(COLOR_INPUT) as image:
+        gray = image.convert("L")
+    settings = ColorizeSettings(steps=1, process_size=64, seed=3)
+    public, direct = colorize(tiny_colorizer, gray, settings), engine_colorize(tiny_colorizer, gray, settings)
+    assert public.image.size == gray.size and public.image.tobytes() == direct.image.tobytes()
+    assert public.luma_shift <= 1  # the exact merge keeps the input's luma
 
 
 def test_help_does_not_import_torch():

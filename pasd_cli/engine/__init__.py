@@ -1,5 +1,5 @@
-"""PASD as a library: load a pipeline from local folders, then upscale, stylize (or, later,
-colorize) PIL images with plain settings objects. The engine never prints, never reads the
+"""PASD as a library: load a pipeline from local folders, then upscale, stylize or colorize PIL
+images with plain settings objects. The engine never prints, never reads the
 environment and never picks a device: the caller passes a device, a dtype and, optionally, the
 memory the VAE may use.
 
@@ -19,6 +19,8 @@ diffusers) loads on first use of a name that needs it.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,10 +41,12 @@ from .settings import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
     from .captions import DescriberSpec, Description
+    from .colorize import ColorizeResult, ColorizeSettings
     from .pipeline import PASDPipeline, Progress, UpscaleResult
     from .stylize import PersonalizeReport, StageCallback
 
@@ -56,6 +60,8 @@ __all__ = [
     "FAST_STEPS",
     "NEGATIVE_PROMPT",
     "CaptionSettings",
+    "ColorizeResult",
+    "ColorizeSettings",
     "DescriberSpec",
     "Description",
     "LoraSpec",
@@ -65,6 +71,8 @@ __all__ = [
     "StylizeSettings",
     "UpscaleResult",
     "UpscaleSettings",
+    "colorize",
+    "load_colorize_pipeline",
     "load_pipeline",
     "load_stylize_pipeline",
     "stylize",
@@ -79,6 +87,8 @@ _LAZY = {
     "PersonalizeReport": "stylize",
     "DescriberSpec": "captions",
     "Description": "captions",
+    "ColorizeSettings": "colorize",
+    "ColorizeResult": "colorize",
 }
 
 
@@ -197,5 +207,62 @@ def stylize(
     )
 
 
-# colorize(pipeline, image, settings) and its loader come with the colorization model (issue 12),
-# here beside upscale and stylize.
+def load_colorize_pipeline(
+    pasd: str | Path,
+    base: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
+    scheduler: str | Path | None = None,
+) -> PASDPipeline:
+    """The pipeline of a PASD-light colorization checkpoint folder, with the scheduler config of
+    the `scheduler/` folder beside it (or `scheduler`), on `device` in `dtype` (default float32)."""
+    import torch
+
+    from .colorize_loading import load_colorizer
+
+    return load_colorizer(
+        Path(pasd), Path(base), torch.device(device), dtype or torch.float32, memory_budget, scheduler
+    )
+
+
+def colorize(
+    pipeline: PASDPipeline,
+    image: Image.Image,
+    settings: ColorizeSettings | None = None,
+    *,
+    luma16: np.ndarray | None = None,
+    caption: str | None = None,
+    label: str | None = None,
+    progress: Progress | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> ColorizeResult:
+    """Colour one black-and-white image (a pipeline from `load_colorize_pipeline`); its luma is
+    kept (`settings.luma`), at 16 bits when `luma16` gives it."""
+    from .colorize import ColorizeSettings
+    from .colorize import colorize as run
+
+    return run(
+        pipeline,
+        image,
+        settings or ColorizeSettings(),
+        luma16=luma16,
+        caption=caption,
+        label=label,
+        progress=progress,
+        on_warning=on_warning,
+    )
+
+
+class _Engine(types.ModuleType):
+    """`stylize` and `colorize` are also the names of modules of this package: importing one of
+    them (Python then sets it as this package's attribute) must not replace the public function.
+    The modules stay importable by their full names."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("stylize", "colorize") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Engine
