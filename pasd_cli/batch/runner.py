@@ -5,6 +5,9 @@
     execute       resolve models and run the pre-pass (when some job is left to do), then each
                   job in order, one record each, and the summary
 
+A worker's share of the jobs (sharding) is a filter of the plan between `plan_batch` and
+`execute`; a lock and size limits belong to `run_batch` and the planner.
+
 Errors about one input fail that job and the batch goes on (it stops with --fail-fast); any
 other PasdError (model, device, interrupt) stops the batch: the remaining jobs are recorded as
 cancelled, the summary is reported, and the error propagates to the command line.
