@@ -84,9 +84,9 @@ def sd_components():
 def child(config: dict) -> dict:
     import torch
 
-    from pasd_cli.devices import limit_heap_fragmentation
+    from pasd_cli.cli.runtime import limit_heap_fragmentation
+    from pasd_cli.engine import UpscaleSettings
     from pasd_cli.engine.pipeline import PASDPipeline
-    from pasd_cli.settings import UpscaleSettings
 
     limit_heap_fragmentation()  # as the CLI does
     device = torch.device(config["device"])

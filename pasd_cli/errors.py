@@ -1,7 +1,9 @@
 """Typed errors. Each carries the exit code the CLI maps it to and a hint for the user.
 
 The engine raises these too (they hold no CLI logic), so a caller of the library gets the same
-precise failures the command line reports.
+precise failures the command line reports. Where the way out is a setting, the error names it by
+`field` (the library's name, e.g. "trust_pickle"): the command line adds its own option to the
+hint, so the library's messages never name a flag.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ class PasdError(Exception):
 
     exit_code = 1
     hint: str | None = None
+    field: str | None = None  # the setting or argument that the hint is about
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, field: str | None = None):
         super().__init__(message)
         if hint is not None:
             self.hint = hint
+        if field is not None:
+            self.field = field
 
 
 class UsageError(PasdError):

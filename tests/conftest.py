@@ -75,8 +75,8 @@ def tiny_model_args(pasd: Path = TINY_PASD, base: Path = TINY_BASE) -> list[str]
 
 
 def tiny_stylize_args(pasd: Path = TINY_LIGHT, sd15: Path = TINY_BASE) -> list[str]:
-    """`pasd stylize`'s model options for the tiny model (its --base is the personalized base)."""
-    return ["--pasd", str(pasd), "--sd15", str(sd15), "--caption", "none"]
+    """`pasd stylize`'s model options for the tiny model (the personalized base is --style)."""
+    return ["--pasd", str(pasd), "--base", str(sd15), "--caption", "none"]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from batch_images import BAD, GOOD, HIDDEN, make_photo_folder
 from conftest import TINY_PASD, pasd_command, run_pasd, tiny_model_args
 from PIL import Image
 
-from pasd_cli.metadata import read_record
+from pasd_cli.imageio.metadata import read_record
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
 # Small and quick; the wavelet colour fix still carries the input's colours into the output.
@@ -297,7 +297,7 @@ def test_output_folder_inside_the_input_folder(tmp_path):
     _make(photos / "out" / "mine.png")  # a user's file that happens to sit there
     earlier = _make(photos / "out" / "a.png")
     with Image.open(earlier) as image:  # what an earlier run wrote: it carries pasd's record
-        from pasd_cli.metadata import png_info
+        from pasd_cli.imageio.metadata import png_info
 
         image.save(earlier, pnginfo=png_info({}, b"", {"command": "upscale"}))
     proc = run_pasd("upscale", photos, "-r", "-o", photos / "out", "--dry-run", "--json", "--name", "{stem}_2")

@@ -1,5 +1,5 @@
-"""The batch runner's pre-pass (`run_jobs(prepass=...)`): what a command prepares for every job
-before its model loads (captions). No model: the worker only records what it was given."""
+"""The batch runner's pre-pass (`Command.prepass`): what a command prepares for every job before
+its model loads (captions). No model: the command's work only records what it was given."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pasd_cli.batch import DONE, FAILED, SKIPPED, FailureLog, Job, JobResult, Plan, run_jobs
+from pasd_cli.batch.command import Command
+from pasd_cli.batch.failures import FailureLog
+from pasd_cli.batch.plan import DONE, FAILED, SKIPPED, Job, Plan
+from pasd_cli.batch.records import JobResult
+from pasd_cli.batch.report import Reporter
+from pasd_cli.batch.runner import execute
+from pasd_cli.batch.settings import BatchSettings
 from pasd_cli.errors import InputError, ModelError
-from pasd_cli.report import Reporter
-from pasd_cli.settings import BatchSettings
 
 
 def plan_of(tmp_path: Path, names: str) -> Plan:
@@ -25,23 +29,43 @@ def plan_of(tmp_path: Path, names: str) -> Plan:
     return Plan(jobs)
 
 
+class Recorder(Command):
+    """A command without a model: its pre-pass is the one under test, its work echoes the
+    pre-pass's prompt."""
+
+    def __init__(self, prepass):
+        self._prepass = prepass
+        self.loaded = []
+
+    @property
+    def seed(self):
+        return None
+
+    def name_fields(self):
+        return {}
+
+    def prepass(self, pending):
+        self._prepass(pending)
+
+    def load(self, reporter):
+        self.loaded.append(True)
+
+    def work(self, job, progress):
+        return JobResult((1, 1), {"prompt": job.extra["prompt"].upper(), "worker": 1})
+
+
 def run(tmp_path, plan, prepass, fail_fast=False, dry_run=False):
     stdout = io.StringIO()
     reporter = Reporter(json_lines=True, stdout=stdout, stderr=io.StringIO(), live=False)
     options = BatchSettings(output=str(tmp_path / "out"), fail_fast=fail_fast, dry_run=dry_run, json=True)
     failures = FailureLog(tmp_path / "out")
-    loaded = []
-
-    def prepare():
-        loaded.append(True)
-        return lambda job, progress: JobResult((1, 1), {"prompt": job.extra["prompt"].upper(), "worker": 1})
-
+    command = Recorder(prepass)
     try:
-        run_jobs(plan, prepare, reporter, options, failures=failures, prepass=prepass)
+        execute(command, plan, reporter, options, failures=failures)
     except ModelError:
         pass
     lines = [json.loads(line) for line in stdout.getvalue().splitlines()]
-    return {Path(r["input"]).stem: r for r in lines[:-1]}, lines[-1], failures, loaded
+    return {Path(r["input"]).stem: r for r in lines[:-1]}, lines[-1], failures, command.loaded
 
 
 class Describe:

@@ -21,14 +21,14 @@ from PIL import Image
 from test_parity_pipeline import SETTINGS, assert_images_close
 from tiny_captioners import build_tiny_resnet, confident, one_torch_thread
 
-from pasd_cli.caption_cache import CaptionCache, image_digest
+from pasd_cli.engine import ADDED_PROMPT
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.engine.pipeline import image_to_tensor
-from pasd_cli.hub import download
 from pasd_cli.imageio import read_rgb
-from pasd_cli.metadata import read_record
-from pasd_cli.settings import ADDED_PROMPT
+from pasd_cli.imageio.metadata import read_record
+from pasd_cli.prompts.cache import CaptionCache, image_digest
 from pasd_cli.store import Store, load_manifests
+from pasd_cli.store.hub import download
 
 MANIFESTS = load_manifests()
 BLIP, RESNET = MANIFESTS["blip"], MANIFESTS["resnet-50"]
@@ -205,11 +205,11 @@ def test_stylize_after_upscale_reuses_the_caption(photo_batch, home, hub, tmp_pa
         photo_batch["photos"] / "a.png",
         "-o",
         out,
-        "--base",
+        "--style",
         TINY_BASE,
         "--pasd",
         TINY_LIGHT,
-        "--sd15",
+        "--base",
         TINY_BASE,
         "--device",
         "cpu",

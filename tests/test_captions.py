@@ -15,11 +15,11 @@ from PIL import Image
 from test_parity_pipeline import SETTINGS, assert_images_close
 from tiny_captioners import IMAGENET_NAMES, build_tiny_resnet, confident, one_torch_thread, uniform
 
+from pasd_cli.engine import ADDED_PROMPT, NEGATIVE_PROMPT, CaptionSettings, UpscaleSettings
 from pasd_cli.engine.captions import DescriberSpec, Description, folder_fingerprint, imagenet_label, top_class
 from pasd_cli.engine.prompts import build_prompt, encode_texts
 from pasd_cli.errors import ModelError
-from pasd_cli.prompt_sources import PromptResolver
-from pasd_cli.settings import ADDED_PROMPT, NEGATIVE_PROMPT, CaptionSettings, UpscaleSettings
+from pasd_cli.prompts.sources import PromptResolver
 
 CPU = torch.device("cpu")
 

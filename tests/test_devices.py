@@ -24,12 +24,12 @@ from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, TINY_PASD, run_pasd, t
 from faults import poison_unet
 from PIL import Image
 
-from pasd_cli.devices import memory_budget, use_true_fp32
+from pasd_cli.cli.runtime import VAE_MEMORY_SHARE, memory_budget, use_true_fp32
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
 from pasd_cli.engine.precision import supports_bf16
+from pasd_cli.engine.settings import UpscaleSettings
 from pasd_cli.engine.vae import choose_vae_tile, vae_peak_bytes
 from pasd_cli.engine.vae_tiling import plan_sections
-from pasd_cli.settings import VAE_MEMORY_SHARE, UpscaleSettings
 
 # -- precision flags ------------------------------------------------------------------------------
 
@@ -38,7 +38,7 @@ from pasd_cli.settings import VAE_MEMORY_SHARE, UpscaleSettings
 # fp32_precision like any unknown attribute).
 _FLAGS_SCRIPT = """
 import json, sys, torch
-from pasd_cli.devices import use_true_fp32
+from pasd_cli.cli.runtime import use_true_fp32
 
 if sys.argv[1] == "old":
     del type(torch.backends.cudnn).fp32_precision, type(torch.backends.cudnn).conv
@@ -413,8 +413,8 @@ def test_pasd_light_stylize_with_a_lora_and_fast_mode_on_the_device(device, styl
     LCM-LoRA, the LCM scheduler's seeded noise, 4 steps without guidance), against the CPU."""
     from tiny_bases import fresh_components, kohya_name, lora_pair, write_kohya_lora
 
+    from pasd_cli.engine.settings import FAST_GUIDANCE, FAST_STEPS, LoraSpec, StylizeSettings
     from pasd_cli.engine.stylize import personalize
-    from pasd_cli.settings import FAST_GUIDANCE, FAST_STEPS, LoraSpec, StylizeSettings
 
     def styled(on: str) -> np.ndarray:
         components = fresh_components()

@@ -20,8 +20,8 @@ from hub_server import FakeHub, Fault, Repo, clean_env, tiny_hub_repos
 from PIL import Image
 
 from pasd_cli.errors import ModelError
-from pasd_cli.hub import download
-from pasd_cli.store import Manifest, Store, load_manifests, resolve_models
+from pasd_cli.store import Kind, Manifest, ModelRef, Store, load_manifests, resolve
+from pasd_cli.store.hub import download
 
 MANIFESTS = load_manifests()
 PASD_REPO, SD_REPO = "yangtao9009/PASD", "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -399,13 +399,12 @@ def _run_at_terminal(args, env) -> tuple[int, str, str]:
 
 def test_interactive_resolution_downloads_what_is_missing(tmp_path, hub):
     folder = TINY_PASD
-    paths = resolve_models(
-        [(str(folder), "--pasd"), ("sd15", "--base")], models_dir=tmp_path, interactive=True, endpoint=hub.url
-    )
-    assert paths == [folder, tmp_path / "sd15"]
+    refs = [ModelRef(str(folder), Kind.PASD, "--pasd"), ModelRef("sd15", Kind.BASE, "--base")]
+    resolution = resolve(refs, models_dir=tmp_path, interactive=True, endpoint=hub.url)
+    assert [resolution.path(ref) for ref in refs] == [folder, tmp_path / "sd15"]
     assert Counter(hub.downloads()) == wanted("sd15")
     hub.requests.clear()
-    assert resolve_models([("sd15", "--base")], models_dir=tmp_path, offline=True) == [tmp_path / "sd15"]
+    assert resolve(refs[1:], models_dir=tmp_path, offline=True).path(refs[1]) == tmp_path / "sd15"
     assert hub.requests == []
 
 

@@ -9,12 +9,12 @@ import torch
 from conftest import LR_INPUT, run_pasd
 from PIL import Image
 
+from pasd_cli.engine import UpscaleSettings
 from pasd_cli.engine.color import adain_color_fix
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
 from pasd_cli.engine.prompts import encode_texts
 from pasd_cli.engine.resize import make_hint
 from pasd_cli.errors import InputError
-from pasd_cli.settings import UpscaleSettings
 
 BASE = dict(steps=2, scale=2, process_size=112, prompt="a tiny test image", seed=1234)
 

@@ -15,10 +15,11 @@ import tifffile
 from batch_images import rgb16_gradient, srgb_icc
 from PIL import Image, ImageOps
 
-from pasd_cli import deep, imageio
 from pasd_cli.atomic import write_atomic
 from pasd_cli.errors import DeviceError, InputError, Interrupted, OutputError
-from pasd_cli.metadata import read_record
+from pasd_cli.imageio import images as imageio
+from pasd_cli.imageio import rgb16 as deep
+from pasd_cli.imageio.metadata import read_record
 
 RECORD = {"command": "upscale", "settings": {"steps": 3}, "model": {"pasd": "/models/pasd", "variant": "full"}}
 

@@ -21,8 +21,8 @@ from pasd_cli.engine.limits import (
     latent_tile_cap,
     vae_elements_per_pixel,
 )
+from pasd_cli.engine.settings import UpscaleSettings
 from pasd_cli.engine.vae import _tile_pixels, cap_vae_tile, choose_vae_tile, vae_tile_fits
-from pasd_cli.settings import UpscaleSettings
 
 SD_VAE = SimpleNamespace(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3)
 CUDA, MPS, CPU = device_limits("cuda"), device_limits("mps"), device_limits("cpu")

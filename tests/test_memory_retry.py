@@ -9,11 +9,11 @@ import torch
 from conftest import LR_INPUT
 from PIL import Image
 
+from pasd_cli.engine import UpscaleSettings
 from pasd_cli.engine.memory import TileShrinker, is_out_of_memory
 from pasd_cli.engine.pipeline import image_to_tensor
 from pasd_cli.engine.tiling import TileGrid
 from pasd_cli.errors import DeviceError
-from pasd_cli.settings import UpscaleSettings
 
 SETTINGS = UpscaleSettings(
     steps=1, guidance=1.0, scale=4, process_size=112, latent_tile=64, latent_overlap=4, vae_tile=0
@@ -144,9 +144,9 @@ def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
 
     from PIL import Image
 
-    from pasd_cli.batch import Job
-    from pasd_cli.settings import UpscaleSettings
-    from pasd_cli.upscale_job import upscale_transform
+    from pasd_cli.batch.plan import Job
+    from pasd_cli.cli.diffusion import upscale_image
+    from pasd_cli.engine import UpscaleSettings
 
     class Failing:
         device = torch.device("mps")
@@ -162,7 +162,7 @@ def test_an_upscale_that_runs_out_of_memory_fails_with_the_image_named():
     rgb = Image.new("RGB", (8, 8))
     for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("MPS backend out of memory")):
         with pytest.raises(DeviceError, match=r"out of memory on mps upscaling photos/cat\.png") as info:
-            upscale_transform(Failing(error), UpscaleSettings())(rgb, job, None)
+            upscale_image(Failing(error), rgb, UpscaleSettings(), job)
         assert info.value.exit_code == 4
     with pytest.raises(RuntimeError, match="shape"):
-        upscale_transform(Failing(RuntimeError("shape mismatch")), UpscaleSettings())(rgb, job, None)
+        upscale_image(Failing(RuntimeError("shape mismatch")), rgb, UpscaleSettings(), job)

@@ -15,9 +15,9 @@ from faults import poison_unet
 from PIL import Image
 
 from pasd_cli.engine.pipeline import PASDPipeline, image_to_tensor
+from pasd_cli.engine.settings import UpscaleSettings
 from pasd_cli.errors import ModelError
-from pasd_cli.metadata import read_record
-from pasd_cli.settings import UpscaleSettings
+from pasd_cli.imageio.metadata import read_record
 
 SETTINGS = UpscaleSettings(steps=2, guidance=9.0, scale=2, process_size=112, seed=1234, prompt="a tiny test image")
 HALF = (torch.float16, torch.bfloat16)

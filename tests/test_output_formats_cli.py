@@ -12,7 +12,7 @@ import pytest
 from conftest import run_pasd, tiny_model_args
 from PIL import Image
 
-from pasd_cli.metadata import read_record
+from pasd_cli.imageio.metadata import read_record
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
 FAST = ["--scale", "2", "--steps", "1", "--guidance", "1", "--process-size", "16"]

@@ -13,12 +13,12 @@ import torch
 from conftest import LR_INPUT
 from PIL import Image
 
+from pasd_cli.engine import ADDED_PROMPT, NEGATIVE_PROMPT, UpscaleSettings
 from pasd_cli.engine.color import wavelet_color_fix
 from pasd_cli.engine.noise import initial_latents, released_step_index, standard_normal_draws
 from pasd_cli.engine.pipeline import decoded_to_uint8, image_to_tensor
 from pasd_cli.engine.prompts import build_prompt
 from pasd_cli.engine.resize import make_hint
-from pasd_cli.settings import ADDED_PROMPT, NEGATIVE_PROMPT, UpscaleSettings
 
 SETTINGS = UpscaleSettings(
     steps=2,

@@ -12,12 +12,12 @@ from conftest import LR_INPUT
 from PIL import Image, PngImagePlugin
 from tiny_captioners import one_torch_thread
 
-from pasd_cli.caption_cache import CaptionCache, image_digest
+from pasd_cli.engine import ADDED_PROMPT, CaptionSettings
 from pasd_cli.engine.captions import DescriberSpec, Description
 from pasd_cli.errors import InputError, UsageError
 from pasd_cli.imageio import read_rgb
-from pasd_cli.prompt_sources import ImagePrompt, PromptFile, PromptResolver, describer_missing, read_sidecar
-from pasd_cli.settings import ADDED_PROMPT, CaptionSettings
+from pasd_cli.prompts.cache import CaptionCache, image_digest
+from pasd_cli.prompts.sources import ImagePrompt, PromptFile, PromptResolver, describer_missing, read_sidecar
 
 MODELS = Path(__file__).parent.parent / "models"
 

@@ -19,10 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pasd_cli.engine import tiling
+from pasd_cli.engine import UpscaleSettings, tiling
 from pasd_cli.engine.pipeline import image_to_tensor
 from pasd_cli.engine.vae_tiling import TiledSection
-from pasd_cli.settings import UpscaleSettings
 
 TILE, OVERLAP, LATENT = 16, 8, 40  # a regular 4x4 grid of 16-latent tiles over a 320 px image
 VAE_TILE = 112  # cuts at 104 and 216 px, apart from the latent tile lines

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from pasd_cli import settings
+from pasd_cli import store as settings
 from pasd_cli.errors import ModelError
 from pasd_cli.store import (
     KINDS,
+    Kind,
+    ModelRef,
     Store,
     default_models,
     load_manifests,
     manifests_dir,
     may_download,
     offline_requested,
-    resolve_models,
+    resolve,
     runs_at_terminal,
     store_root,
     user_cache_dir,
@@ -120,16 +122,20 @@ def test_auto_download_only_at_a_terminal_and_online(stdin_tty, stderr_tty, offl
     assert may_download(offline, interactive) is downloads
 
 
+def pasd_ref(spec: str) -> ModelRef:
+    return ModelRef(spec, Kind.PASD, "--pasd")
+
+
 def test_paths_pass_through_and_names_need_installing(tmp_path):
     folder = tmp_path / "my-checkpoint"
     folder.mkdir()
-    assert resolve_models([(str(folder), "--pasd")], models_dir=tmp_path / "store") == [folder]
+    assert resolve([pasd_ref(str(folder))], models_dir=tmp_path / "store").path(pasd_ref(str(folder))) == folder
     with pytest.raises(ModelError, match="unknown model name"):
-        resolve_models([("no-such-model", "--pasd")], models_dir=tmp_path / "store")
+        resolve([pasd_ref("no-such-model")], models_dir=tmp_path / "store")
     with pytest.raises(ModelError, match="no such file"):
-        resolve_models([("./missing", "--pasd")], models_dir=tmp_path / "store")
+        resolve([pasd_ref("./missing")], models_dir=tmp_path / "store")
     with pytest.raises(ModelError) as err:
-        resolve_models([("pasd", "--pasd"), ("sd15", "--base")], models_dir=tmp_path / "store", offline=True)
+        resolve([pasd_ref("pasd"), ModelRef("sd15", Kind.BASE, "--base")], models_dir=tmp_path / "store", offline=True)
     assert "'pasd'" in str(err.value) and "'sd15'" in str(err.value)
     assert err.value.hint == f"fetch with: pasd download pasd sd15 --models-dir {tmp_path / 'store'}"
 
@@ -138,7 +144,7 @@ def test_a_truncated_file_makes_the_model_unusable(tmp_path):
     store = Store(tmp_path)
     folder = store.model_dir("sd15")
     manifest = store.manifest("sd15")
-    from pasd_cli.store import Record, sha256_file
+    from pasd_cli.store.local import Record, sha256_file
 
     files = {}
     for rel in manifest.repo_paths:

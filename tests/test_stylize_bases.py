@@ -20,6 +20,7 @@ from tiny_bases import (
     write_unet_folder,
 )
 
+from pasd_cli.cli.app import hint_for
 from pasd_cli.engine.bases import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, apply_base, base_kind, stock_unet_keys
 from pasd_cli.engine.single_file import sd15_config
 from pasd_cli.errors import ModelError
@@ -267,7 +268,7 @@ def test_lora_given_as_base_is_refused_with_a_hint(tmp_path):
     )
     with pytest.raises(ModelError, match="is a LoRA") as failure:
         apply_base(fresh_components(), path)
-    assert "--lora" in failure.value.hint
+    assert "--lora" in hint_for(failure.value)  # as the command line says it
 
 
 def test_sdxl_checkpoint_is_refused(tmp_path):

@@ -31,7 +31,7 @@ from tiny_bases import (
     write_unet_folder,
 )
 
-from pasd_cli.metadata import read_record
+from pasd_cli.imageio.metadata import read_record
 
 SEED = 7
 # tiny_bases.render's settings, on the command line.
@@ -177,7 +177,7 @@ def one_error(proc, code: int = 3) -> str:
 
 
 def test_blend_0_on_a_checkpoint_with_the_same_vae_and_text_encoder_reproduces_upscale_exactly(files, plain):
-    styled, record = stylize(files, "blend0", "--base", files["style"], "--blend", "0")
+    styled, record = stylize(files, "blend0", "--style", files["style"], "--blend", "0")
     assert np.array_equal(styled, plain)
     assert record["model"]["base"]["kind"] == "single-file" and record["model"]["base"]["blend"] == 0.0
 
@@ -185,7 +185,7 @@ def test_blend_0_on_a_checkpoint_with_the_same_vae_and_text_encoder_reproduces_u
 def test_single_file_checkpoint_loads_offline_and_changes_the_output(files, plain, hub):
     """No --offline: the network is allowed, and the loopback hub (HF_ENDPOINT) must see nothing."""
     before = len(hub.requests)
-    styled, record = stylize(files, "style", "--base", files["style"], env=clean_env(files["root"], hub))
+    styled, record = stylize(files, "style", "--style", files["style"], env=clean_env(files["root"], hub))
     assert len(hub.requests) == before
     assert np.abs(styled - plain).mean() > 1.0
     assert record["command"] == "stylize"
@@ -207,7 +207,7 @@ def test_single_file_checkpoint_loads_offline_and_changes_the_output(files, plai
 
 def test_identity_unet_folder_with_lora_weight_0_reproduces_upscale_exactly(files, plain):
     """A UNet-only folder (the released code re-initialises PACA for these) and a LoRA at weight 0."""
-    styled, record = stylize(files, "lora0", "--base", files["unet_folder"], "--lora", f"{files['lora']}:0")
+    styled, record = stylize(files, "lora0", "--style", files["unet_folder"], "--lora", f"{files['lora']}:0")
     assert np.array_equal(styled, plain)
     assert record["model"]["base"]["kind"] == "unet-folder" and record["model"]["base"]["replaced"] == []
     assert record["model"]["loras"] == [{"path": str(files["lora"]), "weight": 0.0}]
@@ -227,7 +227,7 @@ def _merged_render(files, factor: float) -> np.ndarray:
 
 
 def test_lora_weight_1_with_alpha_half_the_rank_is_a_half_merge(files, plain):
-    styled, record = stylize(files, "lora1", "--base", files["same"], "--lora", files["lora"])
+    styled, record = stylize(files, "lora1", "--style", files["same"], "--lora", files["lora"])
     assert record["model"]["loras"] == [{"path": str(files["lora"]), "weight": 1.0}]
     half = _merged_render(files, 0.5)
     assert np.abs(styled - half).max() <= 1  # the merged weights agree to ~1e-7
@@ -259,7 +259,7 @@ def test_hub_base_downloads_only_its_parts_then_runs_offline(files, plain, hub):
     assert Counter(hub.downloads()) == Counter(f"{HUB_BASE}/{p}" for p in expected)
 
     hub.requests.clear()
-    styled, record = stylize(files, "hub", "--base", HUB_BASE, "--offline", env=env)
+    styled, record = stylize(files, "hub", "--style", HUB_BASE, "--offline", env=env)
     assert hub.requests == []
     assert np.array_equal(styled, plain)
     assert record["model"]["base"]["kind"] == "diffusers-folder"
@@ -277,7 +277,7 @@ def test_hub_base_not_downloaded_without_a_terminal_names_the_command(files, hub
         files["root"] / "no-terminal" / "out",
         *tiny_stylize_args(),
         *RUN,
-        "--base",
+        "--style",
         HUB_BASE,
         env=env,
     )
@@ -308,7 +308,7 @@ def test_fast_fuses_the_store_lcm_lora_with_4_steps_and_no_guidance(files, hub):
         out,
         *tiny_stylize_args(),
         *fast,
-        "--base",
+        "--style",
         files["same"],
         "--fast",
         "--offline",
@@ -337,7 +337,7 @@ def test_fast_keeps_steps_and_guidance_given_on_the_command_line(files):
         LR_INPUT,
         "-o",
         out,
-        "--base",
+        "--style",
         files["same"],
         "--fast",
         "--dry-run",
@@ -361,7 +361,7 @@ def test_fast_without_the_lcm_lora_is_exit_3_with_the_download_command(files):
         files["root"] / "no-lcm" / "out",
         *tiny_stylize_args(),
         *RUN,
-        "--base",
+        "--style",
         files["same"],
         "--fast",
         env=env,
@@ -374,11 +374,11 @@ def test_fast_without_the_lcm_lora_is_exit_3_with_the_download_command(files):
 # ---- Must show 4: pickles ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", ["--base", "--lora"])
+@pytest.mark.parametrize("option", ["--style", "--lora"])
 def test_untrusted_pickle_is_refused_with_exit_3_and_nothing_runs(files, tmp_path, option):
     marker = tmp_path / "payload-ran"
-    evil = _malicious_pickle(tmp_path / ("evil.ckpt" if option == "--base" else "evil.pt"), marker)
-    base = ["--base", evil] if option == "--base" else ["--base", files["same"], "--lora", f"{evil}:0.5"]
+    evil = _malicious_pickle(tmp_path / ("evil.ckpt" if option == "--style" else "evil.pt"), marker)
+    base = ["--style", evil] if option == "--style" else ["--style", files["same"], "--lora", f"{evil}:0.5"]
     out = tmp_path / "out"
     proc = run_pasd(
         "stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *base, env={"PYTHONPROFILEIMPORTTIME": "1"}
@@ -392,7 +392,7 @@ def test_trusted_pickle_is_read_with_restricted_unpickling(files, tmp_path):
     marker = tmp_path / "payload-ran"
     evil = _malicious_pickle(tmp_path / "evil.ckpt", marker)
     out = tmp_path / "out"
-    proc = run_pasd("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, "--base", evil, "--trust-pickle")
+    proc = run_pasd("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, "--style", evil, "--trust-pickle")
     assert "restricted unpickling refused" in one_error(proc)
     assert not marker.exists() and not (out / "lr_input.png").exists()
 
@@ -456,7 +456,7 @@ def test_wrong_bases_are_refused_before_loading(tmp_path, make, message):
         "-o",
         tmp_path / "out",
         *tiny_stylize_args(),
-        "--base",
+        "--style",
         make(tmp_path),
         env={"PYTHONPROFILEIMPORTTIME": "1"},
     )
@@ -471,7 +471,7 @@ def test_dry_run_plans_without_torch(files):
         LR_INPUT,
         "-o",
         out,
-        "--base",
+        "--style",
         files["style"],
         "--lora",
         f"{files['lora']}:0.8",
@@ -490,12 +490,12 @@ def test_dry_run_plans_without_torch(files):
 
 def test_options_of_stylize_and_upscale():
     stylize_help, upscale_help = run_pasd("stylize", "--help").stdout, run_pasd("upscale", "--help").stdout
-    for option in ("--base", "--sd15", "--lora", "--blend", "--fast", "--trust-pickle"):
+    for option in ("--style", "--base", "--lora", "--blend", "--fast", "--trust-pickle"):
         assert option in stylize_help, option
-    assert "--base" in upscale_help and "--sd15" not in upscale_help and "--lora" not in upscale_help
+    assert "--base" in upscale_help and "--style" not in upscale_help and "--lora" not in upscale_help
     missing = run_pasd("stylize", LR_INPUT, "-o", "out", "--dry-run")
-    assert missing.returncode == 2 and "--base" in missing.stderr
-    bad_weight = run_pasd("stylize", LR_INPUT, "-o", "out", "--base", "x.safetensors", "--lora", "l.safetensors:nan")
+    assert missing.returncode == 2 and "--style" in missing.stderr
+    bad_weight = run_pasd("stylize", LR_INPUT, "-o", "out", "--style", "x.safetensors", "--lora", "l.safetensors:nan")
     assert bad_weight.returncode == 2 and "finite" in bad_weight.stderr
 
 
@@ -517,7 +517,7 @@ def test_a_folder_is_a_batch_with_json_records_and_a_rerun_skips_it_all(tmp_path
         photos,
         "-o",
         out,
-        "--base",
+        "--style",
         TINY_BASE,
         *tiny_stylize_args(),
         "--steps",

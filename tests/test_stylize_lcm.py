@@ -8,11 +8,11 @@ import torch
 from diffusers import UniPCMultistepScheduler
 from tiny_bases import fresh_components, kohya_name, lora_pair, plain_render, render, write_kohya_lora
 
+from pasd_cli.engine import FAST_GUIDANCE, FAST_STEPS, LoraSpec
 from pasd_cli.engine.noise import _alpha_sigma
 from pasd_cli.engine.pipeline import PASDPipeline
 from pasd_cli.engine.schedulers import SeededLCMScheduler, schedule_sigmas
 from pasd_cli.engine.stylize import personalize, use_lcm
-from pasd_cli.settings import FAST_GUIDANCE, FAST_STEPS, LoraSpec
 
 LCM_LAYERS = [
     "down_blocks.0.attentions.0.proj_in",
@@ -54,7 +54,7 @@ def test_lcm_step_noise_follows_the_image_seed_during_denoising(tmp_path):
     (UniPC draws none, so there the seed only acts through the initial latents)."""
     from dataclasses import replace
 
-    from pasd_cli.settings import UpscaleSettings
+    from pasd_cli.engine import UpscaleSettings
 
     components = fresh_components()
     use_lcm(components, _tiny_lcm_lora(components, tmp_path / "lcm.safetensors"))

@@ -10,6 +10,7 @@ from conftest import TINY_LIGHT
 from safetensors.torch import save_file
 from tiny_bases import fresh_components, kohya_name, lora_pair, paca_from_file, plain_render, render, write_kohya_lora
 
+from pasd_cli.cli.app import hint_for
 from pasd_cli.engine.lora import apply_lora
 from pasd_cli.errors import ModelError
 
@@ -215,4 +216,4 @@ def test_full_checkpoint_given_as_lora_is_refused_with_a_hint(tmp_path):
     path = write_checkpoint(tmp_path / "model.safetensors", components)
     with pytest.raises(ModelError, match="not a LoRA") as failure:
         apply_lora(components, path)
-    assert "--base" in failure.value.hint
+    assert "--style" in hint_for(failure.value)  # the command line names its option; the engine does not

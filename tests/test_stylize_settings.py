@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from pasd_cli.settings import STYLIZE_PASD, LoraSpec, StylizeSettings, UpscaleSettings
+from pasd_cli.engine import LoraSpec, StylizeSettings, UpscaleSettings
+from pasd_cli.store import STYLIZE_PASD
 
 
 def test_stylize_defaults_are_the_authors_advice_and_the_rest_is_upscale():

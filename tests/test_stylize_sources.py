@@ -1,5 +1,5 @@
 """Where a stylize base or LoRA comes from, and the checks made before any weights are read: what a
-hub repo id fetches, how --base / --lora specs resolve, and the torch-free pre-flight checks."""
+hub repo id fetches, how --style / --lora specs resolve, and the torch-free pre-flight checks."""
 
 from __future__ import annotations
 
@@ -7,11 +7,22 @@ import json
 
 import pytest
 
+from pasd_cli.cli.app import hint_for
 from pasd_cli.engine.formats import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, check_base, check_lora_file
 from pasd_cli.errors import ModelError
-from pasd_cli.hub_bases import is_repo_id, pick_base_files, store_name
-from pasd_cli.store import Manifest, load_manifests
-from pasd_cli.stylize_cli import HUB, PATH, STORE, base_source, lora_source
+from pasd_cli.store import Kind, Manifest, ModelRef, Origin, load_manifests, locate
+from pasd_cli.store.hub_bases import is_repo_id, pick_base_files, store_name
+
+PATH, STORE, HUB = Origin.PATH, Origin.STORE, Origin.HUB
+
+
+def base_source(spec, manifests):
+    return locate(ModelRef(spec, Kind.STYLE, "--style"), manifests)
+
+
+def lora_source(spec, manifests):
+    return locate(ModelRef(spec, Kind.LORA, "--lora"), manifests)
+
 
 TOKENIZER = [
     "tokenizer/merges.txt",
@@ -131,7 +142,7 @@ def test_base_and_lora_specs_resolve_in_order(tmp_path, monkeypatch):
     assert base_source("toon", {**manifests, "toon": personal}).origin == STORE
     with pytest.raises(ModelError, match="is a lora model, not a base") as refused:
         base_source("lcm-lora-sdv1-5", manifests)
-    assert "--lora" in refused.value.hint
+    assert "--lora" in hint_for(refused.value)
     with pytest.raises(ModelError, match="no such file"):
         base_source("missing.safetensors", manifests)
     assert lora_source("lcm-lora-sdv1-5", manifests).origin == STORE

@@ -14,10 +14,10 @@ from ldm_layout import checkpoint_from_parts
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pasd_cli.engine import StylizeSettings
 from pasd_cli.engine.bases import stock_unet_keys
 from pasd_cli.engine.loading import load_components
 from pasd_cli.engine.pipeline import PASDPipeline
-from pasd_cli.settings import StylizeSettings
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

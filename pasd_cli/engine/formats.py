@@ -14,8 +14,8 @@ from ..nn.keys import read_keys as safetensors_keys
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 TRUST_PICKLE_HINT = (
-    "convert it to .safetensors, or pass --trust-pickle to read it with "
-    "restricted unpickling (tensors and plain containers only)"
+    "convert it to .safetensors, or trust it to be read with restricted unpickling, "
+    "which loads tensors and plain containers only"
 )
 
 SINGLE_FILE = "single-file"
@@ -40,7 +40,9 @@ def refuse_untrusted_pickle(path: Path, trust_pickle: bool) -> None:
     path = Path(path)
     if is_pickle(path) and not trust_pickle:
         raise ModelError(
-            f"{path} is a pickle ({path.suffix}); reading it could run code, so it is refused", hint=TRUST_PICKLE_HINT
+            f"{path} is a pickle ({path.suffix}); reading it could run code, so it is refused",
+            hint=TRUST_PICKLE_HINT,
+            field="trust_pickle",
         )
 
 
@@ -89,7 +91,7 @@ def check_single_file_keys(keys, source: Path) -> None:
     """A single-file base must hold an SD 1.5 UNet, in the LDM layout or diffusers'."""
     keys = list(keys)
     if is_lora_keys(keys):
-        raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it with --lora")
+        raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it as a LoRA", field="loras")
     for prefix, family in _OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in keys):
             raise ModelError(f"{source} is a {family} checkpoint; PASD's bases must be Stable Diffusion 1.5 models")
@@ -121,8 +123,7 @@ def check_lora_file(path: Path, trust_pickle: bool = False) -> None:
     path = Path(path)
     if not path.is_file():
         raise ModelError(
-            f"LoRA file not found: {path}" if not path.exists() else f"{path} is not a file",
-            hint=None if path.exists() else "--lora takes FILE or FILE:WEIGHT",
+            f"LoRA file not found: {path}" if not path.exists() else f"{path} is not a file", field="loras"
         )
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise ModelError(
@@ -132,4 +133,4 @@ def check_lora_file(path: Path, trust_pickle: bool = False) -> None:
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         keys = safetensors_keys(path)
         if not is_lora_keys(keys) and (any(k.startswith(LDM_UNET_PREFIX) for k in keys) or "conv_in.weight" in keys):
-            raise ModelError(f"{path} is a full model, not a LoRA", hint="pass it with --base")
+            raise ModelError(f"{path} is a full model, not a LoRA", hint="pass it as the style base", field="style")

@@ -66,7 +66,7 @@ def _refuse_unsupported(state: dict[str, torch.Tensor], source: Path) -> None:
     if not any("lora" in k for k in state) and any(
         k.startswith(("model.diffusion_model.", "down_blocks.", "conv_in.")) for k in state
     ):
-        raise ModelError(f"{source} is a full model, not a LoRA", hint="pass it with --base")
+        raise ModelError(f"{source} is a full model, not a LoRA", hint="pass it as the style base", field="style")
     for marker, name in _UNSUPPORTED.items():
         if any(marker in k and (not marker.startswith(".") or k.endswith(marker)) for k in state):
             raise ModelError(f"{source} is a {name} network; only plain LoRA (up/down) is supported")

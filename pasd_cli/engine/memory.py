@@ -81,7 +81,8 @@ class TileShrinker:
                 if smaller < minimum:
                     raise DeviceError(
                         f"out of memory on {self.device.type} even with {what} tiles of {current}",
-                        hint="close other programs using the device, or use a smaller --scale",
+                        hint="close other programs using the device, or ask for a smaller output",
+                        field="scale",
                     )
                 if self.warn and not self.warned:
                     note = "; the result will differ slightly from the requested tiling" if changes_result else ""

@@ -119,14 +119,14 @@ class StylizeSettings(UpscaleSettings):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One `--lora FILE[:WEIGHT]`."""
+    """One LoRA: its file and the weight it is merged at (FILE or FILE:WEIGHT as text)."""
 
     path: str
     weight: float = 1.0
 
     def __post_init__(self):
         if not self.path:
-            raise ValueError("--lora needs a file")
+            raise ValueError("a LoRA needs a file")
         if not math.isfinite(self.weight):
             raise ValueError(f"LoRA weight must be a finite number, got {self.weight}")
 

@@ -76,7 +76,7 @@ def check_sd15_checkpoint(state: dict[str, torch.Tensor], source: Path) -> None:
 
     if not any(k.startswith(LDM_UNET_PREFIX) for k in state):
         if state and all(k.startswith(LORA_PREFIXES) for k in state):
-            raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it with --lora")
+            raise ModelError(f"{source} is a LoRA, not a base model", hint="pass it as a LoRA", field="loras")
         raise ModelError(f"{source} holds no UNet in the original (LDM) layout (no keys under {LDM_UNET_PREFIX})")
     model_type = infer_diffusers_model_type(state)
     if model_type != "v1":

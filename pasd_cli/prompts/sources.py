@@ -16,13 +16,15 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from .caption_cache import CaptionCache, image_digest
-from .engine.captions import Describer, DescriberSpec, Description
-from .engine.prompts import build_prompt
-from .errors import InputError, ModelError, UsageError
+from ..errors import InputError, ModelError, UsageError
+from .cache import CaptionCache, image_digest
+
+if TYPE_CHECKING:  # torch: loaded only when an image is described
+    from ..engine.captions import Describer, Description
 
 SIDECAR_SUFFIX = ".txt"
 SIDECAR_MAX_BYTES = 16 * 1024
@@ -160,6 +162,8 @@ class ImagePrompt:
         return {}
 
     def build(self, user_prompt: str, added_prompt: str) -> str:
+        from ..engine.prompts import build_prompt
+
         return build_prompt(user_prompt, added_prompt, **self.pipeline_args())
 
     def to_json(self) -> dict:
@@ -171,7 +175,7 @@ class ImagePrompt:
     def provenance(self) -> dict:
         """For the output's metadata: where the prompt came from, but not whether this run found
         it in the cache, so the same input and settings give the same bytes."""
-        record = {"prompt_source": self.source, "prompt_text": self.text}
+        record: dict[str, Any] = {"prompt_source": self.source, "prompt_text": self.text}
         if self.description is not None:
             record["description"] = self.description.to_json()
         return record
@@ -206,6 +210,17 @@ def describer_missing(mode: str, model: str, reason: str, fetch: str = "pasd dow
     )
 
 
+class DescriberSource(Protocol):
+    """What the resolver needs of a describer (the engine's `DescriberSpec` is one): its kind, its
+    identity for the cache, and a way to load it."""
+
+    kind: str
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def load(self, device: Any, dtype: Any) -> Describer: ...
+
+
 class PromptResolver:
     """Resolves each image's prompt source: sidecar > prompt file > describer > none.
 
@@ -217,7 +232,7 @@ class PromptResolver:
     def __init__(
         self,
         mode: str,
-        describer: DescriberSpec | None = None,
+        describer: DescriberSource | None = None,
         *,
         device=None,
         dtype=None,
@@ -259,10 +274,11 @@ class PromptResolver:
         return ImagePrompt(self.mode, text, description, cached)
 
     def _describe(self, image: Image.Image) -> tuple[Description, bool]:
+        assert self.describer is not None  # a mode that describes has a describer
         if self._identity is None:
             self._identity = self.describer.identity()
         digest = image_digest(image) if self.cache is not None else None
-        if digest is not None:
+        if self.cache is not None and digest is not None:
             description = self.cache.get(self._identity, digest)
             if description is not None:
                 self.stats.cache_hits += 1
@@ -271,7 +287,7 @@ class PromptResolver:
             self._model = self.describer.load(self.device, self.dtype)
         description = self._model.describe(image)
         self.stats.described += 1
-        if digest is not None:
+        if self.cache is not None and digest is not None:
             self.cache.put(self._identity, digest, description)
         return description, False
 

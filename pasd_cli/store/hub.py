@@ -15,13 +15,15 @@ import errno
 import hashlib
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from .errors import ModelError
-from .store import Manifest, Record, Store, offline_requested
+from ..errors import ModelError
+from .local import Record, Store, offline_requested
+from .manifests import Manifest
 
 FreeSpace = Callable[[Path], int]
 
@@ -49,14 +51,14 @@ def file_digests(path: Path) -> tuple[str, str]:
     return sha256.hexdigest(), git_sha1.hexdigest()
 
 
-def _expected(remote) -> tuple[str, str]:
+def _expected(remote: Any) -> tuple[str, str]:
     """(algorithm, hex digest) the hub lists for a file."""
     if remote.lfs is not None:
         return "sha256", remote.lfs.sha256
     return "git-sha1", remote.blob_id
 
 
-def _check_file(path: Path, remote) -> tuple[str | None, str]:
+def _check_file(path: Path, remote: Any) -> tuple[str | None, str]:
     """(problem or None, sha256) of a local file against its hub entry."""
     if not path.is_file():
         return "missing", ""
@@ -80,15 +82,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_network_error(exc: BaseException) -> bool:
+    http: Any
     try:
         import httpx2 as http
     except ImportError:  # huggingface_hub releases before httpx2
-        import httpx as http
+        import httpx as http  # type: ignore[import-not-found,no-redef]
     return isinstance(exc, (http.TransportError, ConnectionError, TimeoutError))
 
 
 @contextmanager
-def hub_errors(manifest: Manifest, endpoint: str, path: str | None = None):
+def hub_errors(manifest: Manifest, endpoint: str, path: str | None = None) -> Iterator[None]:
     """Translate huggingface_hub / network / disk failures into one-line ModelErrors."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -175,39 +178,39 @@ def check_free_space(folder: Path, needed: int, free_space: FreeSpace = disk_fre
         )
 
 
-def _progress_into(bar):
+def _progress_into(bar: Any) -> type:
     """A tqdm stand-in for huggingface_hub that adds every file's bytes to one shared bar."""
 
     class IntoSharedBar:
         total = None
         n = 0
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-        def __enter__(self):
+        def __enter__(self) -> IntoSharedBar:
             return self
 
-        def __exit__(self, *exc_info):
-            return False
+        def __exit__(self, *exc_info: object) -> None:
+            return None
 
-        def update(self, n=1):
+        def update(self, n: int = 1) -> None:
             if n:
                 bar.update(n)
 
-        def update_transfer(self, n=1):
+        def update_transfer(self, n: int = 1) -> None:
             pass  # Xet reports network bytes separately; the bar counts bytes written
 
-        def set_postfix_str(self, *args, **kwargs):
+        def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-        def set_transfer_postfix_str(self, *args, **kwargs):
+        def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-        def refresh(self, *args, **kwargs):
+        def refresh(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-        def close(self):
+        def close(self) -> None:
             pass
 
     return IntoSharedBar
@@ -236,6 +239,7 @@ def download(
     manifest = store.manifest(name)
     if not store.problems(name, full=True):
         record = store.read_record(name)
+        assert record is not None  # no problems: the record is there
         say(f"{name}: already installed and verified ({human_size(record.size)}) in {store.model_dir(name)}")
         return record
     if offline_requested():
@@ -273,7 +277,7 @@ def download(
 
     model_dir = store.model_dir(name)
     store.forget(name)  # from here on the model counts as not installed until every file checks out
-    files: dict[str, dict] = {}
+    files: dict[str, dict[str, Any]] = {}
     to_fetch: list[str] = []
     for rel in manifest.repo_paths:
         problem, sha256 = _check_file(model_dir / rel, remote[rel])

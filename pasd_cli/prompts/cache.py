@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .atomic import write_atomic
-from .engine.captions import Description
-from .errors import DeviceError, OutputError
+from ..atomic import write_atomic
+from ..errors import DeviceError, OutputError
+
+if TYPE_CHECKING:
+    from ..engine.captions import Description
 
 RECORD_FORMAT = 1
 
@@ -57,6 +60,8 @@ class CaptionCache:
         return description
 
     def _read(self, identity: dict, digest: str) -> Description | None:
+        from ..engine.captions import Description
+
         try:
             record = json.loads(self.path(identity, digest).read_text(encoding="utf-8"))
             if (

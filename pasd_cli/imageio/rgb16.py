@@ -59,7 +59,7 @@ def is_rgb16(path, image: Image.Image) -> bool:
         # signature, IHDR length and type, width, height, bit depth, colour type (2 RGB, 6 RGBA)
         return head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
     if image.format == "TIFF":
-        tags = image.tag_v2
+        tags = image.tag_v2  # type: ignore[attr-defined]
         bits, samples = tuple(tags.get(258, ())), tags.get(277, 1)
         return (
             tags.get(262) == 2

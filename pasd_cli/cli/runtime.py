@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
-from .errors import DeviceError
-from .settings import VAE_MEMORY_SHARE
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# Without --vae-memory, a VAE pass may use this share of the device's free memory (measured once
+# the models are loaded); the rest is headroom for the diffusion and other programs.
+VAE_MEMORY_SHARE = 0.5
 
 
-def pick_device(name: str):
+@dataclass(frozen=True)
+class Runtime:
+    """Where the models run: a torch device and dtype."""
+
+    device: Any
+    dtype: Any
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    @property
+    def label(self) -> str:
+        """ "cuda (float16)", for messages."""
+        return f"{self.device} ({self.dtype_name})"
+
+
+def pick_runtime(device: str, dtype: str) -> Runtime:
+    """The device and dtype for --device and --dtype (one of DEVICES, DTYPES)."""
+    limit_heap_fragmentation()
+    chosen = pick_device(device)
+    precision = pick_dtype(dtype, chosen)
+    use_true_fp32(chosen, precision)
+    return Runtime(chosen, precision)
+
+
+def pick_device(name: str) -> torch.device:
     """`name` is one of DEVICES (the option parser checks it)."""
     import torch
 
@@ -29,7 +63,7 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def pick_dtype(name: str, device):
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: float16 on GPUs, as released; float32 on the CPU, where float16 is slow. `name` is
     one of DTYPES (the option parser checks it)."""
     import torch
@@ -42,7 +76,7 @@ def pick_dtype(name: str, device):
     return table[name]
 
 
-def use_true_fp32(device, dtype) -> None:
+def use_true_fp32(device: torch.device, dtype: torch.dtype) -> None:
     """fp32 asked for on CUDA means IEEE fp32: torch lets cuDNN convolutions run in TF32 by
     default (10-bit mantissa), which would make `--dtype fp32` differ from the released model's
     fp32 results well beyond rounding.
@@ -63,12 +97,12 @@ def use_true_fp32(device, dtype) -> None:
         torch.backends.cuda.matmul.fp32_precision = "ieee"
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """torch.float16 -> "float16", for messages and records."""
     return str(dtype).removeprefix("torch.")
 
 
-def memory_budget(device) -> int:
+def memory_budget(device: torch.device) -> int:
     """Bytes a VAE pass may use on `device`: a share of what is free now (call it after the
     models are loaded). The allocator's cached blocks are handed back first: the device counts
     them as used, though the pass could reuse them. Per-tensor limits are the engine's concern

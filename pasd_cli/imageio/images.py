@@ -1,5 +1,5 @@
 """Reading inputs (header probes, EXIF orientation, ICC, alpha, gray, 16-bit) and encoding results
-with their metadata (`atomic.write_atomic` puts them in place).
+with their metadata (the caller puts them in place, with `atomic.write_atomic`).
 
 The models see 8-bit RGB only. `load` splits an input into what the model sees and what it does
 not (alpha, gray-ness, 16-bit precision, metadata); `restore` puts the model's output back into
@@ -17,30 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from . import deep, metadata
-from .errors import InputError
-from .settings import DEFAULT_QUALITY, MAX_INPUT_PIXELS
-
-READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    pillow: str
-    suffix: str
-    bits16: bool  # can hold 16-bit gray, RGB and RGBA
-    alpha: bool
-
-
-OUTPUT_FORMATS = {
-    "png": OutputFormat("PNG", ".png", True, True),
-    "jpg": OutputFormat("JPEG", ".jpg", False, False),
-    "webp": OutputFormat("WEBP", ".webp", False, True),
-    "tiff": OutputFormat("TIFF", ".tiff", True, True),
-}
-# `--format same`: BMP can carry neither metadata nor pasd's record, so its results are PNGs.
-SAME_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "png"}
+from ..errors import InputError
+from . import metadata
+from . import rgb16 as deep
+from .formats import DEFAULT_QUALITY, MAX_INPUT_PIXELS, OUTPUT_FORMATS, READ_FORMATS, SAME_FORMAT
 
 
 @dataclass(frozen=True)
@@ -68,7 +48,7 @@ def _size_turned_on_open(image: Image.Image) -> bool:
     then the stored width and height swapped."""
     if image.format != "TIFF":
         return False
-    stored = (image.tag_v2.get(256), image.tag_v2.get(257))
+    stored = (image.tag_v2.get(256), image.tag_v2.get(257))  # type: ignore[attr-defined]
     return image.size != stored
 
 
@@ -113,7 +93,8 @@ def _open(path: Path) -> Image.Image:
     # Phone and camera JPEGs often carry a second, preview picture (MPO); the first is the photo.
     if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
         image.close()
-        raise InputError(f"{path}: has {image.n_frames} frames or pages; only single images are supported")
+        frames = getattr(image, "n_frames", 1)
+        raise InputError(f"{path}: has {frames} frames or pages; only single images are supported")
     if image.mode == "F":
         image.close()
         raise InputError(f"{path}: 32-bit float images are not supported")
@@ -121,7 +102,7 @@ def _open(path: Path) -> Image.Image:
 
 
 def _format(image: Image.Image) -> str:
-    return "JPEG" if image.format == "MPO" else image.format
+    return "JPEG" if image.format == "MPO" else str(image.format)
 
 
 def probe(path: Path) -> ImageInfo:
@@ -194,7 +175,7 @@ def load(path: Path) -> LoadedImage:
             notes=notes,
         )
         if opened.format == "PNG":
-            loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}
+            loaded.png_text = {k: v for k, v in opened.text.items() if isinstance(v, str)}  # type: ignore[attr-defined]
         rgb16 = _read_rgb16(path, opened, orientation, image.size, notes) if deep.is_rgb16(path, opened) else None
     _split_channels(image, loaded, rgb16)
     return loaded
@@ -263,8 +244,9 @@ def _cmyk_to_rgb(image: Image.Image, loaded: LoadedImage) -> Image.Image:
             source = ImageCms.ImageCmsProfile(io.BytesIO(loaded.icc))
             srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
             rgb = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
-            loaded.icc = srgb.tobytes()
-            return rgb
+            if rgb is not None:  # None only when converting in place
+                loaded.icc = srgb.tobytes()
+                return rgb
         except (ImageCms.PyCMSError, OSError):
             loaded.notes.append("CMYK profile unusable; converted without it")
     loaded.icc = None
@@ -344,7 +326,7 @@ def encode(
         image = image.to_8bit()
     if not isinstance(image, RGB16) and image.mode == "I;16" and not spec.bits16:
         image = Image.fromarray(_to8(np.asarray(image)))
-    if image.mode in ("RGBA", "LA") and not spec.alpha:  # never an RGB16: PNG and TIFF have alpha
+    if isinstance(image, Image.Image) and image.mode in ("RGBA", "LA") and not spec.alpha:  # PNG, TIFF have alpha
         background = Image.new(image.mode[:-1], image.size, "white")
         background.paste(image.convert(image.mode[:-1]), mask=image.getchannel("A"))
         image = background

@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from .batch import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job, JobRecord, Summary
+from .plan import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job
+from .records import JobRecord, Summary
+
+if TYPE_CHECKING:  # Rich loads only when progress bars are drawn
+    from rich.progress import TaskID
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 # Without -v, plain progress repeats at most this often during one image (seconds).
@@ -165,8 +169,8 @@ class _LiveProgress:
             transient=True,
             redirect_stdout=sys.stdout.isatty(),
         )
-        self.images = None
-        self.stages: dict[str, int] = {}
+        self.images: TaskID | None = None
+        self.stages: dict[str, TaskID] = {}
         self.progress.start()
 
     def start_job(self, name: str, done: int, total: int) -> None:

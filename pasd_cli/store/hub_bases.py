@@ -6,18 +6,19 @@ configs and their safetensors weights, nothing else (no pickles, no safety check
 single-file copies). The download itself is `hub.download` with a manifest made on the spot, so
 it gets the same hash checks, resumption and one-line errors; the store keeps the base in
 `<store>/hub--owner--name/` with its install record, and that record is what makes the base
-usable offline later.
+usable offline later. `resolve.py` decides when a base is fetched.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .engine.formats import PART_STEMS, PICKLE_SUFFIXES
-from .errors import ModelError
-from .store import Manifest, Store, fetch_command, may_download, not_fetched_because, offline_requested, store_root
+from ..engine.formats import PART_STEMS, PICKLE_SUFFIXES
+from ..errors import ModelError
+from .local import Store, offline_requested
+from .manifests import Manifest
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -32,7 +33,7 @@ def store_name(repo_id: str) -> str:
     return "hub--" + repo_id.replace("/", "--")
 
 
-def _manifest(repo_id: str, files) -> Manifest:
+def _manifest(repo_id: str, files: Iterable[str]) -> Manifest:
     return Manifest(
         name=store_name(repo_id),
         kind="base",
@@ -66,7 +67,7 @@ def _part_files(listing: set[str], repo_id: str, folder: str, stem: str) -> list
     )
 
 
-def pick_base_files(listing, repo_id: str) -> list[str]:
+def pick_base_files(listing: Iterable[str], repo_id: str) -> list[str]:
     """The files of `listing` (paths in the repo) that make a base: a diffusers model (unet/ and
     what it has of vae/, text_encoder/, tokenizer/) or a lone UNet at the repo root."""
     listing = set(listing)
@@ -93,14 +94,14 @@ def pick_base_files(listing, repo_id: str) -> list[str]:
     )
 
 
-def _installed(root: Path, repo_id: str) -> Store | None:
-    """The store holding the base, when its record says it is complete and intact."""
+def hub_store(root: Path, repo_id: str) -> Store | None:
+    """A store that knows the base `repo_id` by its install record (None: never installed); its
+    `problems()` say whether the files are intact."""
     name = store_name(repo_id)
     record = Store(root, manifests={}).read_record(name)
     if record is None or record.repo_id != repo_id:
         return None
-    store = Store(root, manifests={name: _manifest(repo_id, record.files)})
-    return store if not store.problems(name) else None
+    return Store(root, manifests={name: _manifest(repo_id, record.files)})
 
 
 def download_hub_base(
@@ -120,7 +121,7 @@ def download_hub_base(
 
     say = say or (lambda message: None)
     name = store_name(repo_id)
-    installed = _installed(Path(root), repo_id)
+    installed = hub_store(Path(root), repo_id)
     if installed is not None and not installed.problems(name, full=True):
         say(f"{repo_id}: already installed and verified in {installed.model_dir(name)}")
         return installed.model_path(name)
@@ -139,26 +140,3 @@ def download_hub_base(
     store = Store(Path(root), manifests={name: _manifest(repo_id, pick_base_files(listing, repo_id))})
     download(store, name, endpoint=endpoint, token=token, say=say, show_bar=show_bar)
     return store.model_path(name)
-
-
-def ensure_hub_base(
-    repo_id: str,
-    *,
-    models_dir: str | Path | None = None,
-    offline: bool = False,
-    interactive: bool = False,
-    say: Callable[[str], None] | None = None,
-) -> Path:
-    """The local folder of the base `repo_id`, fetched only when `may_download` allows it (a
-    person at a terminal, not offline), as for the models with manifests."""
-    root = store_root(models_dir)
-    installed = _installed(root, repo_id)
-    if installed is not None:
-        return installed.model_path(store_name(repo_id))
-    offline = offline_requested(offline)
-    if not may_download(offline, interactive):
-        raise ModelError(
-            f"base {repo_id} not in {root} ({not_fetched_because(offline)})",
-            hint=f"fetch with: {fetch_command([repo_id], root)}",
-        )
-    return download_hub_base(root, repo_id, say=say, show_bar=interactive)

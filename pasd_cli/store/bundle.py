@@ -22,19 +22,18 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO, Literal
 
-from .atomic import write_atomic
-from .errors import ModelError, OutputError
-from .store import RECORD_NAME, Record, Store, fetch_command, safe_relative
+from ..atomic import write_atomic
+from ..errors import ModelError, OutputError
+from .local import RECORD_NAME, Record, Store, fetch_command, safe_relative
 
 BUNDLE_INDEX = "pasd-bundle.json"
 BUNDLE_FORMAT = 1
 
 
-def _tar_mode(path: Path, writing: bool) -> str:
-    if writing:
-        return "w:gz" if path.name.endswith((".gz", ".tgz")) else "w"
-    return "r:*"
+def _write_mode(path: Path) -> Literal["w:gz", "w"]:
+    return "w:gz" if path.name.endswith((".gz", ".tgz")) else "w"
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -47,7 +46,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def export_models(store: Store, names: list[str], target: Path, say: Callable[[str], None] | None = None) -> None:
     """Write the named installed models to `target`; every file is re-hashed first."""
     say = say or (lambda message: None)
-    records = []
+    records: list[Record] = []
     for name in names:
         store.manifest(name)
         problems = store.problems(name, full=True)
@@ -56,11 +55,13 @@ def export_models(store: Store, names: list[str], target: Path, say: Callable[[s
                 f"cannot export {name}: {'; '.join(problems)}",
                 hint=f"fetch or repair it with: {fetch_command([name], store.root)}",
             )
-        records.append(store.read_record(name))
+        record = store.read_record(name)
+        assert record is not None  # no problems: the record is there
+        records.append(record)
     target = Path(target)
 
-    def write(handle) -> None:
-        with tarfile.open(fileobj=handle, mode=_tar_mode(target, writing=True)) as tar:
+    def write(handle: BinaryIO) -> None:
+        with tarfile.open(fileobj=handle, mode=_write_mode(target)) as tar:
             _add_bytes(tar, BUNDLE_INDEX, json.dumps({"format": BUNDLE_FORMAT, "models": names}).encode())
             for record in records:
                 _add_bytes(tar, f"{record.name}/{RECORD_NAME}", json.dumps(record.to_json(), indent=2).encode())
@@ -74,20 +75,23 @@ def export_models(store: Store, names: list[str], target: Path, say: Callable[[s
         raise ModelError(str(exc)) from None
 
 
-def _read_json_member(tar: tarfile.TarFile, name: str) -> dict:
+def _read_json_member(tar: tarfile.TarFile, name: str) -> dict[str, Any]:
     try:
         member = tar.getmember(name)
         handle = tar.extractfile(member) if member.isfile() else None
         if handle is None:
             raise KeyError(name)
-        return json.loads(handle.read().decode("utf-8"))
+        data = json.loads(handle.read().decode("utf-8"))
     except KeyError:
         raise ModelError(f"not a pasd bundle: {name} is missing") from None
     except ValueError as exc:
         raise ModelError(f"not a pasd bundle: {name} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"not a pasd bundle: {name} is not a JSON object")
+    return data
 
 
-def _extract_checked(tar: tarfile.TarFile, member_name: str, expected: dict, target: Path) -> None:
+def _extract_checked(tar: tarfile.TarFile, member_name: str, expected: dict[str, Any], target: Path) -> None:
     try:
         member = tar.getmember(member_name)
     except KeyError:
@@ -99,6 +103,7 @@ def _extract_checked(tar: tarfile.TarFile, member_name: str, expected: dict, tar
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     source = tar.extractfile(member)
+    assert source is not None  # a regular file
     with open(target, "wb") as out:
         for chunk in iter(lambda: source.read(1 << 20), b""):
             digest.update(chunk)
@@ -114,7 +119,7 @@ def import_bundle(store: Store, source: Path, say: Callable[[str], None] | None 
     if not source.is_file():
         raise ModelError(f"{source}: no such bundle file")
     try:
-        tar = tarfile.open(source, _tar_mode(source, writing=False))
+        tar = tarfile.open(source, "r:*")
     except tarfile.TarError:  # its message lists every compression tried, one line each
         raise ModelError(
             f"{source}: not a bundle (not a tar file)", hint="bundles are written by: pasd models export NAME FILE"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import UsageError
-from .imageio import IMAGE_SUFFIXES
+from ..errors import UsageError
+from ..imageio import IMAGE_SUFFIXES
 
 _GLOB_CHARS = set("*?[")
 

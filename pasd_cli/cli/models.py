@@ -1,7 +1,7 @@
 """`pasd download` and `pasd models ...`: fetch, list, verify, remove, export and import models.
 
 Results go to stdout (paths, table rows, or one JSON object per line with --json); progress and
-notes go to stderr. Every failure is a ModelError (exit code 3), mapped by cli.main.
+notes go to stderr. Every failure is a ModelError (exit code 3), mapped by `app.main`.
 """
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .errors import ModelError
+from ..errors import ModelError
 
-MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cache folder)."
+if TYPE_CHECKING:
+    from ..store import Store
+from .options import MODELS_DIR_HELP
 
 models_app = typer.Typer(
     help="List, verify, remove, export and import downloaded models.",
@@ -29,8 +31,8 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _store(models_dir: Optional[Path]):
-    from .store import Store, store_root
+def _store(models_dir: Optional[Path]) -> Store:
+    from ..store import Store, store_root
 
     return Store(store_root(models_dir))
 
@@ -43,11 +45,11 @@ def download_command(
         "`pasd stylize`.",
     ),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Download models (and the models they need) into the store, or repair damaged ones."""
-    from .hub import download
-    from .hub_bases import download_hub_base, is_repo_id
-    from .store import default_models, with_needs
+    from ..store import default_models, with_needs
+    from ..store.hub import download
+    from ..store.hub_bases import download_hub_base, is_repo_id
 
     store = _store(models_dir)
     repo_ids = [n for n in names or () if is_repo_id(n)]
@@ -65,10 +67,10 @@ def download_command(
 def list_models(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per model, one per line."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Every known model: installed or not, size on disk, path."""
-    from .hub import human_size
-    from .store import default_models
+    from ..store import default_models
+    from ..store.hub import human_size
 
     store = _store(models_dir)
     defaults = set(default_models())
@@ -98,10 +100,10 @@ def list_models(
         for row in rows:
             print(json.dumps(row), flush=True)
         return
-    width = max(len(r["name"]) for r in rows) + (2 if any(r["default"] for r in rows) else 0)
+    width = max(len(str(r["name"])) for r in rows) + (2 if any(r["default"] for r in rows) else 0)
     for row in rows:
-        label = row["name"] + (" *" if row["default"] else "")
-        size = human_size(row["size"]) if row["size"] is not None else "-"
+        label = f"{row['name']}" + (" *" if row["default"] else "")
+        size = human_size(row["size"]) if isinstance(row["size"], int) else "-"
         print(f"{label:<{width}}  {row['kind']:<10}  {row['state']:<9}  {size:>9}  {row['path']}", flush=True)
     _say(f"store: {store.root}   (* = used by default)")
 
@@ -110,10 +112,10 @@ def list_models(
 def verify_models(
     name: Optional[str] = typer.Argument(None, help="A model name (default: every installed model)."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Re-hash installed files against the sizes and sha256 recorded at download; no network."""
-    from .hub import human_size
-    from .store import fetch_command
+    from ..store import fetch_command
+    from ..store.hub import human_size
 
     store = _store(models_dir)
     if name is not None:
@@ -133,6 +135,7 @@ def verify_models(
                 _say(f"{model}: {problem}")
         else:
             record = store.read_record(model)
+            assert record is not None  # no problems: the record is there
             print(f"{model}: ok ({len(record.files)} files, {human_size(record.size)})", flush=True)
     if failed:
         summary = "; ".join(
@@ -145,7 +148,7 @@ def verify_models(
 def model_path(
     name: Optional[str] = typer.Argument(None, help="A model name (default: print the store folder)."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Print the store folder, or the folder of one model."""
     store = _store(models_dir)
     print(store.model_path(name) if name else store.root, flush=True)
@@ -155,9 +158,9 @@ def model_path(
 def remove(
     name: str = typer.Argument(..., help="The model to delete from the store."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Delete a model's files from the store."""
-    from .bundle import remove_model
+    from ..store.bundle import remove_model
 
     store = _store(models_dir)
     if remove_model(store, name):
@@ -174,10 +177,10 @@ def export(
         True, "--with-needs/--without-needs", help="Also bundle the models it needs (e.g. the SD 1.5 base)."
     ),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Write an installed model (verified first) to a bundle for a machine without network."""
-    from .bundle import export_models
-    from .store import with_needs
+    from ..store import with_needs
+    from ..store.bundle import export_models
 
     store = _store(models_dir)
     names = with_needs([name], store.manifests) if needs else [store.manifest(name).name]
@@ -189,9 +192,9 @@ def export(
 def import_(
     file: Path = typer.Argument(..., help="A bundle written by `pasd models export`."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
-):
+) -> None:
     """Install the models of a bundle, after checking every file's size and sha256."""
-    from .bundle import import_bundle
+    from ..store.bundle import import_bundle
 
     store = _store(models_dir)
     for name in import_bundle(store, file, say=_say):

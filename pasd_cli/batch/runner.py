@@ -1,0 +1,242 @@
+"""The batch runner every command shares. It owns a command's lifecycle (see `command.py`):
+
+    run_batch     check -o, hold --lock, plan, refuse collisions, execute, report collisions
+    plan_batch    inputs -> jobs with their outputs, skips and failures, from image headers
+    execute       resolve models and run the pre-pass (when some job is left to do), then each
+                  job in order, one record each, and the summary
+
+A worker's share of the jobs (sharding) is a filter of the plan between `plan_batch` and
+`execute`; a lock and size limits belong to `run_batch` and the planner.
+
+Errors about one input fail that job and the batch goes on (it stops with --fail-fast); any
+other PasdError (model, device, interrupt) stops the batch: the remaining jobs are recorded as
+cancelled, the summary is reported, and the error propagates to the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import InputError, Interrupted, OutputError, PasdError, UsageError
+from .command import Command, Pending
+from .failures import FailureLog
+from .inputs import find_inputs
+from .lock import hold_lock
+from .plan import (
+    CANCELLED,
+    COLLISION,
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    PLANNED,
+    TODO,
+    Job,
+    Plan,
+    collision_error,
+    plan_jobs,
+    reason_of,
+)
+from .records import JobRecord, JobResult, Summary
+from .report import Reporter
+from .settings import BatchSettings
+
+FAIL_FAST_STOPPED = "not started: --fail-fast stopped the batch"
+
+
+def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = None) -> Summary:
+    """Discover, plan and run `command` over the inputs of `options`; the summary's exit code says
+    whether some input failed. `stdin` holds the paths for an input `-` (default: sys.stdin)."""
+    _check_destination(options)
+    reporter = Reporter(verbosity=options.verbosity, json_lines=options.json, paths_to_stdout=not options.to_stdout)
+    with hold_lock(options.lock):
+        failures = None if options.to_stdout else FailureLog(Path(options.output), writable=not options.dry_run)
+        plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
+        if plan.collisions and not options.dry_run:
+            raise collision_error(plan.collisions, "nothing done")
+        summary = execute(command, plan, reporter, options, failures)
+    if plan.collisions:  # a dry run lists them all first
+        raise collision_error(plan.collisions, "a run would refuse to start")
+    return summary
+
+
+def plan_batch(
+    command: Command, options: BatchSettings, reporter: Reporter, failures: FailureLog | None, stdin: TextIO
+) -> Plan:
+    discovery = find_inputs(options.inputs, options.recursive, stdin=stdin if "-" in options.inputs else None)
+    for item in discovery.ignored:
+        if not item.image_like:  # image-like ones are reported as skipped inputs
+            reporter.debug(f"ignore {item.path}: {item.reason}")
+    for spec in discovery.empty_specs:
+        reporter.warn(f"{spec}: no images found")
+    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size)
+
+
+def execute(
+    command: Command,
+    plan: Plan,
+    reporter: Reporter,
+    options: BatchSettings,
+    failures: FailureLog | None = None,
+    summary: Summary | None = None,
+) -> Summary:
+    """Run the plan's jobs in order. The command's models are resolved and its pre-pass run once,
+    before the first job, only when some job is left to do; its model loads on the first job
+    that needs it (never in a dry run)."""
+    return _Run(command, plan, reporter, options, failures, summary or Summary()).run()
+
+
+def _check_destination(options: BatchSettings) -> None:
+    """Before any work, and without making anything: an -o that cannot be written fails now, not
+    image by image after the model has loaded."""
+    if options.to_stdout:
+        if not options.dry_run and sys.stdout.isatty():
+            raise UsageError(
+                "-o - writes the image's bytes to stdout, which is the terminal",
+                hint="redirect it to a file or a program: pasd upscale photo.jpg -o - > big.png",
+            )
+        return
+    folder = Path(options.output)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    where = "" if existing == folder else f" ({existing} is in its path)"
+    if not existing.is_dir():
+        raise UsageError(f"-o {folder}: not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {folder}: not writable{where}")
+
+
+class _Run:
+    """One execution of a plan: the loop over its jobs and the records it emits."""
+
+    def __init__(
+        self,
+        command: Command,
+        plan: Plan,
+        reporter: Reporter,
+        options: BatchSettings,
+        failures: FailureLog | None,
+        summary: Summary,
+    ):
+        self.command, self.plan, self.reporter, self.options = command, plan, reporter, options
+        self.failures, self.summary = failures, summary
+        self.todo_total = 0
+        self.todo_done = 0
+        self.loaded = False
+        self.stop_reason: str | None = None
+
+    def run(self) -> Summary:
+        started = time.monotonic()
+        try:
+            if self.plan.todo:
+                self._prepare()
+            self.todo_total = len(self.plan.todo)
+            for job in self.plan.jobs:
+                self._step(job)
+        except PasdError as exc:
+            self.summary.error = str(exc)
+            emitted = sum(self.summary.counts.values())
+            for job in self.plan.jobs[emitted:]:
+                self._emit(job, CANCELLED, f"not started: {exc}")
+            raise
+        finally:
+            self.summary.seconds = time.monotonic() - started
+            self._save_failures()
+            self.reporter.summary(self.summary)
+        return self.summary
+
+    def _prepare(self) -> None:
+        """Before the loop: the command's models, then its pre-pass over the jobs to do."""
+        self.command.resolve(self.reporter, self.options.dry_run)
+        pending = Pending(
+            self.plan.todo, self.plan, self.reporter, self.summary, self.options.dry_run, self._fail_early
+        )
+        self.command.prepass(pending)
+
+    def _step(self, job: Job) -> None:
+        if self.stop_reason:
+            self._emit(job, CANCELLED, self.stop_reason)
+        elif job.status != TODO:
+            self._emit(job, job.status, job.reason)
+            if job.status in (FAILED, COLLISION) and self.options.fail_fast:
+                self.stop_reason = FAIL_FAST_STOPPED
+        elif self.options.dry_run:
+            self._emit(job, PLANNED)
+        else:
+            self._work(job)
+
+    def _work(self, job: Job) -> None:
+        if not self.loaded:
+            self.command.load(self.reporter)
+            self.loaded = True
+        self.reporter.start_job(job, self.todo_done, self.todo_total)
+        begin = time.monotonic()
+        try:
+            result = self.command.work(job, self.reporter.progress)
+        except InputError as exc:
+            reason = reason_of(exc, job.source)
+            self._remember(job, exc, reason)
+            self._emit(job, FAILED, reason, time.monotonic() - begin)
+            if self.options.fail_fast:
+                self.stop_reason = FAIL_FAST_STOPPED
+        except PasdError as exc:
+            status = INTERRUPTED if isinstance(exc, Interrupted) else FAILED
+            self._emit(job, status, str(exc), time.monotonic() - begin)
+            raise
+        except Exception as exc:  # a bug on one image must not cost the rest of the batch
+            self.reporter.debug(traceback.format_exc())
+            self._emit(job, FAILED, f"unexpected {type(exc).__name__}: {exc}", time.monotonic() - begin)
+        else:
+            if self.failures is not None:
+                self.failures.forget(job.source)
+            self._emit(job, DONE, None, time.monotonic() - begin, result)
+        finally:
+            self.todo_done += 1
+            self.reporter.end_job()
+
+    def _fail_early(self, job: Job, error: InputError, remember: bool) -> bool:
+        """A pre-pass failed `job`: it is reported in its turn, as if its work had failed."""
+        job.status, job.reason = FAILED, reason_of(error, job.source)
+        if remember:
+            self._remember(job, error, job.reason)
+        return self.options.fail_fast
+
+    def _remember(self, job: Job, error: InputError, reason: str) -> None:
+        """Inputs found in folders that failed for what they contain are skipped next time."""
+        if self.failures is not None and job.found and not isinstance(error, OutputError):
+            self.failures.record(job.source, reason)
+
+    def _emit(
+        self,
+        job: Job,
+        status: str,
+        reason: str | None = None,
+        seconds: float | None = None,
+        result: JobResult | None = None,
+    ) -> None:
+        self.summary.counts[status] += 1
+        planned = job.output_size if status == PLANNED else None
+        self.reporter.record(
+            JobRecord(
+                input=str(job.source),
+                output=None if job.output is None else str(job.output),
+                status=status,
+                reason=reason,
+                seconds=seconds,
+                input_size=job.info.size if job.info else None,
+                output_size=result.output_size if result else planned,
+                seed=self.command.seed,
+                extra={**job.extra, **(result.extra if result else {})},
+            )
+        )
+
+    def _save_failures(self) -> None:
+        if self.failures is None:
+            return
+        try:
+            self.failures.save()
+        except PasdError as exc:  # only costs a re-run its memory; the summary must still come
+            self.reporter.warn(f"{exc} (inputs that failed will be tried again next time)")

@@ -1,0 +1,595 @@
+"""Every option of the image commands, declared once: its flags, type (choices are Enums, so
+`--help` lists them and shells complete them), help panel and help text, and the value its group
+builds. Defaults come from the settings they fill (the engine's `UpscaleSettings` and
+`StylizeSettings`, `BatchSettings`), and so do bounds: a value out of bounds is refused by the
+settings object, and the error names the option.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from ..batch.prompt_pass import PromptChoice
+from ..batch.settings import BatchSettings
+from ..engine.settings import BASE_BLEND, FAST_GUIDANCE, FAST_STEPS, CaptionSettings, LoraSpec, UpscaleSettings
+from ..errors import UsageError
+from ..imageio import DEFAULT_QUALITY
+from ..store import BASE_MODEL, CAPTION_MODEL, CLASSIFY_MODEL, LCM_LORA
+from .option_groups import BATCH, DIFFUSION, INPUT_OUTPUT, MODEL, PROMPTS, TILING, Group, Param, argument, option
+from .runtime import VAE_MEMORY_SHARE
+
+MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cache folder)."
+
+
+# ---------------------------------------------------------------------------------- choices
+
+
+class Device(str, Enum):
+    auto = "auto"  # CUDA, then MPS, then the CPU
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Dtype(str, Enum):
+    auto = "auto"  # fp16 on GPUs, fp32 on the CPU
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ColorFix(str, Enum):  # engine.settings.COLOR_FIXES
+    wavelet = "wavelet"
+    adain = "adain"
+    none = "none"
+
+
+class LatentBlend(str, Enum):  # engine.settings.BLENDS
+    gaussian = "gaussian"
+    ramp = "ramp"
+
+
+class OutputFormat(str, Enum):  # batch.settings.FORMATS
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+    tiff = "tiff"
+    same = "same"
+
+
+class OnExists(str, Enum):  # batch.settings.ON_EXISTS
+    skip = "skip"
+    overwrite = "overwrite"
+    error = "error"
+
+
+class CaptionMode(str, Enum):  # engine.settings.CAPTION_MODES
+    blip = "blip"
+    classify = "classify"
+    none = "none"
+
+
+def _value(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def setting_error(exc: ValueError, params: list[Param], values: dict[str, Any]) -> UsageError:
+    """A settings object's refusal ("latent overlap must be in [0, latent tile)"), naming the
+    option and the value given: the field is the one whose name starts the message."""
+    text = str(exc)
+    named = [p for p in params if text.casefold().startswith(p.name.replace("_", " ").casefold())]
+    if not named:
+        return UsageError(text)
+    param = max(named, key=lambda p: len(p.name))
+    flag = next((f for f in param.flags if f.startswith("--")), param.name)
+    return UsageError(f"{flag} {_value(values[param.name])}: {text}")
+
+
+# ------------------------------------------------------------------------------ batch options
+
+_B = BatchSettings()
+
+_BATCH = [
+    argument(
+        "inputs",
+        list[str],
+        ...,
+        panel="Arguments",
+        metavar="INPUT",
+        show_default=False,
+        help="Image files, folders, quoted globs ('photos/*.jpg'), or - to read paths from stdin.",
+    ),
+    option(
+        "output",
+        str,
+        ...,
+        "-o",
+        "--output",
+        panel=INPUT_OUTPUT,
+        metavar="DIR",
+        help="Folder for the results, or - to write the single result to stdout.",
+    ),
+    option("recursive", bool, _B.recursive, "-r", "--recursive", panel=INPUT_OUTPUT, help="Enter subfolders."),
+    option(
+        "name",
+        str,
+        _B.name,
+        "--name",
+        metavar="TEMPLATE",
+        panel=INPUT_OUTPUT,
+        help="Output name without extension; fields {stem}, {ext}, {scale}, {seed}, {steps}.",
+    ),
+    option(
+        "format",
+        OutputFormat,
+        OutputFormat(_B.format),
+        "-f",
+        "--format",
+        panel=INPUT_OUTPUT,
+        help="Output format; same: the input's (BMP gives PNG).",
+    ),
+    # Not "[default: ...]" in the text: Rich would take it for markup and drop it.
+    option(
+        "quality",
+        Optional[int],
+        _B.quality,
+        "--quality",
+        metavar="Q",
+        panel=INPUT_OUTPUT,
+        show_default=False,
+        help="JPEG and WebP quality (default: " + ", ".join(f"{q} for {f}" for f, q in DEFAULT_QUALITY.items()) + ").",
+    ),
+    option(
+        "on_exists",
+        OnExists,
+        OnExists(_B.on_exists),
+        "--on-exists",
+        panel=INPUT_OUTPUT,
+        help="When an output exists (error: that input fails).",
+    ),
+    option(
+        "retry_failed",
+        bool,
+        _B.retry_failed,
+        "--retry-failed",
+        panel=BATCH,
+        help="Try again inputs that failed before and are unchanged since.",
+    ),
+    option("fail_fast", bool, _B.fail_fast, "--fail-fast", panel=BATCH, help="Stop at the first failed input."),
+    option(
+        "json_lines", bool, _B.json, "--json", panel=BATCH, help="One JSON object per input on stdout, then a summary."
+    ),
+    option("dry_run", bool, _B.dry_run, "--dry-run", panel=BATCH, help="Plan without loading any model."),
+    option("quiet", bool, False, "-q", "--quiet", panel=BATCH, help="Only errors on stderr."),
+    option("verbose", bool, False, "-v", "--verbose", panel=BATCH, help="Every step, skip and timing on stderr."),
+    option(
+        "lock",
+        Optional[str],
+        _B.lock,
+        "--lock",
+        panel=BATCH,
+        metavar="FILE",
+        show_default=False,
+        help="Refuse to start while another run holds FILE.",
+    ),
+]
+
+
+def _build_batch(
+    inputs: list[str],
+    output: str,
+    recursive: bool,
+    name: str,
+    format: OutputFormat,
+    quality: int | None,
+    on_exists: OnExists,
+    retry_failed: bool,
+    fail_fast: bool,
+    json_lines: bool,
+    dry_run: bool,
+    quiet: bool,
+    verbose: bool,
+    lock: str | None,
+) -> BatchSettings:
+    if quiet and verbose:
+        raise UsageError("-q and -v contradict each other")
+    if not str(output).strip():  # `-o "$OUT"` with OUT unset must not mean the current folder
+        raise UsageError("-o is empty", hint="name a folder for the results, or - for stdout")
+    try:
+        return BatchSettings(
+            inputs=tuple(inputs),
+            output=str(output),
+            recursive=recursive,
+            name=name,
+            format=format.value,
+            quality=quality,
+            on_exists=on_exists.value,
+            retry_failed=retry_failed,
+            fail_fast=fail_fast,
+            json=json_lines,
+            dry_run=dry_run,
+            verbosity=0 if quiet else 2 if verbose else 1,
+            lock=lock,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+BATCH_OPTIONS = Group(_BATCH, _build_batch)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which models, where they are kept, and where they run."""
+
+    pasd: str
+    base: str
+    offline: bool = False
+    models_dir: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    vae_memory_mb: int | None = None  # None: a share of the device's free memory
+
+
+def model_options(pasd_default: str) -> Group:
+    params = [
+        option(
+            "pasd",
+            str,
+            pasd_default,
+            "-m",
+            "-n",
+            "--pasd",
+            panel=MODEL,
+            metavar="NAME|PATH",
+            help="PASD model: a name from `pasd models list`, or a checkpoint folder.",
+        ),
+        option(
+            "base",
+            str,
+            BASE_MODEL,
+            "--base",
+            panel=MODEL,
+            metavar="NAME|PATH",
+            help="Stable Diffusion 1.5: a model name, or a folder in diffusers layout.",
+        ),
+        option(
+            "offline", bool, False, "--offline", panel=MODEL, help="Never use the network; fail if a model is missing."
+        ),
+        option("models_dir", Optional[Path], None, "--models-dir", panel=MODEL, metavar="DIR", help=MODELS_DIR_HELP),
+        option(
+            "device", Device, Device.auto, "--device", panel=MODEL, help="Where the models run (auto: CUDA, MPS, CPU)."
+        ),
+        option("dtype", Dtype, Dtype.auto, "--dtype", panel=MODEL, help="Precision (auto: fp16 on GPUs, fp32 on CPU)."),
+        option(
+            "vae_memory",
+            Optional[int],
+            None,
+            "--vae-memory",
+            panel=TILING,
+            metavar="MB",
+            show_default=f"{VAE_MEMORY_SHARE:.0%} of the free memory",
+            help="What the VAE may use; decides automatic VAE tiling.",
+        ),
+    ]
+
+    def build(
+        pasd: str,
+        base: str,
+        offline: bool,
+        models_dir: Path | None,
+        device: Device,
+        dtype: Dtype,
+        vae_memory: int | None,
+    ) -> ModelChoice:
+        if vae_memory is not None and vae_memory < 1:
+            raise UsageError(f"--vae-memory {vae_memory}: must be at least 1 (MB)")
+        return ModelChoice(pasd, base, offline, models_dir, device.value, dtype.value, vae_memory)
+
+    return Group(params, build)
+
+
+# ------------------------------------------------------------------------------- diffusion
+
+
+def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
+    """The engine's settings, defaults from `preset` (an instance of the command's settings class):
+    the options of the fields it has, and `extra` options for fields of its own, building an
+    object of its class."""
+    d = UpscaleSettings() if not isinstance(preset, UpscaleSettings) else preset
+    params = [
+        option(
+            "scale", float, d.scale, "-s", "--scale", metavar="S", panel=INPUT_OUTPUT, help="Output size / input size."
+        ),
+        option("steps", int, d.steps, "--steps", metavar="N", panel=DIFFUSION, help="Denoising steps."),
+        option(
+            "guidance",
+            float,
+            d.guidance,
+            "--guidance",
+            metavar="G",
+            panel=DIFFUSION,
+            help="Classifier-free guidance; <= 1: off.",
+        ),
+        option(
+            "conditioning_scale",
+            float,
+            d.conditioning_scale,
+            "--conditioning-scale",
+            metavar="C",
+            panel=DIFFUSION,
+            help="Strength of the image condition.",
+        ),
+        option(
+            "process_size",
+            int,
+            d.process_size,
+            "--process-size",
+            metavar="PIXELS",
+            panel=DIFFUSION,
+            help="Short side the model works at, at least.",
+        ),
+        option(
+            "added_noise_level",
+            int,
+            d.added_noise_level,
+            "--added-noise-level",
+            metavar="L",
+            panel=DIFFUSION,
+            help="Timestep of the noise added to the initial latent (0-999).",
+        ),
+        option("seed", int, d.seed, "--seed", metavar="N", panel=DIFFUSION, help="Seed of each image's random draws."),
+        option("color_fix", ColorFix, ColorFix(d.color_fix), "--color-fix", panel=DIFFUSION, help="Colour correction."),
+        option(
+            "prompt", str, d.prompt, "--prompt", metavar="TEXT", panel=PROMPTS, help="Text that describes every image."
+        ),
+        option(
+            "added_prompt",
+            str,
+            d.added_prompt,
+            "--added-prompt",
+            metavar="TEXT",
+            panel=PROMPTS,
+            help="Appended to every prompt.",
+        ),
+        option(
+            "negative_prompt",
+            str,
+            d.negative_prompt,
+            "--negative-prompt",
+            metavar="TEXT",
+            panel=PROMPTS,
+            help="What to avoid.",
+        ),
+        option(
+            "latent_tile",
+            int,
+            d.latent_tile,
+            "--latent-tile",
+            metavar="N",
+            panel=TILING,
+            help="Latent tile side (pixels / 8).",
+        ),
+        option(
+            "latent_overlap",
+            int,
+            d.latent_overlap,
+            "--latent-overlap",
+            metavar="N",
+            panel=TILING,
+            help="Latent tile overlap.",
+        ),
+        option(
+            "latent_blend",
+            LatentBlend,
+            LatentBlend(d.blend),
+            "--latent-blend",
+            panel=TILING,
+            help="gaussian: as released; ramp: cross-fade over the whole overlap.",
+        ),
+        option(
+            "tile_batch",
+            int,
+            d.tile_batch,
+            "--tile-batch",
+            metavar="N",
+            panel=TILING,
+            help="Latent tiles per forward pass.",
+        ),
+        option(
+            "vae_tile",
+            Optional[int],
+            d.vae_tile,
+            "--vae-tile",
+            panel=TILING,
+            metavar="PIXELS",
+            show_default="auto",
+            help="VAE tile side; 0 = whole image. Exact either way.",
+        ),
+        option(
+            "vae_attention_window",
+            int,
+            d.vae_attention_window,
+            "--vae-attention-window",
+            metavar="N",
+            panel=TILING,
+            help="Approximate the VAE's attention within this many latent pixels; 0 = exact.",
+        ),
+    ]
+
+    has = {f.name for f in fields(preset)}
+    params = [p for p in params if ("blend" if p.name == "latent_blend" else p.name) in has]
+    for p in params:  # defaults from `preset`, also for a settings class of another shape
+        field_name = "blend" if p.name == "latent_blend" else p.name
+        value = getattr(preset, field_name)
+        p.declaration.default = p.annotation(value) if p.choices is not None else value
+    params += list(extra)
+
+    def build(**values: Any) -> Any:
+        given = {"blend" if name == "latent_blend" else name: _value(value) for name, value in values.items()}
+        try:
+            return replace(preset, **given)
+        except ValueError as exc:
+            renamed = [replace(p, name="blend") if p.name == "latent_blend" else p for p in params]
+            raise setting_error(exc, renamed, given) from None
+
+    assert {p.name for p in params} | {"blend"} >= has, (
+        f"engine settings without an option: {has - {p.name for p in params}}"
+    )
+    return Group(params, build)
+
+
+# ----------------------------------------------------------------------------------- prompts
+
+_C = CaptionSettings()
+
+_PROMPTS = [
+    option(
+        "caption",
+        CaptionMode,
+        CaptionMode(_C.mode),
+        "--caption",
+        panel=PROMPTS,
+        help="Describe each original input: a BLIP caption, its ImageNet class (if p >= 0.1), or none.",
+    ),
+    option(
+        "caption_model",
+        Optional[str],
+        None,
+        "--caption-model",
+        panel=PROMPTS,
+        metavar="NAME|PATH",
+        show_default=False,
+        help=f"The captioner or classifier (default: {CAPTION_MODEL}; {CLASSIFY_MODEL} for classify).",
+    ),
+    option(
+        "prompt_file",
+        Optional[Path],
+        None,
+        "--prompt-file",
+        panel=PROMPTS,
+        metavar="CSV",
+        show_default=False,
+        help="Rows of file,prompt: that image's description, in place of its caption.",
+    ),
+    option(
+        "sidecars",
+        bool,
+        True,
+        "--sidecars/--no-sidecars",
+        panel=PROMPTS,
+        help="photo.txt beside photo.jpg describes it, in place of its caption.",
+    ),
+    option(
+        "caption_only",
+        bool,
+        False,
+        "--caption-only",
+        panel=PROMPTS,
+        help="With --dry-run: print each image's description as --prompt-file CSV (never loads PASD).",
+    ),
+]
+
+
+def _build_prompts(
+    caption: CaptionMode, caption_model: str | None, prompt_file: Path | None, sidecars: bool, caption_only: bool
+) -> PromptChoice:
+    return PromptChoice(CaptionSettings(mode=caption.value), caption_model, prompt_file, sidecars, caption_only)
+
+
+PROMPT_OPTIONS = Group(_PROMPTS, _build_prompts)
+
+
+# ------------------------------------------------------------------------------ stylization
+
+
+@dataclass(frozen=True)
+class StyleChoice:
+    """`pasd stylize`'s personalized base and what is merged into it."""
+
+    style: str
+    loras: tuple[LoraSpec, ...] = ()
+    blend: float = BASE_BLEND
+    fast: bool = False
+    trust_pickle: bool = False
+
+
+_STYLE = [
+    option(
+        "style",
+        str,
+        ...,
+        "--style",
+        panel=MODEL,
+        metavar="BASE",
+        show_default=False,
+        help="The personalized SD 1.5 base: a .safetensors checkpoint (civitai / LDM layout), a diffusers "
+        "folder, a UNet folder, a model name, or a hub repo id (owner/name).",
+    ),
+    option(
+        "lora",
+        list[str],
+        [],
+        "--lora",
+        panel=MODEL,
+        metavar="FILE[:WEIGHT]",
+        show_default=False,
+        help="A LoRA merged at WEIGHT (default 1); repeatable, applied in order.",
+    ),
+    option(
+        "style_blend",
+        float,
+        BASE_BLEND,
+        "--blend",
+        metavar="A",
+        panel=MODEL,
+        help="Weight of the style's UNet against SD 1.5's: 1 replaces it, 0 keeps it.",
+    ),
+    option(
+        "fast",
+        bool,
+        False,
+        "--fast",
+        panel=MODEL,
+        help=f"The LCM-LoRA ({LCM_LORA}) with the LCM scheduler: {FAST_STEPS} steps and guidance "
+        f"{FAST_GUIDANCE:g} unless --steps / --guidance are given.",
+    ),
+    option(
+        "trust_pickle",
+        bool,
+        False,
+        "--trust-pickle",
+        panel=MODEL,
+        help="Read pickled weights (.ckpt, .pt, .bin) with restricted unpickling; refused otherwise.",
+    ),
+]
+
+
+def _build_style(style: str, lora: list[str], style_blend: float, fast: bool, trust_pickle: bool) -> StyleChoice:
+    if not 0.0 <= style_blend <= 1.0:  # checked by the engine only once the models are loaded
+        raise UsageError(f"--blend {style_blend:g}: must be in [0, 1]")
+    try:
+        loras = tuple(LoraSpec.parse(text) for text in lora)
+    except ValueError as exc:
+        raise UsageError(f"--lora: {exc}") from None
+    return StyleChoice(style, loras, style_blend, fast, trust_pickle)
+
+
+STYLE_OPTIONS = Group(_STYLE, _build_style)
+
+# Options whose value is one of a set, by parameter name: the command line's error for a value
+# outside the set lists them.
+CHOICES = {
+    p.name: p.choices
+    for p in (*_BATCH, *model_options("").params, *diffusion_options(UpscaleSettings()).params, *_PROMPTS)
+    if p.choices is not None
+}

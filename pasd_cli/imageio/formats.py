@@ -1,0 +1,31 @@
+"""What pasd reads and writes, as plain data: no image library is imported here, so planning and
+the command line's options can use it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}
+# Larger inputs are refused from their header alone, before any decoding. 64 MP is far above
+# what a diffusion upscaler can enlarge usefully, and below Pillow's own decompression-bomb guard.
+MAX_INPUT_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    pillow: str
+    suffix: str
+    bits16: bool  # can hold 16-bit gray, RGB and RGBA
+    alpha: bool
+
+
+OUTPUT_FORMATS = {
+    "png": OutputFormat("PNG", ".png", True, True),
+    "jpg": OutputFormat("JPEG", ".jpg", False, False),
+    "webp": OutputFormat("WEBP", ".webp", False, True),
+    "tiff": OutputFormat("TIFF", ".tiff", True, True),
+}
+DEFAULT_QUALITY = {"jpg": 95, "webp": 95}
+# `--format same`: BMP can carry neither metadata nor pasd's record, so its results are PNGs.
+SAME_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "png"}
