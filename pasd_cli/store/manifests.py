@@ -24,6 +24,7 @@ BASE_MODEL = "sd15"  # Stable Diffusion 1.5, for every command
 CAPTION_MODEL = "blip"
 CLASSIFY_MODEL = "resnet-50"
 STYLIZE_PASD = "pasd-light"  # stylization's PASD model: the authors advise the light variant
+COLORIZE_PASD = "pasd-light-color"  # `pasd colorize`'s: PASD-light trained on grayscale hints
 LCM_LORA = "lcm-lora-sdv1-5"  # `pasd stylize --fast`
 
 
