@@ -65,6 +65,11 @@ class Command(ABC):
     def name_fields(self) -> dict[str, str]:
         """Fields a --name template may use besides {stem} and {ext}, e.g. {"scale": "4"}."""
 
+    def retries(self, reason: str) -> bool:
+        """Whether this run tries again an input remembered as failed with `reason` (the failure
+        memory skips it otherwise): one that an option now accepts, e.g. colorize's --force."""
+        return False
+
     def planned_size(self, size: Size) -> Size | None:
         """The output size of an input of `size`, for the plan (None: unknown before running)."""
         return None

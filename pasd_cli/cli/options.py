@@ -75,6 +75,11 @@ class CaptionMode(str, Enum):  # engine.settings.CAPTION_MODES
     none = "none"
 
 
+class Luma(str, Enum):  # engine.settings.LUMA_MODES
+    exact = "exact"
+    released = "released"
+
+
 def _value(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
@@ -301,10 +306,10 @@ def model_options(pasd_default: str) -> Group:
 # ------------------------------------------------------------------------------- diffusion
 
 
-def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
+def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[str] = ()) -> Group:
     """The engine's settings, defaults from `preset` (an instance of the command's settings class):
     the options of the fields it has, and `extra` options for fields of its own, building an
-    object of its class."""
+    object of its class. Fields in `omit` keep the preset's value and get no option."""
     d = UpscaleSettings() if not isinstance(preset, UpscaleSettings) else preset
     params = [
         option(
@@ -427,7 +432,7 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
     ]
 
     has = {f.name for f in fields(preset)}
-    params = [p for p in params if ("blend" if p.name == "latent_blend" else p.name) in has]
+    params = [p for p in params if ("blend" if p.name == "latent_blend" else p.name) in has - set(omit)]
     for p in params:  # defaults from `preset`, also for a settings class of another shape
         field_name = "blend" if p.name == "latent_blend" else p.name
         value = getattr(preset, field_name)
@@ -442,7 +447,7 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
             renamed = [replace(p, name="blend") if p.name == "latent_blend" else p for p in params]
             raise setting_error(exc, renamed, given) from None
 
-    assert {p.name for p in params} | {"blend"} >= has, (
+    assert {p.name for p in params} | {"blend", *omit} >= has, (
         f"engine settings without an option: {has - {p.name for p in params}}"
     )
     return Group(params, build)
@@ -586,10 +591,50 @@ def _build_style(style: str, lora: list[str], style_blend: float, fast: bool, tr
 
 STYLE_OPTIONS = Group(_STYLE, _build_style)
 
+# ---------------------------------------------------------------------------------- colorize
+
+# Fields of ColorizeSettings with no option: the output keeps the input's size, gets no colour
+# fix (it would pull the colours back to grey), and nothing is appended to the prompt, as released.
+COLORIZE_FIXED = ("scale", "color_fix", "added_prompt")
+
+LUMA_OPTION = option(
+    "luma",
+    Luma,
+    Luma.exact,
+    "--luma",
+    panel=DIFFUSION,
+    help="exact: the output's luma is the input's (colours that would clip lose saturation); "
+    "released: the released merge, which clips and can shift brightness.",
+)
+
+_COLORIZE = [
+    option(
+        "force",
+        bool,
+        False,
+        "--force",
+        panel=INPUT_OUTPUT,
+        help="Colorize colour inputs too (from their luma; their own colours are lost). Refused otherwise.",
+    )
+]
+
+
+def _build_colorize(force: bool) -> bool:
+    return force
+
+
+COLORIZE_OPTIONS = Group(_COLORIZE, _build_colorize)
+
 # Options whose value is one of a set, by parameter name: the command line's error for a value
 # outside the set lists them.
 CHOICES = {
     p.name: p.choices
-    for p in (*_BATCH, *model_options("").params, *diffusion_options(UpscaleSettings()).params, *_PROMPTS)
+    for p in (
+        *_BATCH,
+        *model_options("").params,
+        *diffusion_options(UpscaleSettings()).params,
+        *_PROMPTS,
+        LUMA_OPTION,
+    )
     if p.choices is not None
 }
