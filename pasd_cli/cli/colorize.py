@@ -27,12 +27,10 @@ from .diffusion import DiffusionCommand, out_of_memory_fails_batch, run
 from .option_groups import with_options
 from .options import (
     BATCH_OPTIONS,
-    COLORIZE_FIXED,
     COLORIZE_OPTIONS,
-    LUMA_OPTION,
     PROMPT_OPTIONS,
     ModelChoice,
-    diffusion_options,
+    colorize_settings_options,
     model_options,
 )
 from .runtime import Runtime, dtype_name
@@ -201,7 +199,7 @@ def _drop_gray_profile(loaded: imageio.LoadedImage) -> None:
 @with_options(
     batch=BATCH_OPTIONS,
     models=model_options(COLORIZE_PASD),
-    settings=diffusion_options(ColorizeSettings(), extra=[LUMA_OPTION], omit=COLORIZE_FIXED),
+    settings=colorize_settings_options(),
     prompts=PROMPT_OPTIONS,
     force=COLORIZE_OPTIONS,
 )

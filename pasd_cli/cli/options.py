@@ -1,8 +1,8 @@
 """Every option of the image commands, declared once: its flags, type (choices are Enums, so
 `--help` lists them and shells complete them), help panel and help text, and the value its group
-builds. Defaults come from the settings they fill (the engine's `UpscaleSettings` and
-`StylizeSettings`, `BatchSettings`), and so do bounds: a value out of bounds is refused by the
-settings object, and the error names the option.
+builds. Defaults come from the settings they fill (the engine's `UpscaleSettings`,
+`StylizeSettings` and `ColorizeSettings`, `BatchSettings`), and so do bounds: a value out of
+bounds is refused by the settings object, and the error names the option.
 
 Nothing here imports torch.
 """
@@ -17,7 +17,15 @@ from typing import Any, Optional
 
 from ..batch.prompt_pass import PromptChoice
 from ..batch.settings import BatchSettings
-from ..engine.settings import BASE_BLEND, FAST_GUIDANCE, FAST_STEPS, CaptionSettings, LoraSpec, UpscaleSettings
+from ..engine.settings import (
+    BASE_BLEND,
+    FAST_GUIDANCE,
+    FAST_STEPS,
+    CaptionSettings,
+    ColorizeSettings,
+    LoraSpec,
+    UpscaleSettings,
+)
 from ..errors import UsageError
 from ..imageio import DEFAULT_QUALITY
 from ..store import BASE_MODEL, CAPTION_MODEL, CLASSIFY_MODEL, LCM_LORA
@@ -596,6 +604,8 @@ STYLE_OPTIONS = Group(_STYLE, _build_style)
 # Fields of ColorizeSettings with no option: the output keeps the input's size, gets no colour
 # fix (it would pull the colours back to grey), and nothing is appended to the prompt, as released.
 COLORIZE_FIXED = ("scale", "color_fix", "added_prompt")
+# Colorization always works at the process size, reducing larger inputs (as released).
+COLORIZE_PROCESS_SIZE_HELP = "Short side the model works at, for every input (long side at most twice)."
 
 LUMA_OPTION = option(
     "luma",
@@ -621,6 +631,16 @@ _COLORIZE = [
 
 def _build_colorize(force: bool) -> bool:
     return force
+
+
+def colorize_settings_options() -> Group:
+    """`pasd colorize`'s engine settings: upscale's options with the same meanings, less the
+    fixed fields, plus --luma."""
+    group = diffusion_options(ColorizeSettings(), extra=[LUMA_OPTION], omit=COLORIZE_FIXED)
+    for param in group.params:
+        if param.name == "process_size":
+            param.declaration.help = COLORIZE_PROCESS_SIZE_HELP
+    return group
 
 
 COLORIZE_OPTIONS = Group(_COLORIZE, _build_colorize)
