@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 # How a refused colour input's reason starts: the failure memory keeps it, and --force retries it.
 COLOUR_REFUSED = "looks like a colour picture"
-# BT.601 luma weights, as Pillow's 8-bit "L" conversion uses them.
-_LUMA = (0.299, 0.587, 0.114)
 
 
 def colorize_prompt_rule(
@@ -146,8 +144,10 @@ class ColorizeCommand(DiffusionCommand):
             return pixels
         import numpy as np
 
-        luma = pixels[..., 0] * _LUMA[0] + pixels[..., 1] * _LUMA[1] + pixels[..., 2] * _LUMA[2]
-        return np.clip(np.round(luma), 0, 65535).astype(np.uint16)
+        from ..engine.yuv import LUMA_WEIGHTS  # the luma the exact merge keeps
+
+        luma: np.ndarray = np.clip(np.round(pixels @ LUMA_WEIGHTS), 0, 65535).astype(np.uint16)
+        return luma
 
     def _colorize(
         self, rgb: Image.Image, luma16: np.ndarray | None, job: Job, progress: Progress
