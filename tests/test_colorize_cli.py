@@ -244,3 +244,23 @@ def test_a_checkpoint_without_a_scheduler_beside_it_is_refused_before_any_image(
     assert "scheduler folder not found" in proc.stderr and "Traceback" not in proc.stderr
     assert "hint: --pasd names the colorization checkpoint folder" in proc.stderr
     assert "loading PASD" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_upscale_says_once_that_colorize_exists_for_black_and_white_inputs(tmp_path, colour_source):
+    from conftest import TINY_PASD
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    Image.open(COLOR_INPUT).convert("L").save(photos / "a_gray.png")
+    Image.open(COLOR_INPUT).save(photos / "b_gray_rgb.png")
+    Image.fromarray(colour_source).save(photos / "c_colour.png")
+    upscale = ["upscale", photos, "-o", tmp_path / "out", "--pasd", TINY_PASD, *MODEL[2:]]
+    proc = run_pasd(*upscale, "--scale", "1", "--steps", "1", "--process-size", "16", "--json", "-v")
+    assert proc.returncode == 0, proc.stderr
+    records, _ = by_name(proc.stdout)
+    for name in ("a_gray.png", "b_gray_rgb.png"):
+        assert records[name]["grayscale"] is True and "pasd colorize" in records[name]["hint"]
+    assert "grayscale" not in records["c_colour.png"] and "hint" not in records["c_colour.png"]
+    assert proc.stderr.count("pasd colorize") == 1  # said once per run, at -v
+    with Image.open(tmp_path / "out" / "a_gray.png") as image:
+        assert "hint" not in read_record(image)  # the output's metadata is about the output
