@@ -264,3 +264,31 @@ def test_upscale_says_once_that_colorize_exists_for_black_and_white_inputs(tmp_p
     assert proc.stderr.count("pasd colorize") == 1  # said once per run, at -v
     with Image.open(tmp_path / "out" / "a_gray.png") as image:
         assert "hint" not in read_record(image)  # the output's metadata is about the output
+
+
+def test_a_caption_goes_to_the_engine_through_colorizes_prompt_rule(tmp_path, tiny_blip_dir):
+    out = tmp_path / "out"
+    proc = run_pasd(
+        "colorize",
+        COLOR_INPUT,
+        "-o",
+        out,
+        *RELEASED_RUN,
+        *MODEL[:-2],
+        "--caption",
+        "blip",
+        "--caption-model",
+        tiny_blip_dir,
+        "--prompt",
+        "black and white",
+        "--json",
+        env={"PASD_HOME": str(tmp_path / "store")},  # the caption cache stays in the test's folder
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = by_name(proc.stdout)[0]["color_public_input.png"]
+    assert record["prompt_source"] == "blip" and record["prompt_text"]
+    # The released rule: the caption, then the user's prompt, every "black and white" made "color".
+    assert record["prompt"] == colorize_prompt("black and white", caption=record["prompt_text"])
+    assert record["prompt"].endswith(" color") and "black and white" not in record["prompt"]
+    with Image.open(out / "color_public_input.png") as image:
+        assert read_record(image)["prompt"] == record["prompt"]
