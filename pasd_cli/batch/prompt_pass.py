@@ -78,7 +78,7 @@ class ImagePrompts:
         rule: PromptRule | None = None,
     ):
         if choice.caption_only and not dry_run:
-            raise UsageError("--caption-only prints prompts instead of upscaling; it needs --dry-run")
+            raise UsageError("--caption-only prints prompts instead of running the model; it needs --dry-run")
         mode = choice.settings.mode
         if choice.model is not None and mode == "none":
             raise UsageError("--caption-model needs --caption blip or --caption classify")
