@@ -236,6 +236,9 @@ def test_options_are_upscales_less_scale_colour_fix_and_added_prompt():
     assert scale.returncode == 2 and "--scale" in scale.stderr
     luma = run_pasd("colorize", COLOR_INPUT, "-o", "out", "--luma", "bright")
     assert luma.returncode == 2 and "--luma bright: choose from exact, released" in luma.stderr
+    plan = run_pasd("colorize", COLOR_INPUT, "-o", "out", "--dry-run", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert plan.returncode == 0 and "1 planned" in plan.stderr
+    assert {"torch", "diffusers", "transformers"}.isdisjoint(imported_modules(plan.stderr))
 
 
 def test_a_checkpoint_without_a_scheduler_beside_it_is_refused_before_any_image(tmp_path):
