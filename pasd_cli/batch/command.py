@@ -25,6 +25,8 @@ from .settings import BatchSettings
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .. import imageio
+
 # progress(stage, done, total): stage is "step", "tile", "caption", ..., as the engine reports it.
 Progress = Callable[[str, int, int], None]
 
@@ -63,6 +65,11 @@ class Command(ABC):
     def name_fields(self) -> dict[str, str]:
         """Fields a --name template may use besides {stem} and {ext}, e.g. {"scale": "4"}."""
 
+    def retries(self, reason: str) -> bool:
+        """Whether this run tries again an input remembered as failed with `reason` (the failure
+        memory skips it otherwise): one that an option now accepts, e.g. colorize's --force."""
+        return False
+
     def planned_size(self, size: Size) -> Size | None:
         """The output size of an input of `size`, for the plan (None: unknown before running)."""
         return None
@@ -88,7 +95,8 @@ class Command(ABC):
 class ImageCommand(Command):
     """A command whose job is one image through a model: the batch reads the input, hands the
     command 8-bit RGB, puts alpha, gray and 16-bit back and writes the result with metadata.
-    The command gives its `transform` and its `record`."""
+    The command gives its `transform` and its `record`; one whose output is not of the input's
+    kind (colorize: gray in, colour out) gives `develop` instead."""
 
     def __init__(self, batch: BatchSettings):
         self.batch = batch
@@ -97,6 +105,17 @@ class ImageCommand(Command):
     def transform(self, rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict[str, Any]]:
         """The 8-bit RGB result at the output size, and fields for the record and the metadata."""
 
+    def develop(
+        self, loaded: imageio.LoadedImage, job: Job, progress: Progress
+    ) -> tuple[Image.Image | imageio.RGB16, dict[str, Any]]:
+        """The decoded input to the image to write, and fields for the record and the metadata:
+        `transform` of its 8-bit RGB, put back into the input's kind (gray, 16-bit, alpha). It
+        may change what is written beside the pixels (`loaded`'s metadata and notes)."""
+        from .. import imageio
+
+        result, extra = self.transform(loaded.rgb, job, progress)
+        return imageio.restore(result, loaded), extra
+
     @abstractmethod
     def record(self) -> dict[str, Any]:
         """What every output's metadata says about how it was made (command, settings, model)."""
@@ -104,4 +123,4 @@ class ImageCommand(Command):
     def work(self, job: Job, progress: Progress) -> JobResult:
         from .image_job import process
 
-        return process(job, self.transform, self.record(), self.batch.quality, progress)
+        return process(job, self.develop, self.record(), self.batch.quality, progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,13 @@ class FailureLog:
         if identity is not None:
             self.entries[self._key(source)] = {**identity, "reason": reason}
             self.changed = True
+
+    def forget_where(self, stale: Callable[[str], bool]) -> None:
+        """Forget every failure whose reason is `stale`: those inputs are tried again."""
+        for key, entry in list(self.entries.items()):
+            if stale(str(entry.get("reason", ""))):
+                del self.entries[key]
+                self.changed = True
 
     def forget(self, source: Path) -> None:
         if self.entries.pop(self._key(source), None) is not None:

@@ -1,5 +1,5 @@
-"""One image through a command's transform, with everything around it: read, hand the model 8-bit
-RGB, put alpha, gray and 16-bit back, write atomically with metadata."""
+"""One image through a command, with everything around it: read, develop (by default: hand the
+model 8-bit RGB, put alpha, gray and 16-bit back), write atomically with metadata."""
 
 from __future__ import annotations
 
@@ -17,19 +17,17 @@ from .plan import Job
 from .records import JobResult
 
 Progress = Callable[[str, int, int], None]
-Transform = Callable[[Image.Image, Job, Progress], tuple[Image.Image, dict[str, Any]]]
+# The decoded input to the image to write, and extra fields (`ImageCommand.develop`).
+Develop = Callable[[imageio.LoadedImage, Job, Progress], tuple[Image.Image | imageio.RGB16, dict[str, Any]]]
 
 
-def process(
-    job: Job, transform: Transform, record: dict[str, Any], quality: int | None, progress: Progress
-) -> JobResult:
+def process(job: Job, develop: Develop, record: dict[str, Any], quality: int | None, progress: Progress) -> JobResult:
     """`record` (command, settings, model identity) goes into the output's metadata, together
-    with the transform's extra fields."""
+    with the extra fields of `develop`."""
     assert job.format is not None  # set by the plan for every job to do
     fmt = job.format
     loaded = imageio.load(job.source)
-    result, extra = transform(loaded.rgb, job, progress)
-    image = imageio.restore(result, loaded)
+    image, extra = develop(loaded, job, progress)
     meta = {**record, **extra}
     if job.output is None:
         written = _to_stdout(image, fmt, loaded, meta, quality)

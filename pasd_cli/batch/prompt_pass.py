@@ -56,17 +56,34 @@ class PromptChoice:
     caption_only: bool = False
 
 
+class PromptRule(Protocol):
+    """How a command builds the positive prompt from the settings and an image's description."""
+
+    def __call__(
+        self, user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None
+    ) -> str: ...
+
+
 class ImagePrompts:
     """Every image's high-level information for one batch: filled by `prepass`, read by the
-    command's transform through `for_job`."""
+    command's transform through `for_job`. `rule` builds the prompt the records show (default:
+    upscale's)."""
 
-    def __init__(self, choice: PromptChoice, settings: UpscaleSettings, dry_run: bool, json_lines: bool):
+    def __init__(
+        self,
+        choice: PromptChoice,
+        settings: UpscaleSettings,
+        dry_run: bool,
+        json_lines: bool,
+        rule: PromptRule | None = None,
+    ):
         if choice.caption_only and not dry_run:
-            raise UsageError("--caption-only prints prompts instead of upscaling; it needs --dry-run")
+            raise UsageError("--caption-only prints prompts instead of running the model; it needs --dry-run")
         mode = choice.settings.mode
         if choice.model is not None and mode == "none":
             raise UsageError("--caption-model needs --caption blip or --caption classify")
         self.choice, self.settings, self.dry_run, self.json_lines = choice, settings, dry_run, json_lines
+        self.rule = rule
         self.prompt_file: PromptFile | None = None
         if choice.prompt_file is not None:  # refused before any work when malformed
             from ..prompts.sources import PromptFile
@@ -96,7 +113,13 @@ class ImagePrompts:
 
     def record_fields(self, chosen: ImagePrompt) -> dict[str, Any]:
         """What the image's JSON record says about its prompt (dry runs included)."""
-        return {"prompt": chosen.build(self.settings.prompt, self.settings.added_prompt), **chosen.to_json()}
+        s = self.settings
+        prompt = (
+            chosen.build(s.prompt, s.added_prompt)
+            if self.rule is None
+            else self.rule(s.prompt, s.added_prompt, **chosen.pipeline_args())
+        )
+        return {"prompt": prompt, **chosen.to_json()}
 
     # ----------------------------------------------------------------------------- the pre-pass
 

@@ -55,6 +55,8 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
     reporter = Reporter(verbosity=options.verbosity, json_lines=options.json, paths_to_stdout=not options.to_stdout)
     with hold_lock(options.lock):
         failures = None if options.to_stdout else FailureLog(Path(options.output), writable=not options.dry_run)
+        if failures is not None:
+            failures.forget_where(command.retries)
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ..errors import Interrupted, PasdError
+from .colorize import colorize
 from .models import download_command, models_app
 from .option_groups import BATCH
 from .options import CHOICES
@@ -80,6 +81,7 @@ def _root(
 
 app.command(epilog=EXIT_CODES_HELP, cls=Command)(upscale)
 app.command(epilog=EXIT_CODES_HELP, cls=Command)(stylize)
+app.command(epilog=EXIT_CODES_HELP, cls=Command)(colorize)
 app.command("download", epilog=EXIT_CODES_HELP, cls=Command)(download_command)
 app.add_typer(models_app, name="models", cls=Group)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,7 +42,7 @@ class DiffusionCommand(ImageCommand):
     def __init__(self, settings: UpscaleSettings, models: ModelChoice, prompts: PromptChoice, batch: BatchSettings):
         super().__init__(batch)
         self.settings, self.models = settings, models
-        self.prompts = ImagePrompts(prompts, settings, batch.dry_run, batch.json)
+        self.prompts = ImagePrompts(prompts, settings, batch.dry_run, batch.json, rule=self.prompt_rule)
         self.pasd_ref = ModelRef(models.pasd, Kind.PASD, "--pasd")
         self.base_ref = ModelRef(models.base, Kind.BASE, "--base")
         self.resolution: Resolution | None = None
@@ -49,6 +50,13 @@ class DiffusionCommand(ImageCommand):
         self.pipeline: PASDPipeline | None = None
         self._identity: dict[str, Any] = {}
         self._reporter: Reporter | None = None
+
+    @staticmethod
+    def prompt_rule(user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None) -> str:
+        """The positive prompt the engine builds from the settings and an image's description."""
+        from ..engine.prompts import build_prompt
+
+        return build_prompt(user_prompt, added_prompt, caption=caption, label=label)
 
     # -- what the runner asks before running
     @property
@@ -147,15 +155,24 @@ def upscale_image(
     """One image through the engine; running out of memory fails the batch (exit 4) with the
     image named. `prompt`: the image's high-level information (`ImagePrompt.pipeline_args`)."""
     from ..engine import upscale
+
+    with out_of_memory_fails_batch(pipeline, job, "upscaling"):
+        return upscale(pipeline, rgb, settings, progress=progress, on_warning=warn, **(prompt or {}))
+
+
+@contextmanager
+def out_of_memory_fails_batch(pipeline: PASDPipeline, job: Job, doing: str) -> Iterator[None]:
+    """Running out of memory on an image (after the engine's own retries) is a DeviceError that
+    names the image: the next images would run out too."""
     from ..engine.memory import is_out_of_memory
 
     try:
-        return upscale(pipeline, rgb, settings, progress=progress, on_warning=warn, **(prompt or {}))
+        yield
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(exc):
             raise
         raise DeviceError(
-            f"out of memory on {pipeline.device} upscaling {job.source}",
+            f"out of memory on {pipeline.device} {doing} {job.source}",
             hint="use a smaller --latent-tile or --process-size",
         ) from None
 

@@ -1,8 +1,8 @@
 """Every option of the image commands, declared once: its flags, type (choices are Enums, so
 `--help` lists them and shells complete them), help panel and help text, and the value its group
-builds. Defaults come from the settings they fill (the engine's `UpscaleSettings` and
-`StylizeSettings`, `BatchSettings`), and so do bounds: a value out of bounds is refused by the
-settings object, and the error names the option.
+builds. Defaults come from the settings they fill (the engine's `UpscaleSettings`,
+`StylizeSettings` and `ColorizeSettings`, `BatchSettings`), and so do bounds: a value out of
+bounds is refused by the settings object, and the error names the option.
 
 Nothing here imports torch.
 """
@@ -17,7 +17,15 @@ from typing import Any, Optional
 
 from ..batch.prompt_pass import PromptChoice
 from ..batch.settings import BatchSettings
-from ..engine.settings import BASE_BLEND, FAST_GUIDANCE, FAST_STEPS, CaptionSettings, LoraSpec, UpscaleSettings
+from ..engine.settings import (
+    BASE_BLEND,
+    FAST_GUIDANCE,
+    FAST_STEPS,
+    CaptionSettings,
+    ColorizeSettings,
+    LoraSpec,
+    UpscaleSettings,
+)
 from ..errors import UsageError
 from ..imageio import DEFAULT_QUALITY
 from ..store import BASE_MODEL, CAPTION_MODEL, CLASSIFY_MODEL, LCM_LORA
@@ -73,6 +81,11 @@ class CaptionMode(str, Enum):  # engine.settings.CAPTION_MODES
     blip = "blip"
     classify = "classify"
     none = "none"
+
+
+class Luma(str, Enum):  # engine.settings.LUMA_MODES
+    exact = "exact"
+    released = "released"
 
 
 def _value(value: Any) -> Any:
@@ -301,10 +314,10 @@ def model_options(pasd_default: str) -> Group:
 # ------------------------------------------------------------------------------- diffusion
 
 
-def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
+def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[str] = ()) -> Group:
     """The engine's settings, defaults from `preset` (an instance of the command's settings class):
     the options of the fields it has, and `extra` options for fields of its own, building an
-    object of its class."""
+    object of its class. Fields in `omit` keep the preset's value and get no option."""
     d = UpscaleSettings() if not isinstance(preset, UpscaleSettings) else preset
     params = [
         option(
@@ -427,7 +440,7 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
     ]
 
     has = {f.name for f in fields(preset)}
-    params = [p for p in params if ("blend" if p.name == "latent_blend" else p.name) in has]
+    params = [p for p in params if ("blend" if p.name == "latent_blend" else p.name) in has - set(omit)]
     for p in params:  # defaults from `preset`, also for a settings class of another shape
         field_name = "blend" if p.name == "latent_blend" else p.name
         value = getattr(preset, field_name)
@@ -442,7 +455,7 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = ()) -> Group:
             renamed = [replace(p, name="blend") if p.name == "latent_blend" else p for p in params]
             raise setting_error(exc, renamed, given) from None
 
-    assert {p.name for p in params} | {"blend"} >= has, (
+    assert {p.name for p in params} | {"blend", *omit} >= has, (
         f"engine settings without an option: {has - {p.name for p in params}}"
     )
     return Group(params, build)
@@ -586,10 +599,62 @@ def _build_style(style: str, lora: list[str], style_blend: float, fast: bool, tr
 
 STYLE_OPTIONS = Group(_STYLE, _build_style)
 
+# ---------------------------------------------------------------------------------- colorize
+
+# Fields of ColorizeSettings with no option: the output keeps the input's size, gets no colour
+# fix (it would pull the colours back to grey), and nothing is appended to the prompt, as released.
+COLORIZE_FIXED = ("scale", "color_fix", "added_prompt")
+# Colorization always works at the process size, reducing larger inputs (as released).
+COLORIZE_PROCESS_SIZE_HELP = "Short side the model works at, for every input (long side at most twice)."
+
+LUMA_OPTION = option(
+    "luma",
+    Luma,
+    Luma.exact,
+    "--luma",
+    panel=DIFFUSION,
+    help="exact: the output's luma is the input's (colours that would clip lose saturation); "
+    "released: the released merge, which clips and can shift brightness.",
+)
+
+_COLORIZE = [
+    option(
+        "force",
+        bool,
+        False,
+        "--force",
+        panel=INPUT_OUTPUT,
+        help="Colorize colour inputs too (from their luma; their own colours are lost). Refused otherwise.",
+    )
+]
+
+
+def _build_colorize(force: bool) -> bool:
+    return force
+
+
+def colorize_settings_options() -> Group:
+    """`pasd colorize`'s engine settings: upscale's options with the same meanings, less the
+    fixed fields, plus --luma."""
+    group = diffusion_options(ColorizeSettings(), extra=[LUMA_OPTION], omit=COLORIZE_FIXED)
+    for param in group.params:
+        if param.name == "process_size":
+            param.declaration.help = COLORIZE_PROCESS_SIZE_HELP
+    return group
+
+
+COLORIZE_OPTIONS = Group(_COLORIZE, _build_colorize)
+
 # Options whose value is one of a set, by parameter name: the command line's error for a value
 # outside the set lists them.
 CHOICES = {
     p.name: p.choices
-    for p in (*_BATCH, *model_options("").params, *diffusion_options(UpscaleSettings()).params, *_PROMPTS)
+    for p in (
+        *_BATCH,
+        *model_options("").params,
+        *diffusion_options(UpscaleSettings()).params,
+        *_PROMPTS,
+        LUMA_OPTION,
+    )
     if p.choices is not None
 }

@@ -31,10 +31,13 @@ from .settings import (
     BLENDS,
     CAPTION_MODES,
     COLOR_FIXES,
+    COLOR_NEGATIVE_PROMPT,
     FAST_GUIDANCE,
     FAST_STEPS,
+    LUMA_MODES,
     NEGATIVE_PROMPT,
     CaptionSettings,
+    ColorizeSettings,
     LoraSpec,
     StylizeSettings,
     UpscaleSettings,
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .captions import DescriberSpec, Description
-    from .colorize import ColorizeResult, ColorizeSettings
+    from .colorize import ColorizeResult
     from .pipeline import PASDPipeline, Progress, UpscaleResult
     from .stylize import PersonalizeReport, StageCallback
 
@@ -56,8 +59,10 @@ __all__ = [
     "BLENDS",
     "CAPTION_MODES",
     "COLOR_FIXES",
+    "COLOR_NEGATIVE_PROMPT",
     "FAST_GUIDANCE",
     "FAST_STEPS",
+    "LUMA_MODES",
     "NEGATIVE_PROMPT",
     "CaptionSettings",
     "ColorizeResult",
@@ -87,7 +92,6 @@ _LAZY = {
     "PersonalizeReport": "stylize",
     "DescriberSpec": "captions",
     "Description": "captions",
-    "ColorizeSettings": "colorize",
     "ColorizeResult": "colorize",
 }
 
@@ -239,7 +243,6 @@ def colorize(
 ) -> ColorizeResult:
     """Colour one black-and-white image (a pipeline from `load_colorize_pipeline`); its luma is
     kept (`settings.luma`), at 16 bits when `luma16` gives it."""
-    from .colorize import ColorizeSettings
     from .colorize import colorize as run
 
     return run(

@@ -143,3 +143,34 @@ class LoraSpec:
         except ValueError:
             return cls(text)
         return cls(head, weight)
+
+
+# Colorization (spec section 7): the released fixed negative prompt, and how the luma is merged.
+COLOR_NEGATIVE_PROMPT = "b&w, color bleeding"
+LUMA_MODES = ("exact", "released")
+
+
+@dataclass(frozen=True)
+class ColorizeSettings(UpscaleSettings):
+    """The shared settings with colorization's defaults (the released script's), plus `luma`:
+    "exact" keeps the input's luma (a colour that would leave the RGB cube loses saturation
+    instead), "released" is the released merge, which clips and so moves the luma.
+
+    `added_prompt` is empty as released (it is appended before the word replacement);
+    `negative_prompt` is the released fixed one. The output keeps the input's size and gets no
+    colour fix, so `scale` must stay 1 and `color_fix` "none"."""
+
+    scale: float = 1.0
+    added_prompt: str = ""
+    negative_prompt: str = COLOR_NEGATIVE_PROMPT
+    color_fix: str = "none"
+    luma: str = "exact"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.luma not in LUMA_MODES:
+            raise ValueError(f"luma must be one of {', '.join(LUMA_MODES)}")
+        if self.scale != 1:
+            raise ValueError("colorization keeps the input size: scale must be 1")
+        if self.color_fix != "none":
+            raise ValueError("colorization takes no colour fix: it would pull the colours back to grey")

@@ -223,6 +223,67 @@ def _quiet_hub_logs() -> None:
     hub_logging.set_verbosity_error()
 
 
+def _remote_files(api: Any, manifest: Manifest, commit: str, endpoint: str) -> dict[str, Any]:
+    """The hub's files below the manifest's subfolder, by path; a missing subfolder is a
+    one-line error that names the manifest field to fix."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    tree = {"repo_type": manifest.repo_type, "revision": commit}
+    try:
+        entries = api.list_repo_tree(manifest.repo_id, path_in_repo=manifest.subfolder or None, recursive=True, **tree)
+        return {entry.path: entry for entry in entries if isinstance(entry, RepoFile)}
+    except EntryNotFoundError as exc:
+        if isinstance(exc, LocalEntryNotFoundError) or not manifest.subfolder:
+            raise
+    parent = manifest.subfolder.rpartition("/")[0]
+    try:  # what is there instead, to fix the manifest by
+        found = sorted(
+            entry.path.rpartition("/")[2] for entry in api.list_repo_tree(manifest.repo_id, parent or None, **tree)
+        )
+    except Exception:  # only decorates the error below
+        found = []
+    raise _not_found(manifest, "subfolder", f"folder {manifest.subfolder}", endpoint, parent, found)
+
+
+def _files_not_found(manifest: Manifest, absent: list[str], remote: dict[str, Any], endpoint: str) -> ModelError:
+    """Files of the manifest the hub lacks: a wrong `entry` (the checkpoint folder) when nothing
+    is under it, else a wrong `files` list."""
+    more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+    what = f"file {absent[0]}{more}"
+    entry = f"{manifest.entry_path}/"
+    if manifest.entry and not any(path.startswith(entry) for path in remote):
+        prefix = f"{manifest.subfolder}/" if manifest.subfolder else ""
+        found = sorted({path[len(prefix) :].split("/")[0] for path in remote})
+        return _not_found(manifest, "entry", what, endpoint, manifest.subfolder, found)
+    return _not_found(manifest, "files", what, endpoint, manifest.subfolder, [])
+
+
+def _not_found(manifest: Manifest, field: str, what: str, endpoint: str, folder: str, found: list[str]) -> ModelError:
+    """`what` is not on the hub where the manifest's `field` says: one line that names the field
+    to fix, says whether it was a guess, and lists what `folder` holds instead."""
+    from .manifests import manifests_dir
+
+    path = manifests_dir() / f"{manifest.name}.json"
+    manifest_file = str(path) if path.is_file() else f"the manifest {manifest.name}.json"
+    value = getattr(manifest, field)
+    if field in manifest.unconfirmed:
+        why = f"the manifest's {field} {value!r} is an unconfirmed guess" if field != "files" else "it was a guess"
+    else:
+        why = "the manifest may be out of date"
+    fix = "`entry` (and the paths in `files` under it)" if field == "entry" else f"`{field}`"
+    holds = (
+        f" ({folder or 'the repo'} holds: {', '.join(found[:8])}{', ...' if len(found) > 8 else ''})" if found else ""
+    )
+    repo = f"{manifest.repo_id}@{manifest.revision}"
+    return ModelError(
+        f"{what} not found in {repo} at {endpoint}; {why}: fix {fix} in {manifest_file}{holds}",
+        hint=f"see the files at {endpoint.rstrip('/')}/{manifest.repo_id}/tree/{manifest.revision}/{folder}".rstrip(
+            "/"
+        ),
+    )
+
+
 def download(
     store: Store,
     name: str,
@@ -249,31 +310,16 @@ def download(
         )
 
     from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.hf_api import RepoFile
 
     _quiet_hub_logs()
     endpoint_url = endpoint or constants.ENDPOINT
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(manifest, endpoint_url):
         commit = api.repo_info(manifest.repo_id, repo_type=manifest.repo_type, revision=manifest.revision).sha
-        remote = {
-            entry.path: entry
-            for entry in api.list_repo_tree(
-                manifest.repo_id,
-                path_in_repo=manifest.subfolder or None,
-                recursive=True,
-                revision=commit,
-                repo_type=manifest.repo_type,
-            )
-            if isinstance(entry, RepoFile)
-        }
+        remote = _remote_files(api, manifest, commit, endpoint_url)
     absent = [p for p in manifest.repo_paths if p not in remote]
     if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise ModelError(
-            f"file {absent[0]}{more} not found in {manifest.repo_id}@{manifest.revision} at {endpoint_url}",
-            hint=f"the manifest {name}.json may be out of date",
-        )
+        raise _files_not_found(manifest, absent, remote, endpoint_url)
 
     model_dir = store.model_dir(name)
     store.forget(name)  # from here on the model counts as not installed until every file checks out

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ModelError
 
 KINDS = ("pasd", "base", "captioner", "classifier", "lora")
+UNCONFIRMABLE = ("subfolder", "entry", "files")  # where a manifest says where the files are
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 # Model names from models/*.json that the commands use, and `pasd download` fetches, by default.
@@ -24,6 +25,7 @@ BASE_MODEL = "sd15"  # Stable Diffusion 1.5, for every command
 CAPTION_MODEL = "blip"
 CLASSIFY_MODEL = "resnet-50"
 STYLIZE_PASD = "pasd-light"  # stylization's PASD model: the authors advise the light variant
+COLORIZE_PASD = "pasd-light-color"  # `pasd colorize`'s: PASD-light trained on grayscale hints
 LCM_LORA = "lcm-lora-sdv1-5"  # `pasd stylize --fast`
 
 
@@ -42,6 +44,9 @@ class Manifest:
     repo_type: str = "model"
     variant: Mapping[str, Any] | None = None
     note: str = ""
+    # Fields ("subfolder", "entry", "files") that are guesses not checked against the hub: a
+    # download that does not find them says so.
+    unconfirmed: tuple[str, ...] = ()
 
     @property
     def repo_paths(self) -> list[str]:
@@ -80,6 +85,7 @@ def _parse_manifest(path: Path) -> Manifest:
             repo_type=data.get("repo_type", "model"),
             variant=data.get("variant"),
             note=data.get("note", ""),
+            unconfirmed=tuple(data.get("unconfirmed", ())),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"bad model manifest {path}: {exc}") from None
@@ -87,6 +93,8 @@ def _parse_manifest(path: Path) -> Manifest:
         raise ModelError(f"bad model manifest {path}: name {manifest.name!r} must equal the file name")
     if manifest.kind not in KINDS:
         raise ModelError(f"bad model manifest {path}: kind {manifest.kind!r} is not one of {', '.join(KINDS)}")
+    if not set(manifest.unconfirmed) <= set(UNCONFIRMABLE):
+        raise ModelError(f"bad model manifest {path}: unconfirmed may name only {', '.join(UNCONFIRMABLE)}")
     if not manifest.files or any(f.startswith("/") or ".." in f.split("/") for f in manifest.files):
         raise ModelError(f"bad model manifest {path}: files must be relative paths inside the subfolder")
     return manifest
