@@ -112,7 +112,7 @@ def plan_jobs(
             job.info = probe(job.source)
         except InputError as exc:
             job.status, job.reason = FAILED, reason_of(exc, job.source)
-            if failures is not None and job.found:
+            if failures is not None and job.found and exc.about_content:
                 failures.record(job.source, job.reason)
             continue
         if job.found and job.info.by_pasd and out_dir is not None and _inside(job.source, out_dir):
