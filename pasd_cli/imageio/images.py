@@ -20,7 +20,9 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from ..errors import InputError, ReadError
 from . import metadata
 from . import rgb16 as deep
-from .formats import DEFAULT_QUALITY, MAX_INPUT_PIXELS, OUTPUT_FORMATS, READ_FORMATS, SAME_FORMAT
+from .formats import DEFAULT_QUALITY, MAX_INPUT_PIXELS, OTHER_IMAGE_SUFFIXES, OUTPUT_FORMATS, READ_FORMATS, SAME_FORMAT
+
+_READ = f" (only {', '.join(READ_FORMATS)})"
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,15 @@ def _open(path: Path) -> Image.Image:
         pixels = f"{int(claimed.group(1)) / 1e6:.0f} MP" if claimed else "too many pixels"
         raise InputError(f"{path}: header claims {pixels}; not decoded (Pillow's decompression-bomb guard)") from None
     except UnidentifiedImageError:
+        if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+            raise InputError(f"{path}: {path.suffix[1:].upper()} images are not supported{_READ}") from None
         raise InputError(f"{path}: not an image (content not recognised)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         _raise_if_io(path, exc)
         raise InputError(f"{path}: unreadable image header ({exc})") from None
     if image.format not in READ_FORMATS and image.format != "MPO":
         image.close()
-        raise InputError(f"{path}: {image.format} images are not supported (only {', '.join(READ_FORMATS)})")
+        raise InputError(f"{path}: {image.format} images are not supported{_READ}")
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
