@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import tempfile
 from pathlib import Path
 
 from .errors import DeviceError, OutputError
+from .interrupts import deferred
 
 _FULL_DISK = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -46,14 +46,8 @@ def _umask() -> int:
 
 def _remove_quietly(tmp: Path) -> None:
     # A second Ctrl-C must not interrupt the clean-up and leave the temporary file behind.
-    blockable = hasattr(signal, "pthread_sigmask")
-    if blockable:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with deferred():
         tmp.unlink(missing_ok=True)
-    finally:
-        if blockable:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _write_error(path: Path, exc: OSError) -> Exception:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import InputError, Interrupted, PasdError, UsageError
+from ..interrupts import deferred
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -138,16 +139,18 @@ class _Run:
             self.todo_total = len(self.plan.todo)
             for job in self.plan.jobs:
                 self._step(job)
-        except PasdError as exc:
-            self.summary.error = str(exc)
-            emitted = sum(self.summary.counts.values())
-            for job in self.plan.jobs[emitted:]:
-                self._emit(job, CANCELLED, f"not started: {exc}")
+        except (PasdError, Interrupted) as exc:
+            with deferred():  # a second Ctrl-C must not cut the account of the inputs short
+                self.summary.error = str(exc)
+                emitted = sum(self.summary.counts.values())
+                for job in self.plan.jobs[emitted:]:
+                    self._emit(job, CANCELLED, f"not started: {exc}")
             raise
         finally:
-            self.summary.seconds = time.monotonic() - started
-            self._save_failures()
-            self.reporter.summary(self.summary)
+            with deferred():
+                self.summary.seconds = time.monotonic() - started
+                self._save_failures()
+                self.reporter.summary(self.summary)
         return self.summary
 
     def _prepare(self) -> None:
@@ -184,9 +187,10 @@ class _Run:
             self._emit(job, FAILED, reason, time.monotonic() - begin)
             if self.options.fail_fast:
                 self.stop_reason = FAIL_FAST_STOPPED
-        except PasdError as exc:
+        except (PasdError, Interrupted) as exc:
             status = INTERRUPTED if isinstance(exc, Interrupted) else FAILED
-            self._emit(job, status, str(exc), time.monotonic() - begin)
+            with deferred():
+                self._emit(job, status, str(exc), time.monotonic() - begin)
             raise
         except Exception as exc:  # a bug on one image must not cost the rest of the batch
             self.reporter.debug(traceback.format_exc())
