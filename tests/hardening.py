@@ -3,6 +3,8 @@ in these runs, so a subprocess would only add its start-up)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -25,9 +27,19 @@ class Outcome:
 
 
 def pasd_in_process(capsys: pytest.CaptureFixture[str], *args: object) -> Outcome:
+    """`pasd ARGS` as `main` runs it; what it changes in the process (the environment, e.g.
+    HF_HUB_OFFLINE for --offline, and the signal handlers) is put back afterwards."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
+    environ = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     out, err = capsys.readouterr()
     code = exit_.value.code
     return Outcome(code if isinstance(code, int) else 1, out, err)
