@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
+from ..atomic import remove_stale
 from ..errors import InputError, Interrupted, PasdError, UsageError
 from ..interrupts import deferred
 from .command import Command, Pending
@@ -61,6 +62,8 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
+        if not (options.dry_run or options.to_stdout):
+            _remove_stale_temporaries(plan, Path(options.output), reporter)
         summary = execute(command, plan, reporter, options, failures)
     if plan.collisions:  # a dry run lists them all first
         raise collision_error(plan.collisions, "a run would refuse to start")
@@ -110,6 +113,16 @@ def _check_destination(options: BatchSettings) -> None:
         raise UsageError(f"-o {folder}: not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"-o {folder}: not writable{where}")
+
+
+def _remove_stale_temporaries(plan: Plan, out_dir: Path, reporter: Reporter) -> None:
+    """Temporary files that a killed run (kill -9, a power loss) left in the folders this run
+    writes to: only ours, by name, and only those no writer holds, so never one that another
+    run is writing now, with --lock or without (see `atomic`)."""
+    folders = {out_dir, *(job.output.parent for job in plan.jobs if job.output is not None)}
+    for folder in sorted(folders):
+        for path in remove_stale(folder):
+            reporter.info(f"removed {path}, left by an interrupted run")
 
 
 class _Run:
