@@ -79,7 +79,9 @@ def plan_batch(
             reporter.debug(f"ignore {item.path}: {item.reason}")
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
-    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size)
+    return plan_jobs(
+        discovery, options, command.name_fields(), failures, command.planned_size, command.planned_working_size
+    )
 
 
 def execute(

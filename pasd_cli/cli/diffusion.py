@@ -73,6 +73,11 @@ class DiffusionCommand(ImageCommand):
 
         return output_size(size, self.settings.scale)
 
+    def planned_working_size(self, size: Size) -> Size:
+        from ..engine.resize import working_size
+
+        return working_size(size, self.settings.scale, self.settings.process_size)
+
     # -- the lifecycle
     def model_refs(self) -> list[ModelRef]:
         """Every model the pipeline loads."""
