@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from ..errors import Interrupted
-    from ..interrupts import install
+    from ..interrupts import SIGNALS, install
 
     install()
     try:
@@ -22,16 +21,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run(argv)
     except Interrupted as exc:  # before the app's own handling exists, or around it
+        import signal
+
+        for sig in SIGNALS:  # leaving now: another Ctrl-C must not cut the message short
+            signal.signal(sig, signal.SIG_IGN)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "app":
-        from .app import app
-
-        return app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["app", "main"]
+__all__ = ["main"]
