@@ -22,7 +22,9 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
+from ..atomic import remove_stale
 from ..errors import InputError, Interrupted, PasdError, UsageError
+from ..interrupts import deferred
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -60,6 +62,8 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
+        if not (options.dry_run or options.to_stdout):
+            _remove_stale_temporaries(plan, Path(options.output), reporter)
         summary = execute(command, plan, reporter, options, failures)
     if plan.collisions:  # a dry run lists them all first
         raise collision_error(plan.collisions, "a run would refuse to start")
@@ -75,7 +79,9 @@ def plan_batch(
             reporter.debug(f"ignore {item.path}: {item.reason}")
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
-    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size)
+    return plan_jobs(
+        discovery, options, command.name_fields(), failures, command.planned_size, command.planned_working_size
+    )
 
 
 def execute(
@@ -111,6 +117,16 @@ def _check_destination(options: BatchSettings) -> None:
         raise UsageError(f"-o {folder}: not writable{where}")
 
 
+def _remove_stale_temporaries(plan: Plan, out_dir: Path, reporter: Reporter) -> None:
+    """Temporary files that a killed run (kill -9, a power loss) left in the folders this run
+    writes to: only ours, by name, and only those no writer holds, so never one that another
+    run is writing now, with --lock or without (see `atomic`)."""
+    folders = {out_dir, *(job.output.parent for job in plan.jobs if job.output is not None)}
+    for folder in sorted(folders):
+        for path in remove_stale(folder):
+            reporter.info(f"removed {path}, left by an interrupted run")
+
+
 class _Run:
     """One execution of a plan: the loop over its jobs and the records it emits."""
 
@@ -138,16 +154,18 @@ class _Run:
             self.todo_total = len(self.plan.todo)
             for job in self.plan.jobs:
                 self._step(job)
-        except PasdError as exc:
-            self.summary.error = str(exc)
-            emitted = sum(self.summary.counts.values())
-            for job in self.plan.jobs[emitted:]:
-                self._emit(job, CANCELLED, f"not started: {exc}")
+        except (PasdError, Interrupted) as exc:
+            with deferred():  # a second Ctrl-C must not cut the account of the inputs short
+                self.summary.error = str(exc)
+                emitted = sum(self.summary.counts.values())
+                for job in self.plan.jobs[emitted:]:
+                    self._emit(job, CANCELLED, f"not started: {exc}")
             raise
         finally:
-            self.summary.seconds = time.monotonic() - started
-            self._save_failures()
-            self.reporter.summary(self.summary)
+            with deferred():
+                self.summary.seconds = time.monotonic() - started
+                self._save_failures()
+                self.reporter.summary(self.summary)
         return self.summary
 
     def _prepare(self) -> None:
@@ -184,9 +202,10 @@ class _Run:
             self._emit(job, FAILED, reason, time.monotonic() - begin)
             if self.options.fail_fast:
                 self.stop_reason = FAIL_FAST_STOPPED
-        except PasdError as exc:
+        except (PasdError, Interrupted) as exc:
             status = INTERRUPTED if isinstance(exc, Interrupted) else FAILED
-            self._emit(job, status, str(exc), time.monotonic() - begin)
+            with deferred():
+                self._emit(job, status, str(exc), time.monotonic() - begin)
             raise
         except Exception as exc:  # a bug on one image must not cost the rest of the batch
             self.reporter.debug(traceback.format_exc())
