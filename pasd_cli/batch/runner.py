@@ -60,9 +60,12 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
+        reporter.hold_summary = bool(plan.collisions)
         summary = execute(command, plan, reporter, options, failures)
-    if plan.collisions:  # a dry run lists them all first
-        raise collision_error(plan.collisions, "a run would refuse to start")
+    if plan.collisions:  # a dry run lists them all first, then the error, then the summary
+        error = collision_error(plan.collisions, "a run would refuse to start")
+        error.epilogue = reporter.held_summary
+        raise error
     return summary
 
 
@@ -132,6 +135,7 @@ class _Run:
 
     def run(self) -> Summary:
         started = time.monotonic()
+        stopped: PasdError | None = None
         try:
             if self.plan.todo:
                 self._prepare()
@@ -139,6 +143,7 @@ class _Run:
             for job in self.plan.jobs:
                 self._step(job)
         except PasdError as exc:
+            stopped = exc
             self.summary.error = str(exc)
             emitted = sum(self.summary.counts.values())
             for job in self.plan.jobs[emitted:]:
@@ -147,7 +152,11 @@ class _Run:
         finally:
             self.summary.seconds = time.monotonic() - started
             self._save_failures()
+            if stopped is not None:  # the command line says the summary after the error
+                self.reporter.hold_summary = True
             self.reporter.summary(self.summary)
+            if stopped is not None:
+                stopped.epilogue = self.reporter.held_summary
         return self.summary
 
     def _prepare(self) -> None:
