@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import DeviceError, OutputError
 
-_FULL_DISK = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+FULL_DISK = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def write_atomic(path: Path, write) -> None:
@@ -57,7 +57,7 @@ def _remove_quietly(tmp: Path) -> None:
 
 
 def _write_error(path: Path, exc: OSError) -> Exception:
-    if exc.errno in _FULL_DISK:
+    if exc.errno in FULL_DISK:
         return DeviceError(
             f"cannot write {path}: {exc.strerror or exc} (disk full or quota exceeded)",
             hint="free some space, or write to another disk",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, PasdError, UsageError
-from ..imageio import OUTPUT_FORMATS
+from ..imageio import FILE_OUTPUT_FORMATS, OUTPUT_FORMATS
 from .failures import FailureLog
 from .inputs import Discovery
 from .settings import BatchSettings
@@ -82,6 +82,23 @@ def _output_name(template: str, source: Path, fields: dict[str, str], suffix: st
     return name + suffix
 
 
+def output_file(options: BatchSettings) -> Path | None:
+    """The one result's file when -o names one (`-o photo_big.png`): its suffix is an output
+    format's and no folder has that name. None: -o is a folder (or stdout)."""
+    if options.to_stdout:
+        return None
+    path = Path(options.output)
+    return path if path.suffix.lower() in FILE_OUTPUT_FORMATS and not path.is_dir() else None
+
+
+def output_folder(options: BatchSettings) -> Path | None:
+    """Where results (and the failure log) go: -o, or the folder of the file -o names."""
+    if options.to_stdout:
+        return None
+    file = output_file(options)
+    return Path(options.output) if file is None else file.parent
+
+
 def plan_jobs(
     discovery: Discovery,
     options: BatchSettings,
@@ -101,7 +118,13 @@ def plan_jobs(
     ]
     if options.to_stdout and len(discovery.candidates) != 1:
         raise UsageError(f"-o - writes one image to stdout, but {len(discovery.candidates)} inputs were given")
-    out_dir = None if options.to_stdout else Path(options.output)
+    out_dir = output_folder(options)
+    out_file = output_file(options)
+    if out_file is not None and len(discovery.candidates) != 1:
+        raise UsageError(
+            f"-o {out_file} names one image file, but {len(discovery.candidates)} inputs were given",
+            hint="name a folder for the results (without an image suffix)",
+        )
     remember = failures is not None and not options.retry_failed and options.on_exists != "overwrite"
     for candidate in discovery.candidates:
         job = Job(candidate.path, candidate.rel, candidate.found)
@@ -122,7 +145,9 @@ def plan_jobs(
             continue
         job.format = output_format(options.format, job.info)
         job.output_size = output_size(job.info.size) if output_size else None
-        if out_dir is not None:
+        if out_file is not None:  # its suffix decides the format
+            job.format, job.output = FILE_OUTPUT_FORMATS[out_file.suffix.lower()], out_file
+        elif out_dir is not None:
             folder = out_dir / job.rel.parent if options.recursive else out_dir
             job.output = folder / _output_name(options.name, job.source, name_fields, OUTPUT_FORMATS[job.format].suffix)
     plan = Plan(jobs)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import InputError, Interrupted, PasdError, UsageError
+from ..atomic import FULL_DISK
+from ..errors import DeviceError, InputError, Interrupted, PasdError, UsageError
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -38,6 +40,7 @@ from .plan import (
     Job,
     Plan,
     collision_error,
+    output_folder,
     plan_jobs,
     reason_of,
 )
@@ -54,12 +57,15 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
     _check_destination(options)
     reporter = Reporter(verbosity=options.verbosity, json_lines=options.json, paths_to_stdout=not options.to_stdout)
     with hold_lock(options.lock):
-        failures = None if options.to_stdout else FailureLog(Path(options.output), writable=not options.dry_run)
+        folder = output_folder(options)
+        failures = None if folder is None else FailureLog(folder, writable=not options.dry_run)
         if failures is not None:
             failures.forget_where(command.retries)
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
+        if folder is not None and plan.todo and not options.dry_run:
+            _try_writing(folder, options.output)
         reporter.hold_summary = bool(plan.collisions)
         summary = execute(command, plan, reporter, options, failures)
     if plan.collisions:  # a dry run lists them all first, then the error, then the summary
@@ -105,13 +111,36 @@ def _check_destination(options: BatchSettings) -> None:
                 hint="redirect it to a file or a program: pasd upscale photo.jpg -o - > big.png",
             )
         return
-    folder = Path(options.output)
+    folder = output_folder(options)
+    assert folder is not None  # not stdout
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
     where = "" if existing == folder else f" ({existing} is in its path)"
     if not existing.is_dir():
         raise UsageError(f"-o {folder}: not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"-o {folder}: not writable{where}")
+
+
+def _try_writing(folder: Path, given: str) -> None:
+    """Write and remove a file in `folder` before any model is resolved or loaded: permissions
+    (root passes every access check), a read-only mount or a pseudo file system (/proc) show
+    only when something is written. Folders made for it are removed again."""
+    made = [p for p in (folder, *folder.parents) if not (p.exists() or p.is_symlink())]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".pasd-", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise DeviceError(f"-o {given}: cannot write there ({exc.strerror}: disk full or quota exceeded)") from None
+        raise UsageError(f"-o {given}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 class _Run:
