@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import DeviceError, OutputError
 
-FULL_DISK = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_FULL_DISK = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def write_atomic(path: Path, write) -> None:
@@ -21,7 +21,7 @@ def write_atomic(path: Path, write) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{temporary_stem(path.name)}.", suffix=".part", dir=path.parent)
     except OSError as exc:
         raise _write_error(path, exc) from None
     try:
@@ -57,9 +57,24 @@ def _remove_quietly(tmp: Path) -> None:
 
 
 def _write_error(path: Path, exc: OSError) -> Exception:
-    if exc.errno in FULL_DISK:
+    if exc.errno in _FULL_DISK:
         return DeviceError(
             f"cannot write {path}: {exc.strerror or exc} (disk full or quota exceeded)",
             hint="free some space, or write to another disk",
         )
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+# What a temporary name adds to the target's: ".", then mkstemp's "." and 8 characters, ".part".
+TEMPORARY_EXTRA_BYTES = 15
+NAME_MAX = 255  # bytes in a file name on every common file system (ext4, APFS, NTFS in UTF-16 units)
+
+
+def temporary_stem(name: str) -> str:
+    """The target's name, cut so that its temporary name fits where the target's fits: a legal
+    name of 241 to 255 bytes must not fail for its temporary file."""
+    room = NAME_MAX - TEMPORARY_EXTRA_BYTES
+    encoded = os.fsencode(name)
+    if len(encoded) <= room:
+        return name
+    return os.fsdecode(encoded[:room].decode("utf-8", "ignore").encode("utf-8"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import NAME_MAX
 from ..errors import InputError, PasdError, UsageError
 from ..imageio import FILE_OUTPUT_FORMATS, OUTPUT_FORMATS
 from .failures import FailureLog
@@ -150,11 +151,39 @@ def plan_jobs(
         elif out_dir is not None:
             folder = out_dir / job.rel.parent if options.recursive else out_dir
             job.output = folder / _output_name(options.name, job.source, name_fields, OUTPUT_FORMATS[job.format].suffix)
+    _check_name_lengths(jobs, out_dir)
     plan = Plan(jobs)
     _find_collisions(plan)
     if out_dir is not None:
         _apply_on_exists(plan, options.on_exists)
     return plan
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of `folder` (or of its nearest existing
+    parent) takes."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        return int(os.pathconf(existing, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer
+        return NAME_MAX
+
+
+def _check_name_lengths(jobs: list[Job], out_dir: Path | None) -> None:
+    """An output name the file system would refuse fails its input now, before any model work
+    (a --name template, or a long input name): not remembered, the input is not at fault."""
+    if out_dir is None:
+        return
+    limit = name_max(out_dir)
+    for job in jobs:
+        if job.status == TODO and job.output is not None:
+            size = len(os.fsencode(job.output.name))
+            if size > limit:
+                job.status = FAILED
+                job.reason = (
+                    f"the output name is {size} bytes, more than the file system's {limit}: "
+                    "use a shorter --name (or rename the input)"
+                )
 
 
 def reason_of(exc: PasdError, source: Path) -> str:

@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
-from ..atomic import FULL_DISK
+from ..atomic import _FULL_DISK as FULL_DISK
 from ..errors import DeviceError, InputError, Interrupted, PasdError, UsageError
 from .command import Command, Pending
 from .failures import FailureLog
