@@ -49,7 +49,7 @@ def write_atomic(path: Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _folder_held(path.parent, exclusive=False):
             fd, tmp = tempfile.mkstemp(
-                prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
+                prefix=f"{TEMPORARY_PREFIX}{temporary_stem(path.name)}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
             )
             _try_lock(fd)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
@@ -152,3 +152,18 @@ def _write_error(path: Path, exc: OSError) -> Exception:
             hint="free some space, or write to another disk",
         )
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+# What a temporary name adds to the target's: ".", then mkstemp's "." and 8 characters, ".part".
+TEMPORARY_EXTRA_BYTES = 15
+NAME_MAX = 255  # bytes in a file name on every common file system (ext4, APFS, NTFS in UTF-16 units)
+
+
+def temporary_stem(name: str) -> str:
+    """The target's name, cut so that its temporary name fits where the target's fits: a legal
+    name of 241 to 255 bytes must not fail for its temporary file."""
+    room = NAME_MAX - TEMPORARY_EXTRA_BYTES
+    encoded = os.fsencode(name)
+    if len(encoded) <= room:
+        return name
+    return os.fsdecode(encoded[:room].decode("utf-8", "ignore").encode("utf-8"))

@@ -22,6 +22,9 @@ class PasdError(Exception):
     exit_code = 1
     hint: str | None = None
     field: str | None = None  # the setting or argument that the hint is about
+    # A line said after the error and its hint: a batch's summary, which reads as the outcome
+    # only once the reason for it has been given.
+    epilogue: str | None = None
 
     def __init__(self, message: str, hint: str | None = None, *, field: str | None = None):
         super().__init__(message)

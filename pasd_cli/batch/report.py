@@ -57,6 +57,8 @@ class Reporter:
         self._job_started = 0.0
         self._last_line = 0.0
         self._image_seconds: list[float] = []
+        self.hold_summary = False
+        self.held_summary: str | None = None
 
     @property
     def stdout(self) -> TextIO:
@@ -103,6 +105,8 @@ class Reporter:
             self.debug(f"cancelled {record.input}: {record.reason}")
 
     def summary(self, summary: Summary) -> None:
+        """The summary: a JSON object on stdout with --json, and a line on stderr, or kept in
+        `held_summary` while `hold_summary` is set (to follow the error that stopped the batch)."""
         if self._live:
             self._live.stop()
             self._live = None
@@ -112,7 +116,11 @@ class Reporter:
         parts = [
             f"{counts[s]} {s}" for s in (DONE, PLANNED, SKIPPED, FAILED, COLLISION, CANCELLED, INTERRUPTED) if counts[s]
         ]
-        self.info(f"{', '.join(parts) or 'no images'} in {_duration(summary.seconds)}")
+        line = f"{', '.join(parts) or 'no images'} in {_duration(summary.seconds)}"
+        if self.hold_summary:
+            self.held_summary = line if self.verbosity >= NORMAL else None
+        else:
+            self.info(line)
 
     # -- progress
     def start_job(self, job: Job, done: int, total: int) -> None:

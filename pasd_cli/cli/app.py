@@ -132,10 +132,12 @@ def usage_error(exc: Any, args: Sequence[str]) -> tuple[str, str | None]:
     return (f"{name} {value}: {message}" if value is not None else f"{name}: {message}"), hint
 
 
-def _fail(message: str, hint: str | None, code: int) -> NoReturn:
+def _fail(message: str, hint: str | None, code: int, epilogue: str | None = None) -> NoReturn:
     _say("error: " + _one_line(message))
     if hint:
         _say("hint: " + _one_line(hint))
+    if epilogue:
+        _say(epilogue)
     sys.exit(code)
 
 
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Interrupted as exc:
         _fail(str(exc), None, exc.exit_code)
     except PasdError as exc:
-        _fail(str(exc), hint_for(exc), exc.exit_code)
+        _fail(str(exc), hint_for(exc), exc.exit_code, exc.epilogue)
     except typer.TyperException as exc:  # the option parser's: usage errors (2), aborts
         if isinstance(exc, typer.Abort):
             _fail("aborted", None, 1)

@@ -149,6 +149,10 @@ class LoraSpec:
         try:
             weight = float(tail)
         except ValueError:
+            if exists(head):  # FILE:abc names an existing file: the weight is what is wrong
+                raise ValueError(
+                    f"{text}: the weight {tail!r} is not a number (FILE:WEIGHT, e.g. {head}:0.8)"
+                ) from None
             return cls(text)
         return cls(head, weight)
 
