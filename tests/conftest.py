@@ -26,6 +26,7 @@ LR_INPUT = REFERENCE / "lr_input.png"
 
 # The reference pipeline run (reference README, section C); it had no prompt from the image.
 REFERENCE_ARGS = [
+    "--exact",
     "--steps",
     "2",
     "--scale",

@@ -153,7 +153,8 @@ def test_sidecar_and_prompt_file_override_the_caption(photo_batch, home):
     caption = store_captioner(home).load(CPU, torch.float32).describe(read_rgb(photo_batch["photos"] / "a.png")).caption
     assert caption
     assert records["a.png"]["prompt_source"] == "blip" and records["a.png"]["prompt_text"] == caption
-    assert records["a.png"]["prompt"] == caption.replace("blurry", "clear").replace("noisy", "clean") + ADDED_PROMPT
+    cleaned = caption.replace("blurry", "clear").replace("noisy", "clean")
+    assert records["a.png"]["prompt"] == cleaned + ", " + ADDED_PROMPT  # --exact: no separator, as released
     assert records["b.png"]["prompt_source"] == "sidecar"
     assert records["b.png"]["prompt"] == "a red barn, in snow, " + ADDED_PROMPT
     assert records["c.png"]["prompt_source"] == "prompt-file"

@@ -7,6 +7,7 @@ import gc
 import shutil
 import weakref
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,12 +66,32 @@ def captioner(tiny_blip_dir):
     ],
 )
 def test_prompt_strings(user, caption, label, expected):
-    assert build_prompt(user, ADDED_PROMPT, caption=caption, label=label) == expected
+    """Exact mode's rules (separator "")."""
+    assert build_prompt(user, ADDED_PROMPT, caption=caption, label=label, separator="") == expected
+    assert UpscaleSettings(exact=True).caption_separator == ""
+
+
+@pytest.mark.parametrize(
+    "user,caption,label,expected",
+    [
+        ("", "a dog on the grass", None, "a dog on the grass, clean, high-resolution, 8k"),
+        ("old photo", "a dog on the grass", None, "a dog on the grass old photo, clean, high-resolution, 8k"),
+        ("", "a dog", None, "a dog"),  # with no added prompt, nothing is appended
+        ("", None, "tabby", "tabby, clean, high-resolution, 8k"),  # the other rules as released
+        ("old photo", None, None, "old photo, clean, high-resolution, 8k"),
+    ],
+)
+def test_default_prompts_join_a_caption_to_the_added_prompt(user, caption, label, expected):
+    settings = UpscaleSettings(prompt=user, added_prompt=ADDED_PROMPT if expected != "a dog" else "")
+    prompt = build_prompt(
+        settings.prompt, settings.added_prompt, caption=caption, label=label, separator=settings.caption_separator
+    )
+    assert prompt == expected
 
 
 def test_cleanup_is_the_released_substring_replacement():
     # The released code replaces substrings, so "noisy" inside a word is replaced too.
-    assert build_prompt("", "", caption="blurry, noisy, annoisyed") == "clear, clean, ancleaned"
+    assert build_prompt("", "", caption="blurry, noisy, annoisyed", separator="") == "clear, clean, ancleaned"
 
 
 # --- BLIP --------------------------------------------------------------------------------------
@@ -239,15 +260,18 @@ def test_blip_caption_reaches_the_text_encoder(tiny_pipeline, tiny_blip_dir, lr_
         + " a tiny test image"
         + "clean, high-resolution, 8k"
     )
-    assert prompt == expected == chosen.build(SETTINGS.prompt, SETTINGS.added_prompt)
+    assert prompt == expected == chosen.build(SETTINGS.prompt, SETTINGS.added_prompt, SETTINGS.caption_separator)
     wanted = encode_texts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [NEGATIVE_PROMPT, expected])
     assert torch.equal(embeds, wanted)
 
 
 def test_fixed_caption_string_reaches_the_text_encoder(tiny_pipeline, lr_image, reference):
     settings = UpscaleSettings(steps=2, scale=2, process_size=112, prompt="")
-    prompt, embeds = _prompt_and_embeddings(tiny_pipeline, lr_image, settings, caption="a blurry noisy photo of a dog")
-    assert prompt == "a clear clean photo of a dogclean, high-resolution, 8k"
+    caption = "a blurry noisy photo of a dog"
+    exact, _ = _prompt_and_embeddings(tiny_pipeline, lr_image, replace(settings, exact=True), caption=caption)
+    assert exact == "a clear clean photo of a dogclean, high-resolution, 8k"  # as released
+    prompt, embeds = _prompt_and_embeddings(tiny_pipeline, lr_image, settings, caption=caption)
+    assert prompt == "a clear clean photo of a dog, clean, high-resolution, 8k"
     wanted = encode_texts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [NEGATIVE_PROMPT, prompt])
     assert torch.equal(embeds, wanted)
     # and it is not the uncaptioned prompt's embedding

@@ -175,7 +175,7 @@ def with_device(args: list[str], device: str, dtype: str = "fp32") -> list[str]:
     args = list(args)
     args[args.index("--device") + 1] = device
     args[args.index("--dtype") + 1] = dtype
-    return args
+    return args if dtype == "fp32" else [a for a in args if a != "--exact"]  # exact mode is fp32
 
 
 def reference_diff(path, reference) -> torch.Tensor:

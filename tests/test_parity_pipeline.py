@@ -20,7 +20,9 @@ from pasd_cli.engine.pipeline import decoded_to_uint8, image_to_tensor
 from pasd_cli.engine.prompts import build_prompt
 from pasd_cli.engine.resize import make_hint
 
+# Exact mode: the released computation (the pipeline is float32, the tiny model's dtype).
 SETTINGS = UpscaleSettings(
+    exact=True,
     steps=2,
     guidance=9.0,
     conditioning_scale=1.0,
@@ -57,7 +59,7 @@ def test_defaults_are_the_released_prompts(reference):
 
 
 def test_prompt_string(reference, free_run):
-    assert build_prompt("a tiny test image", ADDED_PROMPT) == reference["pipeline"]["prompt"]
+    assert build_prompt("a tiny test image", ADDED_PROMPT, separator="") == reference["pipeline"]["prompt"]
     assert free_run[1]["prompt"] == [reference["pipeline"]["prompt"]]
 
 

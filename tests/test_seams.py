@@ -117,3 +117,31 @@ def test_the_measure_catches_seams_when_tiles_disagree(disagreeing, monkeypatch)
     # The ramp cross-fades over the whole overlap: no line stands out like those steps.
     worst_ramp = max(ramp["tile edges"], ramp["overlap middles"])
     assert worst_ramp < 1.2 and worst_ramp - 1 < (gaussian["overlap middles"] - 1) / 2
+
+
+@pytest.fixture
+def auto_at_tiny_scale(monkeypatch):
+    """The automatic tiling's rules scaled to the tiny test image (a 40-latent side, as a 2048 px
+    output is 256): training size 16, overlap at least 4, the attention break-even a quarter of
+    SD 1.5's. Returns the tiling it then picks for the image."""
+    monkeypatch.setattr(tiling, "MIN_AUTO_TILE", 16)
+    monkeypatch.setattr(tiling, "MIN_AUTO_OVERLAP", 4)
+    monkeypatch.setattr(tiling, "ATTENTION_BREAKEVEN", tiling.ATTENTION_BREAKEVEN / 4)
+    return tiling.auto_tiling(LATENT, LATENT)
+
+
+def auto_ratios(pipeline, plan) -> dict[str, float]:
+    """The seam measure for an image made with the defaults (automatic tiling, automatic blend)."""
+    starts = tiling.tile_starts(LATENT, plan.tile, plan.overlap)
+    edges = sorted({8 * s for s in starts} | {8 * (s + plan.tile) for s in starts})
+    middles = [8 * ((starts[k] + plan.tile + starts[k + 1]) // 2) for k in range(len(starts) - 1)]
+    settings = UpscaleSettings(steps=2, scale=4, process_size=64, guidance=1.0, vae_tile=0)
+    image = image_to_tensor(pipeline.upscale(gradient_image(LATENT * 2), settings).image)
+    return {"tile edges": line_ratio(image, edges), "overlap middles": line_ratio(image, middles)}
+
+
+def test_no_seams_with_the_automatic_tiling(tiny_pipeline, auto_at_tiny_scale):
+    assert auto_at_tiny_scale.tiles > 1  # the defaults do cut this image
+    auto = auto_ratios(tiny_pipeline, auto_at_tiny_scale)
+    print(f"\nautomatic {auto_at_tiny_scale}: {auto}")
+    assert all(abs(value - 1) <= 0.1 for value in auto.values())

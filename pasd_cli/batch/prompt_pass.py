@@ -73,7 +73,12 @@ class PromptRule(Protocol):
     """How a command builds the positive prompt from the settings and an image's description."""
 
     def __call__(
-        self, user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None
+        self,
+        user_prompt: str,
+        added_prompt: str,
+        caption: str | None = None,
+        label: str | None = None,
+        separator: str = ...,
     ) -> str: ...
 
 
@@ -128,9 +133,9 @@ class ImagePrompts:
         """What the image's JSON record says about its prompt (dry runs included)."""
         s = self.settings
         prompt = (
-            chosen.build(s.prompt, s.added_prompt)
+            chosen.build(s.prompt, s.added_prompt, s.caption_separator)
             if self.rule is None
-            else self.rule(s.prompt, s.added_prompt, **chosen.pipeline_args())
+            else self.rule(s.prompt, s.added_prompt, separator=s.caption_separator, **chosen.pipeline_args())
         )
         return {"prompt": prompt, **chosen.to_json()}
 

@@ -20,7 +20,7 @@ from ..batch.plan import Job, Size
 from ..batch.prompt_pass import PromptChoice
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
-from ..engine.settings import ColorizeSettings
+from ..engine.settings import CAPTION_SEPARATOR, ColorizeSettings
 from ..errors import InputError, ModelError
 from ..store import COLORIZE_PASD, Resolution
 from .diffusion import DiffusionCommand, out_of_memory_fails_batch, run
@@ -48,11 +48,15 @@ COLOUR_REFUSED = "looks like a colour picture"
 
 
 def colorize_prompt_rule(
-    user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None
+    user_prompt: str,
+    added_prompt: str,
+    caption: str | None = None,
+    label: str | None = None,
+    separator: str = CAPTION_SEPARATOR,
 ) -> str:
     from ..engine.colorize import colorize_prompt
 
-    return colorize_prompt(user_prompt, added_prompt, caption=caption, label=label)
+    return colorize_prompt(user_prompt, added_prompt, caption=caption, label=label, separator=separator)
 
 
 class ColorizeCommand(DiffusionCommand):
@@ -178,6 +182,7 @@ class ColorizeCommand(DiffusionCommand):
             "luma_shift": result.luma_shift,
             "latent_tiles": result.latent_tiles,
             "vae_tile": result.vae_tile,
+            **self.attention_window(result.vae_attention_window),
         }
         if self.pipeline.dtype != self.runtime().dtype:  # after an overflow
             extra["dtype"] = dtype_name(self.pipeline.dtype)

@@ -8,7 +8,7 @@ import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..batch.command import ImageCommand, Pending, Progress
@@ -17,11 +17,11 @@ from ..batch.prompt_pass import ImagePrompts, PromptChoice
 from ..batch.records import JobResult
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
-from ..engine.settings import UpscaleSettings
-from ..errors import DeviceError
+from ..engine.settings import CAPTION_SEPARATOR, UpscaleSettings
+from ..errors import DeviceError, UsageError
 from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
 from .options import ModelChoice
-from .runtime import Runtime, dtype_name, pick_runtime
+from .runtime import EXACT_DTYPE_OPTION, Runtime, dtype_name, pick_runtime
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,7 +42,7 @@ class DiffusionCommand(ImageCommand):
 
     def __init__(self, settings: UpscaleSettings, models: ModelChoice, prompts: PromptChoice, batch: BatchSettings):
         super().__init__(batch)
-        self.settings, self.models = settings, models
+        self.settings, self.models = settings, exact_precision(settings, models)
         self.prompts = ImagePrompts(prompts, settings, batch.dry_run, batch.json, rule=self.prompt_rule)
         self.pasd_ref = ModelRef(models.pasd, Kind.PASD, "--pasd")
         self.base_ref = ModelRef(models.base, Kind.BASE, "--base")
@@ -53,11 +53,17 @@ class DiffusionCommand(ImageCommand):
         self._reporter: Reporter | None = None
 
     @staticmethod
-    def prompt_rule(user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None) -> str:
+    def prompt_rule(
+        user_prompt: str,
+        added_prompt: str,
+        caption: str | None = None,
+        label: str | None = None,
+        separator: str = CAPTION_SEPARATOR,
+    ) -> str:
         """The positive prompt the engine builds from the settings and an image's description."""
         from ..engine.prompts import build_prompt
 
-        return build_prompt(user_prompt, added_prompt, caption=caption, label=label)
+        return build_prompt(user_prompt, added_prompt, caption=caption, label=label, separator=separator)
 
     # -- what the runner asks before running
     @property
@@ -148,12 +154,41 @@ class DiffusionCommand(ImageCommand):
         result = upscale_image(self.pipeline, rgb, self.settings, job, progress, warn, chosen.pipeline_args())
         # The JSON record also gets `chosen.to_json()`, from the pre-pass.
         tiles: dict[str, Any] = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
+        tiles.update(self.attention_window(result.vae_attention_window))
         if result.dtype is not None and result.dtype != self.runtime().dtype:  # after an overflow
             tiles["dtype"] = dtype_name(result.dtype)
         return result.image, {"prompt": result.prompt, **chosen.provenance(), **tiles}
 
+    told_window = False
+
+    def attention_window(self, window: int) -> dict[str, int]:
+        """The record's field for an approximated VAE attention; the first time the engine chose
+        one by itself, a warning (once per run: every large image gets it)."""
+        if not window:
+            return {}
+        if self.settings.vae_attention_window is None and not self.told_window and self._reporter is not None:
+            self._reporter.warn(
+                f"the VAE's attention is approximated within {window} latent pixels on large images on the "
+                "CPU, where exact global attention would cost more than the rest of the VAE "
+                "(--vae-attention-window 0 keeps it exact)"
+            )
+            self.told_window = True
+        return {"vae_attention_window": window}
+
     def record(self) -> dict[str, Any]:
         return {"command": self.name, "settings": asdict(self.settings), "model": self._identity}
+
+
+def exact_precision(settings: UpscaleSettings, models: ModelChoice) -> ModelChoice:
+    """--exact computes in fp32 (what --dtype auto then means); another --dtype contradicts it."""
+    if not settings.exact:
+        return models
+    if models.dtype not in ("auto", EXACT_DTYPE_OPTION):
+        raise UsageError(
+            f"--exact computes in {EXACT_DTYPE_OPTION}, not --dtype {models.dtype}",
+            hint="drop --dtype for the released computation, or drop --exact",
+        )
+    return replace(models, dtype=EXACT_DTYPE_OPTION)
 
 
 def upscale_image(

@@ -46,7 +46,7 @@ class Device(str, Enum):
 
 
 class Dtype(str, Enum):
-    auto = "auto"  # fp16 on GPUs, fp32 on the CPU
+    auto = "auto"  # fp16 on GPUs, bf16 on CPUs with bf16 matrix instructions, else fp32
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -59,8 +59,23 @@ class ColorFix(str, Enum):  # engine.settings.COLOR_FIXES
 
 
 class LatentBlend(str, Enum):  # engine.settings.BLENDS
+    auto = "auto"  # ramp; gaussian with --exact
     gaussian = "gaussian"
     ramp = "ramp"
+
+
+# Options that take a whole number or "auto" (the settings' None: the engine chooses).
+AUTO = "auto"
+AUTO_NUMBERS = ("latent_tile", "latent_overlap", "vae_attention_window")
+
+
+def auto_number(flag: str, text: str) -> int | None:
+    if text.strip().casefold() == AUTO:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{flag} {text}: must be a whole number or {AUTO}") from None
 
 
 class OutputFormat(str, Enum):  # batch.settings.FORMATS
@@ -89,6 +104,8 @@ class Luma(str, Enum):  # engine.settings.LUMA_MODES
 
 
 def _value(value: Any) -> Any:
+    if value is LatentBlend.auto:
+        return None
     return value.value if isinstance(value, Enum) else value
 
 
@@ -293,7 +310,14 @@ def model_options(pasd_default: str) -> Group:
         option(
             "device", Device, Device.auto, "--device", panel=MODEL, help="Where the models run (auto: CUDA, MPS, CPU)."
         ),
-        option("dtype", Dtype, Dtype.auto, "--dtype", panel=MODEL, help="Precision (auto: fp16 on GPUs, fp32 on CPU)."),
+        option(
+            "dtype",
+            Dtype,
+            Dtype.auto,
+            "--dtype",
+            panel=MODEL,
+            help="Precision (auto: fp16 on GPUs; bf16 on CPUs with AVX512-BF16 or AMX, else fp32).",
+        ),
         option(
             "vae_memory",
             Optional[int],
@@ -374,6 +398,15 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[s
         option("seed", int, d.seed, "--seed", metavar="N", panel=DIFFUSION, help="Seed of each image's random draws."),
         option("color_fix", ColorFix, ColorFix(d.color_fix), "--color-fix", panel=DIFFUSION, help="Colour correction."),
         option(
+            "exact",
+            bool,
+            d.exact,
+            "--exact",
+            panel=DIFFUSION,
+            help="Compute what the released script computes: fp32, its tiling (320/8, gaussian) and global "
+            "VAE attention where left at auto, its prompt joining. For comparisons; the defaults are faster.",
+        ),
+        option(
             "prompt", str, d.prompt, "--prompt", metavar="TEXT", panel=PROMPTS, help="Text that describes every image."
         ),
         option(
@@ -396,29 +429,29 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[s
         ),
         option(
             "latent_tile",
-            int,
+            str,
             d.latent_tile,
             "--latent-tile",
-            metavar="N",
+            metavar="N|auto",
             panel=TILING,
-            help="Latent tile side (pixels / 8).",
+            help="Latent tile side (pixels / 8); auto: the fewest FLOPs, tiles of 64 or more (--exact: 320).",
         ),
         option(
             "latent_overlap",
-            int,
+            str,
             d.latent_overlap,
             "--latent-overlap",
-            metavar="N",
+            metavar="N|auto",
             panel=TILING,
-            help="Latent tile overlap.",
+            help="Latent tile overlap; auto: at least 8, spread evenly (8 with a given tile).",
         ),
         option(
             "latent_blend",
             LatentBlend,
-            LatentBlend(d.blend),
+            LatentBlend(d.blend or AUTO),
             "--latent-blend",
             panel=TILING,
-            help="gaussian: as released; ramp: cross-fade over the whole overlap.",
+            help="gaussian: as released; ramp: cross-fade over the whole overlap; auto: ramp (--exact: gaussian).",
         ),
         option(
             "tile_batch",
@@ -441,12 +474,13 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[s
         ),
         option(
             "vae_attention_window",
-            int,
+            str,
             d.vae_attention_window,
             "--vae-attention-window",
-            metavar="N",
+            metavar="N|auto",
             panel=TILING,
-            help="Approximate the VAE's attention within this many latent pixels; 0 = exact.",
+            help="Approximate the VAE's attention within this many latent pixels; 0 = exact; auto: exact "
+            "except on the CPU where it would cost more than the rest of the VAE (--exact: 0).",
         ),
     ]
 
@@ -455,11 +489,16 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[s
     for p in params:  # defaults from `preset`, also for a settings class of another shape
         field_name = "blend" if p.name == "latent_blend" else p.name
         value = getattr(preset, field_name)
-        p.declaration.default = p.annotation(value) if p.choices is not None else value
+        if p.name in AUTO_NUMBERS:
+            value = AUTO if value is None else str(value)
+        p.declaration.default = p.annotation(value or AUTO) if p.choices is not None else value
     params += list(extra)
 
     def build(**values: Any) -> Any:
         given = {"blend" if name == "latent_blend" else name: _value(value) for name, value in values.items()}
+        for p in params:
+            if p.name in AUTO_NUMBERS:
+                given[p.name] = auto_number(p.flags[-1], given[p.name])
         try:
             return replace(preset, **given)
         except ValueError as exc:

@@ -12,6 +12,9 @@ memory the VAE may use.
     result = upscale(pipeline, Image.open("photo.jpg"), UpscaleSettings(scale=2, prompt="a harbour at dusk"))
     result.image.save("photo_x2.png")
 
+The defaults choose tiling and the VAE's attention for speed. `exact_settings(settings)` with a
+pipeline in `EXACT_DTYPE` (float32) computes what the released script computes.
+
 Importing this package is cheap: the settings load at once, while the pipeline (torch,
 diffusers) loads on first use of a name that needs it.
 """
@@ -32,6 +35,7 @@ from .settings import (
     CAPTION_MODES,
     COLOR_FIXES,
     COLOR_NEGATIVE_PROMPT,
+    EXACT_DTYPE,
     FAST_GUIDANCE,
     FAST_STEPS,
     LUMA_MODES,
@@ -41,6 +45,7 @@ from .settings import (
     LoraSpec,
     StylizeSettings,
     UpscaleSettings,
+    exact_settings,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +65,7 @@ __all__ = [
     "CAPTION_MODES",
     "COLOR_FIXES",
     "COLOR_NEGATIVE_PROMPT",
+    "EXACT_DTYPE",
     "FAST_GUIDANCE",
     "FAST_STEPS",
     "LUMA_MODES",
@@ -77,6 +83,7 @@ __all__ = [
     "UpscaleResult",
     "UpscaleSettings",
     "colorize",
+    "exact_settings",
     "load_colorize_pipeline",
     "load_pipeline",
     "load_stylize_pipeline",

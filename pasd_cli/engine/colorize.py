@@ -23,7 +23,7 @@ from ..errors import InputError
 from .linear_resize import resize_linear
 from .prompts import build_prompt
 from .resize import colorize_size
-from .settings import COLOR_NEGATIVE_PROMPT, LUMA_MODES, ColorizeSettings
+from .settings import CAPTION_SEPARATOR, COLOR_NEGATIVE_PROMPT, LUMA_MODES, ColorizeSettings
 from .yuv import exact_merge, max_luma_shift, released_merge
 
 if TYPE_CHECKING:
@@ -48,15 +48,21 @@ class ColorizeResult:
     luma_shift: int = 0
     latent_tiles: int = 1
     vae_tile: int = 0
+    vae_attention_window: int = 0
 
 
 def colorize_prompt(
-    user_prompt: str, added_prompt: str = "", caption: str | None = None, label: str | None = None
+    user_prompt: str,
+    added_prompt: str = "",
+    caption: str | None = None,
+    label: str | None = None,
+    separator: str = CAPTION_SEPARATOR,
 ) -> str:
     """The realisr prompt rules (a caption or label takes its place as there), then every
     "black and white" becomes "color": a caption of a grey photo says "a black and white photo
     of ...", which would ask the model for grey."""
-    return build_prompt(user_prompt, added_prompt, caption=caption, label=label).replace(_MONOCHROME_WORDS, _COLOR_WORD)
+    prompt = build_prompt(user_prompt, added_prompt, caption=caption, label=label, separator=separator)
+    return prompt.replace(_MONOCHROME_WORDS, _COLOR_WORD)
 
 
 def colorize_hint(gray_rgb: Image.Image, process_size: int) -> Image.Image:
@@ -109,7 +115,9 @@ def colorize(
 
     # 2-5. Hint, prompt, the shared pipeline (no colour fix).
     hint = colorize_hint(gray_rgb, settings.process_size)
-    prompt = colorize_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
+    prompt = colorize_prompt(
+        settings.prompt, settings.added_prompt, caption=caption, label=label, separator=settings.caption_separator
+    )
     generated = pipeline.generate(hint, prompt, settings, progress, trace, on_warning)
 
     # 6. Back to the input size, bilinear with OpenCV's arithmetic.
@@ -134,4 +142,5 @@ def colorize(
         luma_shift=max_luma_shift(rgb, gray_uint8),
         latent_tiles=generated.latent_tiles,
         vae_tile=generated.vae_tile,
+        vae_attention_window=generated.vae_attention_window,
     )

@@ -22,9 +22,10 @@ from .precision import NonFiniteError, dtype_name, require_finite, safer_dtype
 from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
 from .schedulers import PortableUniPCScheduler, schedule_sigmas
-from .settings import MIN_VAE_TILE, UpscaleSettings
-from .tiling import TileGrid, needs_tiling, shrunk_overlap
+from .settings import MIN_VAE_TILE, RELEASED_LATENT_OVERLAP, UpscaleSettings
+from .tiling import TileGrid, auto_tiling, needs_tiling, shrunk_overlap
 from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, vae_peak_bytes
+from .vae_attention import auto_attention_window
 
 # progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
 # "decode" (VAE tile passes).
@@ -48,6 +49,7 @@ class UpscaleResult:
     latent_tiles: int = 1  # tiles per denoising step (1: untiled)
     vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
     dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
+    vae_attention_window: int = 0  # the VAE attention's window (0: exact global attention)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Generated:
     latent_tiles: int = 1
     vae_tile: int = 0
     dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
+    vae_attention_window: int = 0
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -127,13 +130,29 @@ class PASDPipeline:
         tile = settings.vae_tile or 0
         return cap_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.limits, tile)
 
-    def latent_tile(self, settings: UpscaleSettings) -> int:
-        """The requested latent tile, made smaller where the device's attention must fit one buffer
-        (MPS): there a too large attention aborts the process, so no retry could catch it."""
-        if not self.limits.attention_materialised:
-            return settings.latent_tile
-        batch = (2 if settings.uses_cfg else 1) * settings.tile_batch
-        return min(settings.latent_tile, latent_tile_cap(self.limits, attention_heads(self.unet.config), batch))
+    def latent_tiling(self, settings: UpscaleSettings, height: int, width: int) -> tuple[int, int]:
+        """(tile, overlap) for a height x width latent: the settings' tile with the released
+        overlap unless given, or the cheapest tiling (`auto_tiling`) when the tile is automatic.
+        Where the device's attention must fit one buffer (MPS), the tile is made smaller: there a
+        too large attention aborts the process, so no retry could catch it."""
+        cap = None
+        if self.limits.attention_materialised:
+            batch = (2 if settings.uses_cfg else 1) * settings.tile_batch
+            cap = latent_tile_cap(self.limits, attention_heads(self.unet.config), batch)
+        if settings.latent_tile is None:
+            plan = auto_tiling(height, width, settings.latent_overlap, cap)
+            return plan.tile, plan.overlap
+        overlap = RELEASED_LATENT_OVERLAP if settings.latent_overlap is None else settings.latent_overlap
+        tile = settings.latent_tile if cap is None else min(settings.latent_tile, cap)
+        return tile, shrunk_overlap(overlap, settings.latent_tile, tile)
+
+    def vae_attention_window(self, settings: UpscaleSettings, height: int, width: int) -> int:
+        """The VAE attention's window for an image of height x width pixels: the settings', or
+        when automatic (None) a window only on the CPU where global attention would dominate."""
+        if settings.vae_attention_window is not None:
+            return settings.vae_attention_window
+        factor = self.vae.factor
+        return auto_attention_window(self.vae.vae.config, height // factor, width // factor, self.device.type)
 
     def vae_checkpoint_bytes(self, tile: int, height: int, width: int) -> int:
         """What the memory budget leaves beside one tile: whole-image activations between VAE
@@ -170,8 +189,11 @@ class PASDPipeline:
     def noise_predictor(
         self, prompt_embeds, hint, settings, progress: Progress | None = None, latent_tile: int | None = None
     ):
+        """The predictor for the latent of `hint`, tiled as `latent_tiling` plans it, or with
+        `latent_tile` (a retry's smaller tile) and the planned overlap made to fit it."""
         on_tile = (lambda done, total: progress("tile", done, total)) if progress else None
-        tile = latent_tile or settings.latent_tile
+        planned, overlap = self.latent_tiling(settings, hint.shape[-2] // 8, hint.shape[-1] // 8)
+        tile = latent_tile or planned
         return NoisePredictor(
             self.unet,
             self.controlnet,
@@ -179,9 +201,9 @@ class PASDPipeline:
             hint,
             Guidance(settings.guidance, settings.conditioning_scale),
             tile,
-            shrunk_overlap(settings.latent_overlap, settings.latent_tile, tile),
+            shrunk_overlap(overlap, planned, tile),
             settings.tile_batch,
-            settings.blend,
+            settings.latent_blend,
             dtype=self.unet.dtype,
             on_tile=on_tile,
         )
@@ -192,7 +214,7 @@ class PASDPipeline:
         prompt_embeds,
         hint,
         settings: UpscaleSettings,
-        latent_tile: int,
+        latent_tile: int | None = None,
         progress: Progress | None = None,
         trace: Trace = _no_trace,
     ) -> torch.Tensor:
@@ -236,7 +258,9 @@ class PASDPipeline:
         # stays uint8 (a third of the memory of floats); each consumer converts its crop.
         lr_image = lr_image.convert("RGB")
         hint_image = make_hint(lr_image, settings.scale, settings.process_size)
-        prompt = build_prompt(settings.prompt, settings.added_prompt, caption=caption, label=label)
+        prompt = build_prompt(
+            settings.prompt, settings.added_prompt, caption=caption, label=label, separator=settings.caption_separator
+        )
         generated = self.generate(hint_image, prompt, settings, progress, trace, on_warning)
 
         # 6. Colour fix against the hint, truncating.
@@ -254,6 +278,7 @@ class PASDPipeline:
             latent_tiles=generated.latent_tiles,
             vae_tile=generated.vae_tile,
             dtype=generated.dtype,
+            vae_attention_window=generated.vae_attention_window,
         )
 
     def generate(
@@ -319,7 +344,8 @@ class PASDPipeline:
         def checkpoints(tile):
             return self.vae_checkpoint_bytes(tile, height, width) if tile == first_vae_tile else 0
 
-        self.vae.set_attention_window(settings.vae_attention_window)
+        window = self.vae_attention_window(settings, height, width)
+        self.vae.set_attention_window(window)
         vae_progress = {
             stage: (lambda done, total, stage=stage: progress(stage, done, total)) if progress else None
             for stage in ("encode", "decode")
@@ -346,9 +372,10 @@ class PASDPipeline:
 
         # 4. Denoising loop (from the initial latents again if it runs out of memory).
         initial = latents
+        planned_tile, planned_overlap = self.latent_tiling(settings, *latents.shape[-2:])
         latents, latent_tile = shrink.run(
             lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
-            self.latent_tile(settings),
+            planned_tile,
             max(latents.shape[-2:]),
             MIN_LATENT_TILE,
             "latent",
@@ -377,13 +404,13 @@ class PASDPipeline:
         trace("pipeline_output_uint8", sr_uint8)
 
         latent_h, latent_w = latents.shape[-2:]
-        overlap = shrunk_overlap(settings.latent_overlap, settings.latent_tile, latent_tile)
+        overlap = shrunk_overlap(planned_overlap, planned_tile, latent_tile)
         latent_tiles = (
             len(TileGrid.build(latent_h, latent_w, latent_tile, overlap).tiles)
             if needs_tiling(latent_h, latent_w, latent_tile)
             else 1
         )
-        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile, self.dtype)
+        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile, self.dtype, window)
 
     def colorize(
         self,

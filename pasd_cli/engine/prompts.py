@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .settings import CAPTION_SEPARATOR
+
 _CAPTION_CLEANUP = (("blurry", "clear"), ("noisy", "clean"))
 
 
@@ -14,8 +16,15 @@ def clean_caption(caption: str) -> str:
     return caption
 
 
-def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None) -> str:
-    """The released rules; note that no separator precedes the added prompt.
+def build_prompt(
+    user_prompt: str,
+    added_prompt: str,
+    caption: str | None = None,
+    label: str | None = None,
+    separator: str = CAPTION_SEPARATOR,
+) -> str:
+    """The released rules, with `separator` between a caption and the added prompt (released:
+    none, so "a dog" became "a dogclean, high-resolution, 8k"; `UpscaleSettings.caption_separator`).
 
     caption: "<caption>[ <user prompt>]"; label (a confident class): "[<user prompt>, ]<label>, ";
     neither: "" or "<user prompt>, ". An empty caption or label counts as none.
@@ -26,6 +35,8 @@ def build_prompt(user_prompt: str, added_prompt: str, caption: str | None = None
         prompt = clean_caption(caption)
         if user_prompt:
             prompt = f"{prompt} {user_prompt}"
+        if added_prompt:
+            prompt += separator
     elif label:
         prompt = f"{user_prompt}, {label}, " if user_prompt else f"{label}, "
     else:

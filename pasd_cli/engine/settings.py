@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The released script's defaults (spec section 4); only the output scale differs (4, not 1).
 ADDED_PROMPT = "clean, high-resolution, 8k"
@@ -16,6 +16,21 @@ MIN_VAE_TILE = 64
 # Beyond 16x a diffusion upscaler invents more than it restores; the pixel limit of a batch
 # (batch/sizes.py) bounds what a scale costs.
 MAX_SCALE = 16
+
+# The released script's tiling: tiles of 320 latents overlapping by 8, blended with its
+# Gaussian (which leaves a step where neighbouring Gaussians cross, see tests/test_seams.py).
+RELEASED_LATENT_TILE = 320
+RELEASED_LATENT_OVERLAP = 8
+RELEASED_BLEND = "gaussian"
+# What the automatic choices give outside exact mode: the ramp blend cross-fades over the whole
+# overlap, so the many tiles of the automatic tiling leave no seam.
+DEFAULT_BLEND = "ramp"
+# How a caption meets the added prompt. The released code puts nothing between them ("a
+# dogclean, high-resolution, 8k"), which exact mode keeps.
+CAPTION_SEPARATOR = ", "
+# Exact mode computes in float32, as the released script's parity runs did; the engine takes
+# the dtype from its caller, who loads the pipeline in this one.
+EXACT_DTYPE = "float32"
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
@@ -37,19 +52,37 @@ class UpscaleSettings:
     added_prompt: str = ADDED_PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
     seed: int = 0
-    latent_tile: int = 320
-    latent_overlap: int = 8
+    # Latent tiling. None: automatic (engine.tiling.auto_tiling picks tile and overlap by cost;
+    # with a given tile, the released overlap). A given tile is tiled as released.
+    latent_tile: int | None = None
+    latent_overlap: int | None = None
     tile_batch: int = 1
-    blend: str = "gaussian"
+    blend: str | None = None  # None: ramp (gaussian in exact mode)
     color_fix: str = "wavelet"
     # VAE tile side in image pixels: None = automatic (by image size and the device memory the
     # caller measured), 0 = untiled. Tiled and untiled results are equal up to float rounding.
     vae_tile: int | None = None
     # Latent pixels each pixel of the VAE's middle self-attention sees around it; 0 = all of
-    # them (exact; its cost grows with the square of the image area).
-    vae_attention_window: int = 0
+    # them (exact; its cost grows with the square of the image area); None = automatic (see
+    # engine.vae.auto_attention_window: a window only where global attention would dominate).
+    vae_attention_window: int | None = None
+    # The released script's computation (with the pipeline in EXACT_DTYPE): automatic fields
+    # take the released values (tiles of 320/8 blended with its Gaussian, global VAE attention)
+    # and the released prompt quirks are kept. Fields given explicitly are kept as given.
+    exact: bool = False
 
     def __post_init__(self):
+        if self.exact:
+            released = {
+                "latent_tile": RELEASED_LATENT_TILE,
+                "latent_overlap": RELEASED_LATENT_OVERLAP,
+                "blend": RELEASED_BLEND,
+                "vae_attention_window": 0,
+            }
+            for name, value in released.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+        tile, overlap = self.latent_tile, self.latent_overlap
         _require(
             [
                 *(
@@ -63,23 +96,43 @@ class UpscaleSettings:
                 (self.process_size >= 8, "process size must be at least 8"),
                 (0 <= self.added_noise_level < 1000, "added noise level must be in [0, 999]"),
                 (self.conditioning_scale >= 0, "conditioning scale must not be negative"),
-                (self.latent_tile >= 8, "latent tile must be at least 8"),
-                (0 <= self.latent_overlap < self.latent_tile, "latent overlap must be in [0, latent tile)"),
+                (tile is None or tile >= 8, "latent tile must be at least 8"),
+                (overlap is None or overlap >= 0, "latent overlap must not be negative"),
+                (
+                    tile is None or (RELEASED_LATENT_OVERLAP if overlap is None else overlap) < tile,
+                    "latent overlap must be in [0, latent tile)",
+                ),
                 (self.tile_batch >= 1, "tile batch must be at least 1"),
                 (self.scale <= MAX_SCALE, f"scale must be at most {MAX_SCALE}"),
-                (self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
+                (self.blend is None or self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
                 (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
                 (
                     self.vae_tile is None or self.vae_tile == 0 or self.vae_tile >= MIN_VAE_TILE,
                     f"VAE tile must be 0 (off) or at least {MIN_VAE_TILE} pixels",
                 ),
-                (self.vae_attention_window >= 0, "VAE attention window must not be negative"),
+                (
+                    self.vae_attention_window is None or self.vae_attention_window >= 0,
+                    "VAE attention window must not be negative",
+                ),
             ]
         )
 
     @property
     def uses_cfg(self) -> bool:
         return self.guidance > 1.0
+
+    @property
+    def caption_separator(self) -> str:
+        return "" if self.exact else CAPTION_SEPARATOR
+
+    @property
+    def latent_blend(self) -> str:
+        return self.blend or (RELEASED_BLEND if self.exact else DEFAULT_BLEND)
+
+
+def exact_settings(settings: UpscaleSettings | None = None) -> UpscaleSettings:
+    """`settings` (default: upscaling's) in exact mode: see `UpscaleSettings.exact`."""
+    return replace(settings if settings is not None else UpscaleSettings(), exact=True)
 
 
 # High-level information for the prompt (spec section 5): a BLIP caption (released default:

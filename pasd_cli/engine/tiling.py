@@ -13,6 +13,16 @@ import torch
 
 RELEASED_VARIANCE = 0.01
 
+# The automatic tiling (`auto_tiling`). Tiles are never smaller than the training size: the
+# model never saw less context than that. Neighbours overlap by at least MIN_AUTO_OVERLAP.
+MIN_AUTO_TILE = 64
+MIN_AUTO_OVERLAP = 8
+# A tile's cost, from the FLOP census of SD-1.5-size PASD (spec/PERFORMANCE.md: UNet, ControlNet
+# and PACA per sample): a*T^2 + b*T^4 for a tile of side T latents, the T^4 part being attention
+# and PACA, quadratic in the tile's pixel count. Fitted at T = 64 and 256 (within 2% at 32, 128,
+# 320 and 512); only the ratio matters: the side at which the two parts cost the same.
+ATTENTION_BREAKEVEN = 118.5
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -140,3 +150,79 @@ def axis_ramps(starts: tuple[int, ...] | list[int], size: int) -> list[torch.Ten
         after = start + size - starts[index + 1] if index + 1 < len(starts) else 0
         ramps.append((_rise(before, size) * _rise(after, size).flip(0)).float())
     return ramps
+
+
+def tile_cost(height: int, width: int) -> float:
+    """Relative denoiser FLOPs of one pass over a height x width latent window (see
+    ATTENTION_BREAKEVEN): linear in its pixels plus attention, quadratic in them."""
+    pixels = height * width
+    return pixels * (1.0 + pixels / ATTENTION_BREAKEVEN**2)
+
+
+def axis_count(length: int, tile: int, overlap: int) -> int:
+    """Tiles of side `tile` overlapping by at least `overlap` that cover `length`."""
+    return 1 if tile >= length else 1 + math.ceil((length - tile) / (tile - overlap))
+
+
+def even_overlap(length: int, tile: int, count: int) -> int | None:
+    """The largest overlap at which `count` tiles cover `length` (None: one tile)."""
+    return None if count <= 1 else (count * tile - length) // (count - 1)
+
+
+@dataclass(frozen=True)
+class LatentTiling:
+    """A tiling of a latent: square tiles of `tile` latents overlapping by `overlap` (a tile of at
+    least the latent's longer side: untiled), and its relative cost (`tile_cost` summed)."""
+
+    tile: int
+    overlap: int
+    tiles: int
+    cost: float
+
+
+def auto_tiling(
+    height: int,
+    width: int,
+    min_overlap: int | None = None,
+    max_tile: int | None = None,
+    min_tile: int | None = None,
+) -> LatentTiling:
+    """The tiling of a height x width latent that costs the fewest FLOPs.
+
+    Attention makes a tile's cost grow with the square of its pixel count, so small tiles are
+    cheaper per pixel, while overlaps make them do work twice: the cheapest tiles are a little
+    above the training size, which no tile goes under (`min_tile`: a latent whose short side is
+    shorter is not tiled, since square tiles could not reach the training size along it).
+    Each candidate side gets the fewest tiles that cover the latent with `min_overlap` (default
+    MIN_AUTO_OVERLAP), and then the largest overlap at which that many tiles still cover it: as
+    many tiles, more overlap, no extra work, and equal strides. `max_tile` bounds the side (a
+    device whose attention must fit one buffer); ties go to the larger tile.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"empty latent {height}x{width}")
+    min_overlap = MIN_AUTO_OVERLAP if min_overlap is None else min_overlap
+    min_tile = MIN_AUTO_TILE if min_tile is None else min_tile
+    short, long = min(height, width), max(height, width)
+    untiled = LatentTiling(long, min_overlap, 1, tile_cost(height, width))
+    if max_tile is None or max_tile >= long:
+        best = untiled
+        if long <= min_tile:
+            return best
+    else:
+        best = None
+    high = min(short, max_tile) if max_tile is not None else short
+    # Square tiles are at most the short side: under the training size, only the device's cap
+    # may cut a latent into tiles.
+    low = min_tile if best is not None else min(min_tile, high)
+    for tile in range(low, high + 1):
+        if tile <= min_overlap:
+            continue
+        rows, cols = axis_count(height, tile, min_overlap), axis_count(width, tile, min_overlap)
+        cost = rows * cols * tile_cost(tile, tile)
+        if best is None or cost <= best.cost:
+            overlaps = [o for o in (even_overlap(height, tile, rows), even_overlap(width, tile, cols)) if o is not None]
+            overlap = min(overlaps, default=min_overlap)
+            best = LatentTiling(tile, max(overlap, min_overlap), rows * cols, cost)
+    if best is None:
+        raise ValueError(f"no tile fits: max_tile {max_tile} is not above the overlap {min_overlap}")
+    return best

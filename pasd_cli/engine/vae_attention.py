@@ -128,3 +128,65 @@ def install(vae, window: int = 0) -> None:
         for attention in getattr(part.mid_block, "attentions", []):
             if attention is not None:
                 attention.set_processor(SpatialSelfAttnProcessor(window))
+
+
+# --- the automatic choice ----------------------------------------------------------------------
+
+# The window the automatic choice uses: 32 latent pixels (256 image pixels) each way.
+AUTO_WINDOW = 32
+
+
+def _resnet_flops(cin: int, cout: int) -> int:
+    """Per output pixel: two 3x3 convolutions, and a 1x1 shortcut where the width changes."""
+    return 2 * 9 * cin * cout + 2 * 9 * cout * cout + (2 * cin * cout if cin != cout else 0)
+
+
+def conv_flops_per_latent_pixel(config) -> float:
+    """FLOPs of an AutoencoderKL's convolutions (encode plus decode) per latent pixel, from its
+    config: what a pass costs besides the middle block's attention (whose q, k, v and output
+    projections, linear in the pixels, are counted here)."""
+    widths, layers = list(config.block_out_channels), config.layers_per_block
+    factor = 2 ** (len(widths) - 1)
+    latent, top = config.latent_channels, widths[-1]
+    conv = lambda cin, cout: 2 * 9 * cin * cout  # noqa: E731
+    at_latent = 2 * 2 * _resnet_flops(top, top)  # both middle blocks' two resnets
+    at_latent += conv(top, 2 * latent) + conv(latent, top)  # encoder conv_out, decoder conv_in
+    total = float(at_latent + 2 * 4 * 2 * top * top)  # the attention's four projections, both passes
+    # Encoder: conv_in at full resolution; block i at 1/2^i, its downsampler's output at 1/2^(i+1).
+    total += conv(config.in_channels, widths[0]) * factor**2
+    previous = widths[0]
+    for index, width in enumerate(widths):
+        pixels = (factor / 2**index) ** 2
+        total += (_resnet_flops(previous, width) + (layers - 1) * _resnet_flops(width, width)) * pixels
+        if index < len(widths) - 1:
+            total += conv(width, width) * pixels / 4
+        previous = width
+    # Decoder: block i (widths reversed) at latent x 2^i, its upsampler's conv at twice that.
+    previous = top
+    for index, width in enumerate(reversed(widths)):
+        pixels = float(4**index)
+        total += (_resnet_flops(previous, width) + layers * _resnet_flops(width, width)) * pixels
+        if index < len(widths) - 1:
+            total += conv(width, width) * pixels * 4
+        previous = width
+    total += conv(widths[0], config.out_channels) * factor**2
+    return total
+
+
+def global_attention_flops(config, latent_pixels: int) -> float:
+    """FLOPs of the middle block's global attention, encode plus decode: scores and their
+    weighted sum, 2 x 2 x N^2 x C each pass."""
+    return 2 * 4.0 * latent_pixels**2 * config.block_out_channels[-1]
+
+
+def auto_attention_window(config, latent_height: int, latent_width: int, device_type: str) -> int:
+    """The VAE attention window for `vae_attention_window=None`: AUTO_WINDOW on the CPU where
+    exact global attention would cost more than all the VAE's convolutions (its cost grows with
+    the square of the image area; SD 1.5's VAE from about 3.7K px on a side, the tiny test
+    model's from about 1K), else 0 (exact): always on GPUs, whose fused attention kernels make
+    it cheap, and wherever the window would see the whole latent anyway."""
+    pixels = latent_height * latent_width
+    if device_type != "cpu" or max(latent_height, latent_width) <= AUTO_WINDOW + 1:
+        return 0
+    dominates = global_attention_flops(config, pixels) > conv_flops_per_latent_pixel(config) * pixels
+    return AUTO_WINDOW if dominates else 0

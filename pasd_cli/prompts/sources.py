@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from ..engine.settings import CAPTION_SEPARATOR
 from ..errors import InputError, ModelError, UsageError
 from .cache import CaptionCache, image_digest
 
@@ -161,10 +162,10 @@ class ImagePrompt:
             return {"label": self.text}
         return {}
 
-    def build(self, user_prompt: str, added_prompt: str) -> str:
+    def build(self, user_prompt: str, added_prompt: str, separator: str = CAPTION_SEPARATOR) -> str:
         from ..engine.prompts import build_prompt
 
-        return build_prompt(user_prompt, added_prompt, **self.pipeline_args())
+        return build_prompt(user_prompt, added_prompt, separator=separator, **self.pipeline_args())
 
     def to_json(self) -> dict:
         record = self.provenance()
