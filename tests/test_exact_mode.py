@@ -39,6 +39,8 @@ def test_exact_mode_keeps_what_is_given():
         UpscaleSettings(exact=True, latent_tile=8)  # the released overlap of 8 needs a larger tile
     with pytest.raises(ValueError, match="latent overlap must be in"):
         UpscaleSettings(latent_tile=8)  # so does a given tile outside exact mode
+    with pytest.raises(ValueError, match="latent overlap must be in"):
+        UpscaleSettings(latent_overlap=64)  # an automatic tile is at least 64
 
 
 def _built(group, **given):

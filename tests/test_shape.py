@@ -18,7 +18,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 CHOICE_OPTIONS = {
     "--color-fix": ["wavelet", "adain", "none"],
-    "--latent-blend": ["gaussian", "ramp"],
+    "--latent-blend": ["auto", "gaussian", "ramp"],
     "--device": ["auto", "cpu", "cuda", "mps"],
     "--dtype": ["auto", "fp32", "fp16", "bf16"],
     "--format": ["png", "jpg", "webp", "tiff", "same"],

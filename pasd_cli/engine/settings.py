@@ -22,6 +22,8 @@ MAX_SCALE = 16
 RELEASED_LATENT_TILE = 320
 RELEASED_LATENT_OVERLAP = 8
 RELEASED_BLEND = "gaussian"
+# The smallest tile the automatic tiling cuts (engine.tiling.auto_tiling): the training size.
+MIN_AUTO_TILE = 64
 # What the automatic choices give outside exact mode: the ramp blend cross-fades over the whole
 # overlap, so the many tiles of the automatic tiling leave no seam.
 DEFAULT_BLEND = "ramp"
@@ -99,8 +101,8 @@ class UpscaleSettings:
                 (tile is None or tile >= 8, "latent tile must be at least 8"),
                 (overlap is None or overlap >= 0, "latent overlap must not be negative"),
                 (
-                    tile is None or (RELEASED_LATENT_OVERLAP if overlap is None else overlap) < tile,
-                    "latent overlap must be in [0, latent tile)",
+                    (RELEASED_LATENT_OVERLAP if overlap is None else overlap) < (tile or MIN_AUTO_TILE),
+                    "latent overlap must be in [0, latent tile)",  # an automatic tile is at least MIN_AUTO_TILE
                 ),
                 (self.tile_batch >= 1, "tile batch must be at least 1"),
                 (self.scale <= MAX_SCALE, f"scale must be at most {MAX_SCALE}"),

@@ -11,11 +11,13 @@ from functools import cached_property
 
 import torch
 
+from . import settings
+
 RELEASED_VARIANCE = 0.01
 
 # The automatic tiling (`auto_tiling`). Tiles are never smaller than the training size: the
 # model never saw less context than that. Neighbours overlap by at least MIN_AUTO_OVERLAP.
-MIN_AUTO_TILE = 64
+MIN_AUTO_TILE = settings.MIN_AUTO_TILE
 MIN_AUTO_OVERLAP = 8
 # A tile's cost, from the FLOP census of SD-1.5-size PASD (spec/PERFORMANCE.md: UNet, ControlNet
 # and PACA per sample): a*T^2 + b*T^4 for a tile of side T latents, the T^4 part being attention
