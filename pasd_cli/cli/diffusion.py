@@ -8,15 +8,15 @@ import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..batch.command import ImageCommand, Pending, Progress
 from ..batch.plan import Job, Size
 from ..batch.prompt_pass import ImagePrompts, PromptChoice
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
-from ..engine.settings import UpscaleSettings
+from ..engine.settings import FAST_GUIDANCE, FAST_STEPS, UpscaleSettings
 from ..errors import DeviceError
 from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
 from .options import ModelChoice
@@ -26,6 +26,28 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..engine.pipeline import PASDPipeline, UpscaleResult
+
+
+S = TypeVar("S", bound=UpscaleSettings)
+
+
+def fast_settings(settings: S, given: Callable[[str], bool]) -> S:
+    """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
+    return replace(
+        settings,
+        steps=settings.steps if given("steps") else FAST_STEPS,
+        guidance=settings.guidance if given("guidance") else FAST_GUIDANCE,
+    )
+
+
+def given_on_command_line(ctx: Any) -> Callable[[str], bool]:
+    """Whether an option was given on the command line (`ctx`: the command's typer.Context)."""
+
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return given
 
 
 def number_field(value: float) -> str:

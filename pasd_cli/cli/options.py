@@ -525,6 +525,19 @@ PROMPT_OPTIONS = Group(_PROMPTS, _build_prompts)
 # ------------------------------------------------------------------------------ stylization
 
 
+# --fast, for upscale and stylize alike.
+FAST_OPTION = option(
+    "fast",
+    bool,
+    False,
+    "--fast",
+    panel=MODEL,
+    help=f"The LCM-LoRA ({LCM_LORA}) fused into the UNet, with the LCM scheduler: {FAST_STEPS} steps and "
+    f"guidance {FAST_GUIDANCE:g} (one model pass per step) unless --steps / --guidance are given. Lossy.",
+)
+FAST_OPTIONS = Group([FAST_OPTION], lambda fast: fast)
+
+
 @dataclass(frozen=True)
 class StyleChoice:
     """`pasd stylize`'s personalized base and what is merged into it."""
@@ -567,15 +580,7 @@ _STYLE = [
         panel=MODEL,
         help="Weight of the style's UNet against SD 1.5's: 1 replaces it, 0 keeps it.",
     ),
-    option(
-        "fast",
-        bool,
-        False,
-        "--fast",
-        panel=MODEL,
-        help=f"The LCM-LoRA ({LCM_LORA}) with the LCM scheduler: {FAST_STEPS} steps and guidance "
-        f"{FAST_GUIDANCE:g} unless --steps / --guidance are given.",
-    ),
+    FAST_OPTION,
     option(
         "trust_pickle",
         bool,
