@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ..engine.settings import CaptionSettings, UpscaleSettings
 from ..errors import InputError, UsageError
-from ..store import CAPTION_MODEL, CLASSIFY_MODEL, Kind, ModelRef, Resolution, load_manifests, locate
+from ..store import (
+    CAPTION_MODEL,
+    CLASSIFY_MODEL,
+    Kind,
+    ModelRef,
+    Resolution,
+    fetch_command,
+    load_manifests,
+    locate,
+    may_download,
+)
 from .command import Pending
 from .plan import Job
 from .report import Reporter
@@ -54,6 +64,9 @@ class PromptChoice:
     prompt_file: Path | None = None
     sidecars: bool = True
     caption_only: bool = False
+    # The mode is the default, not asked for: when its model is neither installed nor fetchable,
+    # images go undescribed (as with --caption none), with a warning, instead of an error.
+    optional: bool = False
 
 
 class PromptRule(Protocol):
@@ -133,6 +146,14 @@ class ImagePrompts:
         from ..prompts.sources import SidecarError
 
         reporter = pending.reporter
+        if self.describer_ref is not None and self.choice.optional and not _obtainable(models, self.describer_ref):
+            spec = self.describer_ref.spec
+            reporter.warn(
+                f"the default captioner ({spec}) is not installed, so images are not described (as with "
+                f"--caption none); fetch it with `{fetch_command([spec], models.store.root)}`, or pass "
+                "--caption none to say so"
+            )
+            self.describer_ref = None
         resolver, cache = self._resolver(reporter, models, runtime, store_root)
         rows = _PromptCsv(reporter.stdout) if self.choice.caption_only and not self.json_lines else None
         finished = False
@@ -154,6 +175,8 @@ class ImagePrompts:
         finally:
             resolver.close()  # before the diffusion model loads
             reporter.end_stage("caption")
+        if rows is not None and finished:
+            rows.finish()
         self._after(pending, resolver, cache, finished)
 
     def _resolver(
@@ -218,15 +241,22 @@ class ImagePrompts:
                 reporter.warn(f"--prompt-file {self.prompt_file.path}: no input matches {', '.join(unused[:3])}{more}")
 
 
+def _obtainable(models: Resolution, ref: ModelRef) -> bool:
+    """Whether the describer's files are there, or would be fetched when needed."""
+    return models[ref].usable or may_download(models.offline, models.interactive)
+
+
 class _PromptCsv:
     """--caption-only's stdout: a --prompt-file the user can review, edit and pass back. The text is
     what the prompt file would need to give the same description (a caption cleaned as the
-    released code cleans it; a prompt file's text is used as written)."""
+    released code cleans it; a prompt file's text is used as written).
+
+    Rows are kept until the pass is over: a run that stops (a missing captioner on the tenth
+    image, an interrupt) writes nothing, not a header and some rows that look like a result."""
 
     def __init__(self, stream: TextIO):
-        self.writer = csv.writer(stream, lineterminator="\n")
         self.stream = stream
-        self.writer.writerow(["file", "prompt"])
+        self.rows: list[list[str]] = [["file", "prompt"]]
 
     def write(self, source: Path, chosen: ImagePrompt) -> None:
         from ..engine.prompts import clean_caption
@@ -234,5 +264,8 @@ class _PromptCsv:
         text = chosen.text or ""
         if chosen.source == "blip":
             text = clean_caption(text)
-        self.writer.writerow([str(source), text])
+        self.rows.append([str(source), text])
+
+    def finish(self) -> None:
+        csv.writer(self.stream, lineterminator="\n").writerows(self.rows)
         self.stream.flush()

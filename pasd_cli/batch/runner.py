@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import InputError, Interrupted, OutputError, PasdError, UsageError
+from ..atomic import _FULL_DISK as FULL_DISK
+from ..atomic import remove_stale
+from ..errors import DeviceError, InputError, Interrupted, PasdError, UsageError
+from ..interrupts import deferred
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -38,6 +42,7 @@ from .plan import (
     Job,
     Plan,
     collision_error,
+    output_folder,
     plan_jobs,
     reason_of,
 )
@@ -54,15 +59,23 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
     _check_destination(options)
     reporter = Reporter(verbosity=options.verbosity, json_lines=options.json, paths_to_stdout=not options.to_stdout)
     with hold_lock(options.lock):
-        failures = None if options.to_stdout else FailureLog(Path(options.output), writable=not options.dry_run)
+        folder = output_folder(options)
+        failures = None if folder is None else FailureLog(folder, writable=not options.dry_run)
         if failures is not None:
             failures.forget_where(command.retries)
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
+        if folder is not None and plan.todo and not options.dry_run:
+            _try_writing(folder, options.output)
+        if folder is not None and not options.dry_run:
+            _remove_stale_temporaries(plan, folder, reporter)
+        reporter.hold_summary = bool(plan.collisions)
         summary = execute(command, plan, reporter, options, failures)
-    if plan.collisions:  # a dry run lists them all first
-        raise collision_error(plan.collisions, "a run would refuse to start")
+    if plan.collisions:  # a dry run lists them all first, then the error, then the summary
+        error = collision_error(plan.collisions, "a run would refuse to start")
+        error.epilogue = reporter.held_summary
+        raise error
     return summary
 
 
@@ -75,7 +88,9 @@ def plan_batch(
             reporter.debug(f"ignore {item.path}: {item.reason}")
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
-    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size)
+    return plan_jobs(
+        discovery, options, command.name_fields(), failures, command.planned_size, command.planned_working_size
+    )
 
 
 def execute(
@@ -102,13 +117,46 @@ def _check_destination(options: BatchSettings) -> None:
                 hint="redirect it to a file or a program: pasd upscale photo.jpg -o - > big.png",
             )
         return
-    folder = Path(options.output)
+    folder = output_folder(options)
+    assert folder is not None  # not stdout
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
     where = "" if existing == folder else f" ({existing} is in its path)"
     if not existing.is_dir():
         raise UsageError(f"-o {folder}: not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"-o {folder}: not writable{where}")
+
+
+def _remove_stale_temporaries(plan: Plan, out_dir: Path, reporter: Reporter) -> None:
+    """Temporary files that a killed run (kill -9, a power loss) left in the folders this run
+    writes to: only ours, by name, and only those no writer holds, so never one that another
+    run is writing now, with --lock or without (see `atomic`)."""
+    folders = {out_dir, *(job.output.parent for job in plan.jobs if job.output is not None)}
+    for folder in sorted(folders):
+        for path in remove_stale(folder):
+            reporter.info(f"removed {path}, left by an interrupted run")
+
+
+def _try_writing(folder: Path, given: str) -> None:
+    """Write and remove a file in `folder` before any model is resolved or loaded: permissions
+    (root passes every access check), a read-only mount or a pseudo file system (/proc) show
+    only when something is written. Folders made for it are removed again."""
+    made = [p for p in (folder, *folder.parents) if not (p.exists() or p.is_symlink())]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".pasd-", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise DeviceError(f"-o {given}: cannot write there ({exc.strerror}: disk full or quota exceeded)") from None
+        raise UsageError(f"-o {given}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 class _Run:
@@ -132,22 +180,31 @@ class _Run:
 
     def run(self) -> Summary:
         started = time.monotonic()
+        stopped: PasdError | None = None
         try:
             if self.plan.todo:
                 self._prepare()
             self.todo_total = len(self.plan.todo)
             for job in self.plan.jobs:
                 self._step(job)
-        except PasdError as exc:
-            self.summary.error = str(exc)
-            emitted = sum(self.summary.counts.values())
-            for job in self.plan.jobs[emitted:]:
-                self._emit(job, CANCELLED, f"not started: {exc}")
+        except (PasdError, Interrupted) as exc:
+            with deferred():  # a second Ctrl-C must not cut the account of the inputs short
+                if isinstance(exc, PasdError):
+                    stopped = exc
+                self.summary.error = str(exc)
+                emitted = sum(self.summary.counts.values())
+                for job in self.plan.jobs[emitted:]:
+                    self._emit(job, CANCELLED, f"not started: {exc}")
             raise
         finally:
-            self.summary.seconds = time.monotonic() - started
-            self._save_failures()
-            self.reporter.summary(self.summary)
+            with deferred():
+                self.summary.seconds = time.monotonic() - started
+                self._save_failures()
+                if stopped is not None:  # the command line says the summary after the error
+                    self.reporter.hold_summary = True
+                self.reporter.summary(self.summary)
+                if stopped is not None:
+                    stopped.epilogue = self.reporter.held_summary
         return self.summary
 
     def _prepare(self) -> None:
@@ -184,9 +241,10 @@ class _Run:
             self._emit(job, FAILED, reason, time.monotonic() - begin)
             if self.options.fail_fast:
                 self.stop_reason = FAIL_FAST_STOPPED
-        except PasdError as exc:
+        except (PasdError, Interrupted) as exc:
             status = INTERRUPTED if isinstance(exc, Interrupted) else FAILED
-            self._emit(job, status, str(exc), time.monotonic() - begin)
+            with deferred():
+                self._emit(job, status, str(exc), time.monotonic() - begin)
             raise
         except Exception as exc:  # a bug on one image must not cost the rest of the batch
             self.reporter.debug(traceback.format_exc())
@@ -208,7 +266,7 @@ class _Run:
 
     def _remember(self, job: Job, error: InputError, reason: str) -> None:
         """Inputs found in folders that failed for what they contain are skipped next time."""
-        if self.failures is not None and job.found and not isinstance(error, OutputError):
+        if self.failures is not None and job.found and error.about_content:
             self.failures.record(job.source, reason)
 
     def _emit(

@@ -191,6 +191,15 @@ _BATCH = [
         show_default=False,
         help="Refuse to start while another run holds FILE.",
     ),
+    option(
+        "max_pixels",
+        int,
+        _B.max_pixels,
+        "--max-pixels",
+        panel=BATCH,
+        metavar="N",
+        help="Refuse inputs whose output or working image (after --process-size) has more pixels.",
+    ),
 ]
 
 
@@ -209,6 +218,7 @@ def _build_batch(
     quiet: bool,
     verbose: bool,
     lock: str | None,
+    max_pixels: int,
 ) -> BatchSettings:
     if quiet and verbose:
         raise UsageError("-q and -v contradict each other")
@@ -229,6 +239,7 @@ def _build_batch(
             dry_run=dry_run,
             verbosity=0 if quiet else 2 if verbose else 1,
             lock=lock,
+            max_pixels=max_pixels,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -468,10 +479,11 @@ _C = CaptionSettings()
 _PROMPTS = [
     option(
         "caption",
-        CaptionMode,
-        CaptionMode(_C.mode),
+        Optional[CaptionMode],
+        None,
         "--caption",
         panel=PROMPTS,
+        show_default=f"{_C.mode}; none when its model is not installed",
         help="Describe each original input: a BLIP caption, its ImageNet class (if p >= 0.1), or none.",
     ),
     option(
@@ -514,9 +526,13 @@ _PROMPTS = [
 
 
 def _build_prompts(
-    caption: CaptionMode, caption_model: str | None, prompt_file: Path | None, sidecars: bool, caption_only: bool
+    caption: CaptionMode | None, caption_model: str | None, prompt_file: Path | None, sidecars: bool, caption_only: bool
 ) -> PromptChoice:
-    return PromptChoice(CaptionSettings(mode=caption.value), caption_model, prompt_file, sidecars, caption_only)
+    # Without --caption (and --caption-model), a run whose captioner is not installed goes on
+    # without captions, with a warning: the README's local-folder runs need no store at all.
+    optional = caption is None and caption_model is None
+    mode = _C.mode if caption is None else caption.value
+    return PromptChoice(CaptionSettings(mode=mode), caption_model, prompt_file, sidecars, caption_only, optional)
 
 
 PROMPT_OPTIONS = Group(_PROMPTS, _build_prompts)

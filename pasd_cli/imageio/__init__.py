@@ -11,7 +11,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .formats import DEFAULT_QUALITY, IMAGE_SUFFIXES, MAX_INPUT_PIXELS, OUTPUT_FORMATS, SAME_FORMAT, OutputFormat
+from .formats import (
+    DEFAULT_QUALITY,
+    FILE_OUTPUT_FORMATS,
+    IMAGE_SUFFIXES,
+    MAX_INPUT_PIXELS,
+    OTHER_IMAGE_SUFFIXES,
+    OUTPUT_FORMATS,
+    SAME_FORMAT,
+    OutputFormat,
+)
 
 if TYPE_CHECKING:
     from .images import RGB16, ImageInfo, LoadedImage, bits, encode, load, output_format, probe, read_rgb, restore
@@ -20,8 +29,10 @@ _LAZY = ("RGB16", "ImageInfo", "LoadedImage", "bits", "encode", "load", "output_
 
 __all__ = [
     "DEFAULT_QUALITY",
+    "FILE_OUTPUT_FORMATS",
     "IMAGE_SUFFIXES",
     "MAX_INPUT_PIXELS",
+    "OTHER_IMAGE_SUFFIXES",
     "OUTPUT_FORMATS",
     "SAME_FORMAT",
     "OutputFormat",
