@@ -21,7 +21,7 @@ from ..engine.settings import FAST_GUIDANCE, FAST_STEPS, UpscaleSettings
 from ..errors import DeviceError
 from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
 from .options import ModelChoice
-from .runtime import Runtime, dtype_name, pick_runtime
+from .runtime import PeakMemory, Runtime, dtype_name, pick_runtime
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -167,11 +167,15 @@ class DiffusionCommand(ImageCommand):
         assert self.pipeline is not None  # loaded by the runner before the first job
         chosen = self.prompts.for_job(job)
         warn = self._reporter.warn if self._reporter is not None else None
+        memory = PeakMemory(self.runtime().device)
+        memory.start()
         result = upscale_image(self.pipeline, rgb, self.settings, job, progress, warn, chosen.pipeline_args())
         # The JSON record also gets `chosen.to_json()`, from the pre-pass.
         tiles: dict[str, Any] = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
         if result.dtype is not None and result.dtype != self.runtime().dtype:  # after an overflow
             tiles["dtype"] = dtype_name(result.dtype)
+        # The JSON record only: the output's metadata must not change from run to run.
+        job.extra.update(peak_memory_mb=round(memory.peak() / 2**20, 1), peak_memory_kind=memory.kind)
         return result.image, {"prompt": result.prompt, **chosen.provenance(), **tiles}
 
     def record(self) -> dict[str, Any]:
