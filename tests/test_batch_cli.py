@@ -157,6 +157,20 @@ def test_bad_files_are_reported_with_reasons_and_exit_1(folder_run):
     assert summary["total"] == len(records)
 
 
+def test_records_give_their_peak_memory_and_the_summary_the_throughput(folder_run):
+    records, summary = json_lines(folder_run["proc"].stdout)
+    done = [r for r in records if r["status"] == "done"]
+    for record in done:
+        # On the CPU: the process's peak RSS during that image; at least the torch it imported.
+        assert record["peak_memory_kind"] == "rss" and 100 < record["peak_memory_mb"] < 64 * 1024, record
+    seconds = sum(r["seconds"] for r in done)
+    megapixels = sum(r["output_size"][0] * r["output_size"][1] for r in done) / 1e6
+    assert summary["megapixels_per_second"] == pytest.approx(megapixels / seconds, rel=1e-2)
+    assert summary["images_per_hour"] == pytest.approx(len(done) * 3600 / seconds, rel=1e-2)
+    failed = [r for r in records if r["status"] != "done"]
+    assert failed and all("peak_memory_mb" not in r for r in failed)
+
+
 def test_inputs_unchanged_and_nothing_written_outside_the_output_folder(folder_run):
     root, out = folder_run["root"], folder_run["out"]
     assert tree_state(root, skip=out) == folder_run["before"]

@@ -51,6 +51,24 @@ class Summary:
     seconds: float = 0.0
     error: str | None = None  # the fatal error that stopped the batch
     extra: dict[str, Any] = field(default_factory=dict)  # counters commands add (e.g. caption cache hits)
+    # The images made: their seconds (each from reading it to writing its output; the model's
+    # load apart) and their output megapixels, for the throughput.
+    made_seconds: float = 0.0
+    made_megapixels: float = 0.0
+
+    def add_made(self, seconds: float, output_size: Size) -> None:
+        self.made_seconds += seconds
+        self.made_megapixels += output_size[0] * output_size[1] / 1e6
+
+    def throughput(self) -> dict[str, float | None]:
+        """Output megapixels per second and images per hour of the images made (None: none)."""
+        made = self.counts[DONE]
+        if not made or self.made_seconds <= 0:
+            return {"megapixels_per_second": None, "images_per_hour": None}
+        return {
+            "megapixels_per_second": float(f"{self.made_megapixels / self.made_seconds:.4g}"),
+            "images_per_hour": float(f"{made * 3600 / self.made_seconds:.4g}"),
+        }
 
     @property
     def exit_code(self) -> int:
@@ -63,6 +81,7 @@ class Summary:
             "total": sum(self.counts.values()),
             **{status: self.counts[status] for status in statuses},
             "seconds": round(self.seconds, 3),
+            **self.throughput(),
             "error": self.error,
         }
         summary.update(self.extra)

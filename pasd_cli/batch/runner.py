@@ -278,6 +278,8 @@ class _Run:
         result: JobResult | None = None,
     ) -> None:
         self.summary.counts[status] += 1
+        if status == DONE and result is not None and seconds is not None:
+            self.summary.add_made(seconds, result.output_size)
         planned = job.output_size if status == PLANNED else None
         self.reporter.record(
             JobRecord(

@@ -9,7 +9,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..batch.command import ImageCommand, Pending, Progress
 from ..batch.plan import Job, Size
@@ -17,16 +17,38 @@ from ..batch.prompt_pass import ImagePrompts, PromptChoice
 from ..batch.records import JobResult
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
-from ..engine.settings import CAPTION_SEPARATOR, UpscaleSettings
+from ..engine.settings import CAPTION_SEPARATOR, FAST_GUIDANCE, FAST_STEPS, UpscaleSettings
 from ..errors import DeviceError, UsageError
 from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
 from .options import ModelChoice
-from .runtime import EXACT_DTYPE_OPTION, Runtime, dtype_name, pick_runtime
+from .runtime import EXACT_DTYPE_OPTION, PeakMemory, Runtime, dtype_name, pick_runtime
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from ..engine.pipeline import PASDPipeline, UpscaleResult
+
+
+S = TypeVar("S", bound=UpscaleSettings)
+
+
+def fast_settings(settings: S, given: Callable[[str], bool]) -> S:
+    """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
+    return replace(
+        settings,
+        steps=settings.steps if given("steps") else FAST_STEPS,
+        guidance=settings.guidance if given("guidance") else FAST_GUIDANCE,
+    )
+
+
+def given_on_command_line(ctx: Any) -> Callable[[str], bool]:
+    """Whether an option was given on the command line (`ctx`: the command's typer.Context)."""
+
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return given
 
 
 def number_field(value: float) -> str:
@@ -122,6 +144,11 @@ class DiffusionCommand(ImageCommand):
         pasd_dir = self.resolution.path(self.pasd_ref)
         reporter.info(f"loading PASD from {pasd_dir} on {runtime.label}")
         pipeline, identity = self.load_pipeline(self.resolution, runtime, reporter)
+        # NHWC on CUDA, where cuDNN's half-precision convolutions want it; elsewhere the
+        # networks keep their own layout (not measured faster there).
+        pipeline.optimize(channels_last=runtime.device.type == "cuda", compile=self.models.compile)
+        if self.models.compile:
+            identity = {**identity, "compiled": True}
         mb = self.models.vae_memory_mb  # measured with the models in place
         pipeline.memory_budget = mb * 2**20 if mb else memory_budget(runtime.device)
         self.pipeline, self._reporter = pipeline, reporter
@@ -151,12 +178,16 @@ class DiffusionCommand(ImageCommand):
         assert self.pipeline is not None  # loaded by the runner before the first job
         chosen = self.prompts.for_job(job)
         warn = self._reporter.warn if self._reporter is not None else None
+        memory = PeakMemory(self.runtime().device)
+        memory.start()
         result = upscale_image(self.pipeline, rgb, self.settings, job, progress, warn, chosen.pipeline_args())
         # The JSON record also gets `chosen.to_json()`, from the pre-pass.
         tiles: dict[str, Any] = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
         tiles.update(self.attention_window(result.vae_attention_window))
         if result.dtype is not None and result.dtype != self.runtime().dtype:  # after an overflow
             tiles["dtype"] = dtype_name(result.dtype)
+        # The JSON record only: the output's metadata must not change from run to run.
+        job.extra.update(peak_memory_mb=round(memory.peak() / 2**20, 1), peak_memory_kind=memory.kind)
         return result.image, {"prompt": result.prompt, **chosen.provenance(), **tiles}
 
     told_window = False

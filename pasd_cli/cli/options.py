@@ -279,6 +279,7 @@ class ModelChoice:
     device: str = "auto"
     dtype: str = "auto"
     vae_memory_mb: int | None = None  # None: a share of the device's free memory
+    compile: bool = False  # torch.compile the UNet and ControlNet
 
 
 def model_options(pasd_default: str) -> Group:
@@ -328,6 +329,15 @@ def model_options(pasd_default: str) -> Group:
             show_default=f"{VAE_MEMORY_SHARE:.0%} of the free memory",
             help="What the VAE may use; decides automatic VAE tiling.",
         ),
+        option(
+            "compile",
+            bool,
+            False,
+            "--compile",
+            panel=MODEL,
+            help="torch.compile the UNet and ControlNet: faster steps on GPUs after a first image that compiles "
+            "(once per tile shape); the same result up to float rounding.",
+        ),
     ]
 
     def build(
@@ -338,10 +348,11 @@ def model_options(pasd_default: str) -> Group:
         device: Device,
         dtype: Dtype,
         vae_memory: int | None,
+        compile: bool,
     ) -> ModelChoice:
         if vae_memory is not None and vae_memory < 1:
             raise UsageError(f"--vae-memory {vae_memory}: must be at least 1 (MB)")
-        return ModelChoice(pasd, base, offline, models_dir, device.value, dtype.value, vae_memory)
+        return ModelChoice(pasd, base, offline, models_dir, device.value, dtype.value, vae_memory, compile)
 
     return Group(params, build)
 
@@ -580,6 +591,19 @@ PROMPT_OPTIONS = Group(_PROMPTS, _build_prompts)
 # ------------------------------------------------------------------------------ stylization
 
 
+# --fast, for upscale and stylize alike.
+FAST_OPTION = option(
+    "fast",
+    bool,
+    False,
+    "--fast",
+    panel=MODEL,
+    help=f"The LCM-LoRA ({LCM_LORA}) fused into the UNet, with the LCM scheduler: {FAST_STEPS} steps and "
+    f"guidance {FAST_GUIDANCE:g} (one model pass per step) unless --steps / --guidance are given. Lossy.",
+)
+FAST_OPTIONS = Group([FAST_OPTION], lambda fast: fast)
+
+
 @dataclass(frozen=True)
 class StyleChoice:
     """`pasd stylize`'s personalized base and what is merged into it."""
@@ -622,15 +646,7 @@ _STYLE = [
         panel=MODEL,
         help="Weight of the style's UNet against SD 1.5's: 1 replaces it, 0 keeps it.",
     ),
-    option(
-        "fast",
-        bool,
-        False,
-        "--fast",
-        panel=MODEL,
-        help=f"The LCM-LoRA ({LCM_LORA}) with the LCM scheduler: {FAST_STEPS} steps and guidance "
-        f"{FAST_GUIDANCE:g} unless --steps / --guidance are given.",
-    ),
+    FAST_OPTION,
     option(
         "trust_pickle",
         bool,

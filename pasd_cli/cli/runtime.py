@@ -175,3 +175,40 @@ def limit_heap_fragmentation() -> None:
     if mallopt is not None:
         M_MMAP_THRESHOLD = -3
         mallopt(M_MMAP_THRESHOLD, 4 * 2**20)
+
+
+class PeakMemory:
+    """The peak memory of one image, for its record: on CUDA the peak allocated by torch on the
+    device; elsewhere the process's peak resident memory (RSS), restarted per image where the
+    system allows it (Linux), else the process's peak so far."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def kind(self) -> str:
+        return "cuda_allocated" if self.device.type == "cuda" else "rss"
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # restarts the kernel's peak RSS (VmHWM, ru_maxrss) at the current RSS
+        except OSError:
+            pass
+
+    def peak(self) -> int:
+        """Bytes."""
+        import resource
+        import sys
+
+        import torch
+
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere

@@ -9,7 +9,6 @@ before the pipeline loads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +18,9 @@ from ..batch.prompt_pass import PromptChoice
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
 from ..engine.formats import check_base, check_lora_file
-from ..engine.settings import FAST_GUIDANCE, FAST_STEPS, StylizeSettings
+from ..engine.settings import StylizeSettings
 from ..store import LCM_LORA, STYLIZE_PASD, Kind, ModelRef, Origin, Resolution, load_manifests, locate
-from .diffusion import DiffusionCommand, run
+from .diffusion import DiffusionCommand, fast_settings, given_on_command_line, run
 from .option_groups import with_options
 from .options import (
     BATCH_OPTIONS,
@@ -121,23 +120,6 @@ class StylizeCommand(DiffusionCommand):
             "loras": [{"path": str(lora.source), "weight": lora.weight} for lora in report.loras],
             "lcm_lora": str(report.lcm.source) if report.lcm else None,
         }
-
-
-def fast_settings(settings: StylizeSettings, given: Callable[[str], bool]) -> StylizeSettings:
-    """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
-    return replace(
-        settings,
-        steps=settings.steps if given("steps") else FAST_STEPS,
-        guidance=settings.guidance if given("guidance") else FAST_GUIDANCE,
-    )
-
-
-def given_on_command_line(ctx: typer.Context) -> Callable[[str], bool]:
-    def given(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-    return given
 
 
 @with_options(

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import typer
+
 from ..batch.command import Progress
 from ..batch.plan import Job
 from ..batch.prompt_pass import PromptChoice
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
 from ..engine.settings import UpscaleSettings
-from ..store import PASD_MODEL, Resolution
-from .diffusion import DiffusionCommand, run
+from ..store import LCM_LORA, PASD_MODEL, Kind, ModelRef, Resolution
+from .diffusion import DiffusionCommand, fast_settings, given_on_command_line, run
 from .option_groups import with_options
-from .options import BATCH_OPTIONS, PROMPT_OPTIONS, ModelChoice, diffusion_options, model_options
+from .options import BATCH_OPTIONS, FAST_OPTIONS, PROMPT_OPTIONS, ModelChoice, diffusion_options, model_options
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -30,6 +32,21 @@ class UpscaleCommand(DiffusionCommand):
     name = "upscale"
     told_colorize = False
 
+    def __init__(
+        self,
+        settings: UpscaleSettings,
+        models: ModelChoice,
+        prompts: PromptChoice,
+        batch: BatchSettings,
+        fast: bool = False,
+    ):
+        super().__init__(settings, models, prompts, batch)
+        # --fast: the LCM-LoRA, fused into the UNet as `pasd stylize --fast` does.
+        self.lcm_ref = ModelRef(LCM_LORA, Kind.LORA, "--fast") if fast else None
+
+    def model_refs(self) -> list[ModelRef]:
+        return [*super().model_refs(), *([self.lcm_ref] if self.lcm_ref is not None else [])]
+
     def transform(self, rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict[str, Any]]:
         from ..engine.grayscale import is_grayscale
 
@@ -45,8 +62,13 @@ class UpscaleCommand(DiffusionCommand):
     ) -> tuple[PASDPipeline, dict[str, Any]]:
         from ..engine import load_pipeline
 
-        pipeline = load_pipeline(models.path(self.pasd_ref), models.path(self.base_ref), runtime.device, runtime.dtype)
-        return pipeline, {}
+        lcm_lora = models.path(self.lcm_ref) if self.lcm_ref is not None else None
+        if lcm_lora is not None:
+            reporter.info(f"applying lcm {lcm_lora}")
+        pipeline = load_pipeline(
+            models.path(self.pasd_ref), models.path(self.base_ref), runtime.device, runtime.dtype, lcm_lora=lcm_lora
+        )
+        return pipeline, {"lcm_lora": str(lcm_lora)} if lcm_lora is not None else {}
 
 
 @with_options(
@@ -54,10 +76,20 @@ class UpscaleCommand(DiffusionCommand):
     models=model_options(PASD_MODEL),
     settings=diffusion_options(UpscaleSettings()),
     prompts=PROMPT_OPTIONS,
+    fast=FAST_OPTIONS,
 )
-def upscale(batch: BatchSettings, models: ModelChoice, settings: UpscaleSettings, prompts: PromptChoice) -> None:
+def upscale(
+    ctx: typer.Context,
+    batch: BatchSettings,
+    models: ModelChoice,
+    settings: UpscaleSettings,
+    prompts: PromptChoice,
+    fast: bool,
+) -> None:
     """Upscale images (PASD real-world super-resolution).
 
     Results are written atomically to -o; existing outputs are skipped, so a re-run only does what is left.
     """
-    run(UpscaleCommand(settings, models, prompts, batch), batch)
+    if fast:
+        settings = fast_settings(settings, given_on_command_line(ctx))
+    run(UpscaleCommand(settings, models, prompts, batch, fast), batch)

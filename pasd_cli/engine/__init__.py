@@ -118,17 +118,27 @@ def load_pipeline(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
+    *,
+    lcm_lora: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> PASDPipeline:
     """The Real-ISR pipeline from a PASD checkpoint folder (with unet/ and controlnet/) and a
     Stable Diffusion 1.5 folder in diffusers layout, on `device` in `dtype` (default float32).
-    `memory_budget`: bytes the VAE may use, which decides its automatic tiling (None: untiled)."""
+    `memory_budget`: bytes the VAE may use, which decides its automatic tiling (None: untiled).
+    `lcm_lora`: the fast mode, as `load_stylize_pipeline` has it (the LCM-LoRA fused into the
+    UNet, the LCM scheduler; run it with `FAST_STEPS` and `FAST_GUIDANCE`). The weights are read
+    straight into `dtype`; the LoRA is merged in float32 layer by layer."""
     import torch
 
+    from .loading import load_components
     from .pipeline import PASDPipeline
+    from .stylize import use_lcm
 
-    return PASDPipeline.from_folders(
-        Path(pasd), Path(base), torch.device(device), dtype or torch.float32, memory_budget
-    )
+    dtype = dtype or torch.float32
+    components = load_components(Path(pasd), Path(base), dtype)
+    if lcm_lora is not None:
+        use_lcm(components, Path(lcm_lora), trust_pickle)
+    return PASDPipeline(components, torch.device(device), dtype, memory_budget)
 
 
 def load_stylize_pipeline(

@@ -189,5 +189,7 @@ def apply_lora(components: Components, path: Path, weight: float = 1.0, trust_pi
     with torch.no_grad():
         for module, layer in pairs:
             delta = (weight * layer.scale) * layer.delta(module.weight.shape)
-            module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
+            # Summed in float32 and rounded once: weights loaded in half precision lose no more
+            # than their own rounding (a float32 weight takes the very same sum as before).
+            module.weight.copy_(module.weight.float() + delta.to(module.weight.device))
     return LoraReport(path, weight, len(lora.unet), len(lora.text_encoder))
