@@ -113,3 +113,18 @@ def test_a_signal_while_the_command_line_or_torch_loads_exits_130(tmp_path, poin
         lines = [json.loads(line) for line in proc.stdout.splitlines()]
         assert [r["status"] for r in lines[:-1]] == ["cancelled"] * 3 and lines[-1]["cancelled"] == 3
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_write_stage_is_a_plain_line_only_with_v():
+    """Writes report a "write" stage (where a signal may land, see the fault-injection test);
+    a cron log gets no line of it without -v, however long ago the last line was."""
+    import io
+
+    from pasd_cli.batch.report import NORMAL, VERBOSE, Reporter
+
+    for verbosity, expected in ((NORMAL, ""), (VERBOSE, "  write 0/1\n")):
+        stderr = io.StringIO()
+        reporter = Reporter(verbosity=verbosity, stderr=stderr, live=False)
+        reporter._last_line = -1e9
+        reporter.progress("write", 0, 1)
+        assert stderr.getvalue() == expected

@@ -137,7 +137,7 @@ class Reporter:
             return
         now = time.monotonic()
         if self.verbosity >= VERBOSE or (self.verbosity >= NORMAL and now - self._last_line >= PLAIN_PROGRESS_EVERY):
-            if stage == "tile" and self.verbosity < VERBOSE:
+            if stage in ("tile", "write") and self.verbosity < VERBOSE:  # a line each only with -v
                 return
             self._last_line = now
             self._line(f"  {stage} {done}/{total}")
