@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 TODO, DONE, SKIPPED, FAILED = "todo", "done", "skipped", "failed"
 PLANNED, COLLISION, CANCELLED, INTERRUPTED = "planned", "collision", "cancelled", "interrupted"
 FAILING = (FAILED, COLLISION, INTERRUPTED)
+OUTPUT_EXISTS = "output exists"
 
 Size = tuple[int, int]
 # Why an earlier run's output, found again by a walk of the folder that holds -o, is no input.
@@ -230,8 +231,8 @@ def _apply_on_exists(plan: Plan, on_exists: str) -> None:
         if job.output.is_dir():
             job.status, job.reason = FAILED, f"a folder is in the way of {job.output}"
         elif job.output.exists() or job.output.is_symlink():
-            if on_exists == "skip":
-                job.status, job.reason = SKIPPED, "output exists"
+            if on_exists in ("skip", "if-stale"):  # if-stale: the stale ones go back to do (staleness.py)
+                job.status, job.reason = SKIPPED, OUTPUT_EXISTS
             elif on_exists == "error":
                 job.status, job.reason = FAILED, "output exists (--on-exists error)"
 

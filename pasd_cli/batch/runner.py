@@ -47,6 +47,7 @@ from .plan import (
 from .records import JobRecord, JobResult, Summary
 from .report import Reporter
 from .settings import BatchSettings
+from .staleness import SKIPPED_OTHER_SETTINGS, mark_stale
 
 FAIL_FAST_STOPPED = "not started: --fail-fast stopped the batch"
 
@@ -62,12 +63,15 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
         if failures is not None:
             failures.forget_where(command.retries)
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
+        summary = Summary()
+        if folder is not None:
+            summary.extra[SKIPPED_OTHER_SETTINGS] = mark_stale(plan, options.on_exists, command.fingerprint)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
         if folder is not None and plan.todo and not options.dry_run:
             _try_writing(folder, options.output)
         reporter.hold_summary = bool(plan.collisions)
-        summary = execute(command, plan, reporter, options, failures)
+        summary = execute(command, plan, reporter, options, failures, summary)
     if plan.collisions:  # a dry run lists them all first, then the error, then the summary
         error = collision_error(plan.collisions, "a run would refuse to start")
         error.epilogue = reporter.held_summary

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..imageio import OUTPUT_FORMATS
 
 FORMATS = (*OUTPUT_FORMATS, "same")
-ON_EXISTS = ("skip", "overwrite", "error")
+ON_EXISTS = ("skip", "if-stale", "overwrite", "error")
 
 
 @dataclass(frozen=True)

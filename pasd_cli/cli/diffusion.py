@@ -4,6 +4,7 @@ the engine and the record every output carries. Each command adds how its pipeli
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from ..engine.pipeline import PASDPipeline, UpscaleResult
 
 
+# Settings documented to give the same image (within float rounding): not in the fingerprint.
+SAME_PIXELS = ("tile_batch", "vae_tile")
+
+
 def number_field(value: float) -> str:
     """4.0 -> "4", 2.5 -> "2.5": how a number reads in a file name."""
     return f"{value:g}"
@@ -50,6 +55,8 @@ class DiffusionCommand(ImageCommand):
         self.pipeline: PASDPipeline | None = None
         self._identity: dict[str, Any] = {}
         self._reporter: Reporter | None = None
+        self._models_fingerprint: list[list[Any]] | None = None  # of the models as installed now
+        self._identify: Callable[[ModelRef], dict[str, Any]] = lambda ref: {"spec": ref.spec}
 
     @staticmethod
     def prompt_rule(user_prompt: str, added_prompt: str, caption: str | None = None, label: str | None = None) -> str:
@@ -66,6 +73,31 @@ class DiffusionCommand(ImageCommand):
     def name_fields(self) -> dict[str, str]:
         s = self.settings
         return {"scale": number_field(s.scale), "seed": str(s.seed), "steps": str(s.steps)}
+
+    def fingerprint(self, job: Job) -> dict[str, Any]:
+        """What decides the output's pixels: the settings (less those documented to give the same
+        result), the models as they are installed now, the dtype asked for, the JPEG/WebP
+        quality, and where the image's description comes from."""
+        if self._models_fingerprint is None:
+            from ..store import load_manifests, model_identity
+
+            root, manifests = store_root(self.models.models_dir), load_manifests()
+            self._identify = functools.partial(model_identity, root=root, manifests=manifests)
+            self._models_fingerprint = [[ref.role, self._identify(ref)] for ref in self.model_refs()]
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in SAME_PIXELS}
+        return {
+            "command": self.name,
+            "settings": settings,
+            "models": self._models_fingerprint,
+            "dtype": self.models.dtype,
+            "quality": self.batch.quality,
+            "prompt": self.prompts.fingerprint(job, self._identify),
+            **self.fingerprint_extra(),
+        }
+
+    def fingerprint_extra(self) -> dict[str, Any]:
+        """What else decides a subclass's pixels."""
+        return {}
 
     def planned_size(self, size: Size) -> Size:
         from ..engine.resize import output_size  # no torch: sizes from headers alone
@@ -111,6 +143,7 @@ class DiffusionCommand(ImageCommand):
         mb = self.models.vae_memory_mb  # measured with the models in place
         pipeline.memory_budget = mb * 2**20 if mb else memory_budget(runtime.device)
         self.pipeline, self._reporter = pipeline, reporter
+        self._models_fingerprint = None  # what the outputs record: the models as loaded (maybe just fetched)
         self._identity = {
             "pasd": str(pasd_dir),
             "base": str(self.resolution.path(self.base_ref)),

@@ -73,6 +73,7 @@ class OutputFormat(str, Enum):  # batch.settings.FORMATS
 
 class OnExists(str, Enum):  # batch.settings.ON_EXISTS
     skip = "skip"
+    if_stale = "if-stale"  # made again when its recorded settings differ from this run's
     overwrite = "overwrite"
     error = "error"
 
@@ -164,7 +165,8 @@ _BATCH = [
         OnExists(_B.on_exists),
         "--on-exists",
         panel=INPUT_OUTPUT,
-        help="When an output exists (error: that input fails).",
+        help="When an output exists (if-stale: made again when it was made with other settings; "
+        "error: that input fails).",
     ),
     option(
         "retry_failed",
