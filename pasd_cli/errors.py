@@ -69,10 +69,16 @@ class DeviceError(PasdError):
     exit_code = 4
 
 
-class Interrupted(PasdError):
-    """Stopped by SIGINT or SIGTERM."""
+class Interrupted(BaseException):
+    """Stopped by SIGINT or SIGTERM (see `interrupts`). Like KeyboardInterrupt it is no Exception:
+    it is raised wherever the program is when the signal comes, and a library's `except
+    Exception` (a lazy import that wraps what fails in it, a weights reader that calls every
+    failure a damaged file) must not turn it into another error. Callers catch it beside
+    PasdError; it has the same fields."""
 
     exit_code = 130
+    hint: str | None = None
+    field: str | None = None
 
 
 class OutputError(InputError):

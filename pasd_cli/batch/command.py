@@ -80,6 +80,11 @@ class Command(ABC):
         """The output size of an input of `size`, for the plan (None: unknown before running)."""
         return None
 
+    def planned_working_size(self, size: Size) -> Size | None:
+        """The size of the image the model works on for an input of `size`, for the plan and its
+        pixel limit (None: no model, or unknown before running)."""
+        return None
+
     def resolve(self, reporter: Reporter, dry_run: bool) -> None:
         """Find, fetch or refuse every model the run needs: once, after planning, and only when
         some input is left to do. A dry run loads nothing: only what its pre-pass needs."""

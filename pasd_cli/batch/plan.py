@@ -17,6 +17,7 @@ from ..imageio import FILE_OUTPUT_FORMATS, OUTPUT_FORMATS
 from .failures import FailureLog
 from .inputs import Discovery
 from .settings import BatchSettings
+from .sizes import is_size_refusal, size_refusal
 
 if TYPE_CHECKING:
     from ..imageio import ImageInfo
@@ -43,6 +44,7 @@ class Job:
     status: str = TODO
     reason: str | None = None
     output_size: Size | None = None  # as planned from the header
+    working_size: Size | None = None  # the image the model works on, likewise (sizes.py)
     extra: dict[str, Any] = field(default_factory=dict)  # fields a pre-pass adds to this job's record
 
 
@@ -107,9 +109,11 @@ def plan_jobs(
     name_fields: dict[str, str],
     failures: FailureLog | None = None,
     output_size: Callable[[Size], Size | None] | None = None,
+    working_size: Callable[[Size], Size | None] | None = None,
 ) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
-    `output_size(input_size)` is the command's size rule, for the plan's records."""
+    `output_size(input_size)` and `working_size(input_size)` are the command's size rules, for
+    the plan's records and the pixel limit (`sizes.py`)."""
     from ..imageio import output_format, probe
 
     check_name_template(options.name, name_fields)
@@ -132,7 +136,7 @@ def plan_jobs(
         job = Job(candidate.path, candidate.rel, candidate.found)
         jobs.append(job)
         known = failures.known(job.source) if failures is not None and remember and job.found else None
-        if known:
+        if known and not is_size_refusal(known):  # the limit and the sizes may have changed since
             job.status, job.reason = SKIPPED, f"failed before and unchanged since: {known}"
             continue
         try:
@@ -152,6 +156,16 @@ def plan_jobs(
         elif out_dir is not None:
             folder = out_dir / job.rel.parent if options.recursive else out_dir
             job.output = folder / _output_name(options.name, job.source, name_fields, OUTPUT_FORMATS[job.format].suffix)
+        job.working_size = working_size(job.info.size) if working_size else None
+        if job.working_size:
+            job.extra["working_size"] = list(job.working_size)
+        refusal = size_refusal(job.output_size, job.working_size, options.max_pixels)
+        if refusal and known:  # refused before for the same reason: reported once, like a broken file
+            job.status, job.reason = SKIPPED, f"failed before and unchanged since: {refusal}"
+        elif refusal:
+            job.status, job.reason = FAILED, refusal
+            if failures is not None and job.found:
+                failures.record(job.source, refusal)
     _check_name_lengths(jobs, out_dir)
     plan = Plan(jobs)
     _find_collisions(plan)

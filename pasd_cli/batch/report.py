@@ -29,6 +29,14 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _sizes(record: JobRecord) -> str:
+    """ " (2048x1536, working 2048x1536)": a plan's output and working sizes, where known."""
+    working = record.extra.get("working_size")
+    parts = [f"{record.output_size[0]}x{record.output_size[1]}"] if record.output_size else []
+    parts += [f"working {working[0]}x{working[1]}"] if working else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 class Reporter:
     def __init__(
         self,
@@ -93,7 +101,7 @@ class Reporter:
         elif status == SKIPPED:  # a re-run over a big folder would mail one line per old output
             self.debug(f"skip {record.input}: {record.reason}")
         elif status == PLANNED:
-            self.info(f"plan {record.input} -> {record.output or 'stdout'}")
+            self.info(f"plan {record.input} -> {record.output or 'stdout'}{_sizes(record)}")
         elif status == CANCELLED:
             self.debug(f"cancelled {record.input}: {record.reason}")
 

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ..atomic import _FULL_DISK as FULL_DISK
+from ..atomic import remove_stale
 from ..errors import DeviceError, InputError, Interrupted, PasdError, UsageError
+from ..interrupts import deferred
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -70,6 +72,8 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
             raise collision_error(plan.collisions, "nothing done")
         if folder is not None and plan.todo and not options.dry_run:
             _try_writing(folder, options.output)
+        if folder is not None and not options.dry_run:
+            _remove_stale_temporaries(plan, folder, reporter)
         reporter.hold_summary = bool(plan.collisions)
         summary = execute(command, plan, reporter, options, failures, summary)
     if plan.collisions:  # a dry run lists them all first, then the error, then the summary
@@ -88,7 +92,9 @@ def plan_batch(
             reporter.debug(f"ignore {item.path}: {item.reason}")
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
-    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size)
+    return plan_jobs(
+        discovery, options, command.name_fields(), failures, command.planned_size, command.planned_working_size
+    )
 
 
 def execute(
@@ -123,6 +129,16 @@ def _check_destination(options: BatchSettings) -> None:
         raise UsageError(f"-o {folder}: not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"-o {folder}: not writable{where}")
+
+
+def _remove_stale_temporaries(plan: Plan, out_dir: Path, reporter: Reporter) -> None:
+    """Temporary files that a killed run (kill -9, a power loss) left in the folders this run
+    writes to: only ours, by name, and only those no writer holds, so never one that another
+    run is writing now, with --lock or without (see `atomic`)."""
+    folders = {out_dir, *(job.output.parent for job in plan.jobs if job.output is not None)}
+    for folder in sorted(folders):
+        for path in remove_stale(folder):
+            reporter.info(f"removed {path}, left by an interrupted run")
 
 
 def _try_writing(folder: Path, given: str) -> None:
@@ -175,21 +191,24 @@ class _Run:
             self.todo_total = len(self.plan.todo)
             for job in self.plan.jobs:
                 self._step(job)
-        except PasdError as exc:
-            stopped = exc
-            self.summary.error = str(exc)
-            emitted = sum(self.summary.counts.values())
-            for job in self.plan.jobs[emitted:]:
-                self._emit(job, CANCELLED, f"not started: {exc}")
+        except (PasdError, Interrupted) as exc:
+            with deferred():  # a second Ctrl-C must not cut the account of the inputs short
+                if isinstance(exc, PasdError):
+                    stopped = exc
+                self.summary.error = str(exc)
+                emitted = sum(self.summary.counts.values())
+                for job in self.plan.jobs[emitted:]:
+                    self._emit(job, CANCELLED, f"not started: {exc}")
             raise
         finally:
-            self.summary.seconds = time.monotonic() - started
-            self._save_failures()
-            if stopped is not None:  # the command line says the summary after the error
-                self.reporter.hold_summary = True
-            self.reporter.summary(self.summary)
-            if stopped is not None:
-                stopped.epilogue = self.reporter.held_summary
+            with deferred():
+                self.summary.seconds = time.monotonic() - started
+                self._save_failures()
+                if stopped is not None:  # the command line says the summary after the error
+                    self.reporter.hold_summary = True
+                self.reporter.summary(self.summary)
+                if stopped is not None:
+                    stopped.epilogue = self.reporter.held_summary
         return self.summary
 
     def _prepare(self) -> None:
@@ -226,9 +245,10 @@ class _Run:
             self._emit(job, FAILED, reason, time.monotonic() - begin)
             if self.options.fail_fast:
                 self.stop_reason = FAIL_FAST_STOPPED
-        except PasdError as exc:
+        except (PasdError, Interrupted) as exc:
             status = INTERRUPTED if isinstance(exc, Interrupted) else FAILED
-            self._emit(job, status, str(exc), time.monotonic() - begin)
+            with deferred():
+                self._emit(job, status, str(exc), time.monotonic() - begin)
             raise
         except Exception as exc:  # a bug on one image must not cost the rest of the batch
             self.reporter.debug(traceback.format_exc())

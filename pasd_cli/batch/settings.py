@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..imageio import OUTPUT_FORMATS
+from .sizes import DEFAULT_MAX_PIXELS
 
 FORMATS = (*OUTPUT_FORMATS, "same")
 ON_EXISTS = ("skip", "if-stale", "overwrite", "error")
@@ -25,6 +26,7 @@ class BatchSettings:
     dry_run: bool = False
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
     lock: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS  # of a job's output and of its working image
 
     def __post_init__(self) -> None:
         checks = [
@@ -35,6 +37,7 @@ class BatchSettings:
             (not (self.to_stdout and self.json), "-o - writes the image to stdout; it cannot be combined with --json"),
             (not (self.to_stdout and self.recursive), "-o - writes one image; --recursive makes no sense with it"),
             (self.name.strip() != "", "--name must not be empty"),
+            (self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

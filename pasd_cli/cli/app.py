@@ -6,16 +6,15 @@ Heavy libraries (torch, diffusers) are imported inside command bodies so `pasd -
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ..errors import Interrupted, PasdError
+from ..interrupts import install as install_interrupts
 from .colorize import colorize
 from .models import download_command, models_app
 from .option_groups import BATCH
@@ -142,17 +141,14 @@ def _fail(message: str, hint: str | None, code: int, epilogue: str | None = None
     sys.exit(code)
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     # Our handlers replace KeyboardInterrupt, which the option parser would turn into exit code 1.
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    install_interrupts()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = app(args=args, prog_name="pasd", standalone_mode=False)
+    except Interrupted as exc:
+        _fail(str(exc), None, exc.exit_code)
     except PasdError as exc:
         _fail(str(exc), hint_for(exc), exc.exit_code, exc.epilogue)
     except typer.TyperException as exc:  # the option parser's: usage errors (2), aborts

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..batch.command import ImageCommand, Pending, Progress
 from ..batch.plan import Job, Size
 from ..batch.prompt_pass import ImagePrompts, PromptChoice
+from ..batch.records import JobResult
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
 from ..engine.settings import UpscaleSettings
@@ -104,6 +105,11 @@ class DiffusionCommand(ImageCommand):
 
         return output_size(size, self.settings.scale)
 
+    def planned_working_size(self, size: Size) -> Size:
+        from ..engine.resize import working_size
+
+        return working_size(size, self.settings.scale, self.settings.process_size)
+
     # -- the lifecycle
     def model_refs(self) -> list[ModelRef]:
         """Every model the pipeline loads."""
@@ -132,8 +138,10 @@ class DiffusionCommand(ImageCommand):
         return self._runtime
 
     def load(self, reporter: Reporter) -> None:
+        from .faults import reach
         from .runtime import memory_budget
 
+        reach("load")
         assert self.resolution is not None
         runtime = self.runtime()
         quiet_libraries()
@@ -160,6 +168,11 @@ class DiffusionCommand(ImageCommand):
     ) -> tuple[PASDPipeline, dict[str, Any]]:
         """The command's pipeline on `runtime`, and what the outputs record about its models
         beyond PASD and SD 1.5."""
+
+    def work(self, job: Job, progress: Progress) -> JobResult:
+        from .faults import watch
+
+        return super().work(job, watch(progress))
 
     def transform(self, rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict[str, Any]]:
         assert self.pipeline is not None  # loaded by the runner before the first job

@@ -193,6 +193,15 @@ _BATCH = [
         show_default=False,
         help="Refuse to start while another run holds FILE.",
     ),
+    option(
+        "max_pixels",
+        int,
+        _B.max_pixels,
+        "--max-pixels",
+        panel=BATCH,
+        metavar="N",
+        help="Refuse inputs whose output or working image (after --process-size) has more pixels.",
+    ),
 ]
 
 
@@ -211,6 +220,7 @@ def _build_batch(
     quiet: bool,
     verbose: bool,
     lock: str | None,
+    max_pixels: int,
 ) -> BatchSettings:
     if quiet and verbose:
         raise UsageError("-q and -v contradict each other")
@@ -231,6 +241,7 @@ def _build_batch(
             dry_run=dry_run,
             verbosity=0 if quiet else 2 if verbose else 1,
             lock=lock,
+            max_pixels=max_pixels,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
