@@ -19,7 +19,8 @@ from ..batch.prompt_pass import PromptChoice
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
 from ..engine.formats import check_base, check_lora_file
-from ..engine.settings import FAST_GUIDANCE, FAST_STEPS, StylizeSettings
+from ..engine.settings import FAST_GUIDANCE, FAST_MAX_STEPS, FAST_STEPS, StylizeSettings
+from ..errors import UsageError
 from ..store import LCM_LORA, STYLIZE_PASD, Kind, ModelRef, Origin, Resolution, load_manifests, locate
 from .diffusion import DiffusionCommand, run
 from .option_groups import with_options
@@ -129,6 +130,8 @@ class StylizeCommand(DiffusionCommand):
 
 def fast_settings(settings: StylizeSettings, given: Callable[[str], bool]) -> StylizeSettings:
     """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
+    if given("steps") and settings.steps > FAST_MAX_STEPS:  # the scheduler would refuse it image by image
+        raise UsageError(f"--steps {settings.steps}: --fast's LCM schedule takes at most {FAST_MAX_STEPS} steps")
     return replace(
         settings,
         steps=settings.steps if given("steps") else FAST_STEPS,
