@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import NAME_MAX
 from ..errors import InputError, PasdError, UsageError
-from ..imageio import FILE_OUTPUT_FORMATS, OUTPUT_FORMATS
+from ..imageio import FILE_OUTPUT_FORMATS, IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, OUTPUT_FORMATS
 from .failures import FailureLog
 from .inputs import Discovery
 from .settings import BatchSettings
@@ -126,6 +126,14 @@ def plan_jobs(
         raise UsageError(f"-o - writes one image to stdout, but {len(discovery.candidates)} inputs were given")
     out_dir = output_folder(options)
     out_file = output_file(options)
+    suffix = Path(options.output).suffix.lower()
+    unwritable = suffix in (IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES) and suffix not in FILE_OUTPUT_FORMATS
+    if out_dir is not None and out_file is None and unwritable and not out_dir.is_dir():
+        # `-o photo_big.bmp` would silently become a folder of that name
+        raise UsageError(
+            f"-o {options.output}: pasd cannot write {suffix} files",
+            hint="name the output " + ", ".join(sorted(FILE_OUTPUT_FORMATS)) + ", or name a folder",
+        )
     if out_file is not None and len(discovery.candidates) != 1:
         raise UsageError(
             f"-o {out_file} names one image file, but {len(discovery.candidates)} inputs were given",
