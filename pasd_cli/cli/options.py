@@ -532,7 +532,8 @@ def _build_prompts(
 ) -> PromptChoice:
     # Without --caption (and --caption-model), a run whose captioner is not installed goes on
     # without captions, with a warning: the README's local-folder runs need no store at all.
-    optional = caption is None and caption_model is None
+    # --caption-only asks for the descriptions themselves: there a missing captioner is an error.
+    optional = caption is None and caption_model is None and not caption_only
     mode = _C.mode if caption is None else caption.value
     return PromptChoice(CaptionSettings(mode=mode), caption_model, prompt_file, sidecars, caption_only, optional)
 
