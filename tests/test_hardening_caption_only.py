@@ -28,3 +28,16 @@ def test_a_missing_captioner_leaves_stdout_empty(capsys, tmp_path):
     done = pasd_in_process(capsys, *common, "--prompt-file", given)
     assert done.code == 0, done.stderr
     assert list(csv.reader(io.StringIO(done.stdout))) == [["file", "prompt"], [str(tmp_path / "a.png"), "a red square"]]
+
+
+def test_caption_only_asks_for_the_captioner_even_by_default(capsys, tmp_path):
+    """Without --caption a missing default captioner gives way to no caption (the first-run
+    path); --caption-only asks for the descriptions themselves, so there it stays an error."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    run = pasd_in_process(
+        capsys,
+        *["upscale", tmp_path / "a.png", "-o", tmp_path / "out", "--dry-run", "--caption-only", "--offline"],
+        *["--device", "cpu", "--models-dir", tmp_path / "empty-store"],
+    )
+    assert run.code == 3 and run.stdout == ""
+    assert "captioner for --caption blip (blip) is not available" in run.one_error()

@@ -82,3 +82,39 @@ def test_every_float_option_of_every_command_is_checked(capsys, tmp_path, photo)
 def test_the_engine_settings_refuse_non_finite_numbers_too(settings, field):
     with pytest.raises(ValueError, match="must be a finite number"):
         settings(**{field: math.nan})
+
+
+def test_the_steps_stay_within_the_schedule():
+    """A sibling of non-finite numbers: 1000 UniPC steps repeat a timestep of SD 1.5's schedule
+    and divide by the zero step between them. Shown on the scheduler itself, then refused."""
+    import json
+
+    import torch
+    from conftest import TINY_BASE
+
+    from pasd_cli.engine.schedulers import PortableUniPCScheduler
+    from pasd_cli.engine.settings import MAX_STEPS
+
+    config = json.loads((TINY_BASE / "scheduler" / "scheduler_config.json").read_text())
+
+    def finite_after(steps: int) -> bool:
+        scheduler = PortableUniPCScheduler.from_config(PortableUniPCScheduler.from_config(config).config)
+        scheduler.set_timesteps(steps)
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 4, 4, 4, generator=generator)
+        for t in scheduler.timesteps:
+            latents = scheduler.step(0.1 * torch.randn(1, 4, 4, 4, generator=generator), t, latents).prev_sample
+        return bool(torch.isfinite(latents).all())
+
+    assert finite_after(MAX_STEPS) and not finite_after(MAX_STEPS + 1)
+    UpscaleSettings(steps=MAX_STEPS)
+    with pytest.raises(ValueError, match=f"steps must be at most {MAX_STEPS}"):
+        UpscaleSettings(steps=MAX_STEPS + 1)
+
+
+def test_fast_steps_stay_within_the_lcm_schedule(capsys, tmp_path, photo):
+    run = pasd_in_process(
+        capsys, "stylize", photo, "-o", tmp_path / "out", "--style", tmp_path, "--fast", "--steps", "51", "--dry-run"
+    )
+    assert run.code == 2, run.stderr
+    assert "--steps 51: --fast's LCM schedule takes at most 50 steps" in run.one_error()

@@ -80,3 +80,10 @@ def test_the_failure_log_of_a_file_output_goes_beside_it(capsys, tmp_path):
     run = pasd_in_process(capsys, "upscale", shots, "-o", tmp_path / "big.png", "--caption", "none", *QUICK)
     assert run.code == 1, run.stderr
     assert (tmp_path / ".pasd-failures.json").is_file() and not (tmp_path / "big.png").exists()
+
+
+@pytest.mark.parametrize("name", ["photo_big.bmp", "photo_big.gif"])
+def test_an_image_suffix_pasd_cannot_write_is_refused_not_made_a_folder(capsys, tmp_path, photo, name):
+    run = pasd_in_process(capsys, "upscale", photo, "-o", tmp_path / name, "--dry-run")
+    assert run.code == 2, run.stderr
+    assert f"pasd cannot write {name[-4:]} files" in run.one_error()

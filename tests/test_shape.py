@@ -22,7 +22,7 @@ CHOICE_OPTIONS = {
     "--device": ["auto", "cpu", "cuda", "mps"],
     "--dtype": ["auto", "fp32", "fp16", "bf16"],
     "--format": ["png", "jpg", "webp", "tiff", "same"],
-    "--on-exists": ["skip", "overwrite", "error"],
+    "--on-exists": ["skip", "if-stale", "overwrite", "error"],
     "--caption": ["blip", "classify", "none"],
 }
 PANELS = ["Input/output", "Model", "Diffusion", "Prompts", "Tiling and memory", "Batch"]

@@ -70,6 +70,12 @@ class Command(ABC):
         memory skips it otherwise): one that an option now accepts, e.g. colorize's --force."""
         return False
 
+    def fingerprint(self, job: Job) -> dict[str, Any] | None:
+        """What decides the pixels of `job`'s output (settings, models, the image's description),
+        recorded in the output so that a re-run can tell an output made with other settings
+        (`staleness.py`). None: this command records none."""
+        return None
+
     def planned_size(self, size: Size) -> Size | None:
         """The output size of an input of `size`, for the plan (None: unknown before running)."""
         return None
@@ -128,4 +134,8 @@ class ImageCommand(Command):
     def work(self, job: Job, progress: Progress) -> JobResult:
         from .image_job import process
 
-        return process(job, self.develop, self.record(), self.batch.quality, progress)
+        record = self.record()
+        fingerprint = self.fingerprint(job)
+        if fingerprint is not None:
+            record["fingerprint"] = fingerprint
+        return process(job, self.develop, record, self.batch.quality, progress)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import NAME_MAX
 from ..errors import InputError, PasdError, UsageError
-from ..imageio import FILE_OUTPUT_FORMATS, OUTPUT_FORMATS
+from ..imageio import FILE_OUTPUT_FORMATS, IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, OUTPUT_FORMATS
 from .failures import FailureLog
 from .inputs import Discovery
 from .settings import BatchSettings
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 TODO, DONE, SKIPPED, FAILED = "todo", "done", "skipped", "failed"
 PLANNED, COLLISION, CANCELLED, INTERRUPTED = "planned", "collision", "cancelled", "interrupted"
 FAILING = (FAILED, COLLISION, INTERRUPTED)
+OUTPUT_EXISTS = "output exists"
 
 Size = tuple[int, int]
 # Why an earlier run's output, found again by a walk of the folder that holds -o, is no input.
@@ -125,6 +126,14 @@ def plan_jobs(
         raise UsageError(f"-o - writes one image to stdout, but {len(discovery.candidates)} inputs were given")
     out_dir = output_folder(options)
     out_file = output_file(options)
+    suffix = Path(options.output).suffix.lower()
+    unwritable = suffix in (IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES) and suffix not in FILE_OUTPUT_FORMATS
+    if out_dir is not None and out_file is None and unwritable and not out_dir.is_dir():
+        # `-o photo_big.bmp` would silently become a folder of that name
+        raise UsageError(
+            f"-o {options.output}: pasd cannot write {suffix} files",
+            hint="name the output " + ", ".join(sorted(FILE_OUTPUT_FORMATS)) + ", or name a folder",
+        )
     if out_file is not None and len(discovery.candidates) != 1:
         raise UsageError(
             f"-o {out_file} names one image file, but {len(discovery.candidates)} inputs were given",
@@ -244,8 +253,8 @@ def _apply_on_exists(plan: Plan, on_exists: str) -> None:
         if job.output.is_dir():
             job.status, job.reason = FAILED, f"a folder is in the way of {job.output}"
         elif job.output.exists() or job.output.is_symlink():
-            if on_exists == "skip":
-                job.status, job.reason = SKIPPED, "output exists"
+            if on_exists in ("skip", "if-stale"):  # if-stale: the stale ones go back to do (staleness.py)
+                job.status, job.reason = SKIPPED, OUTPUT_EXISTS
             elif on_exists == "error":
                 job.status, job.reason = FAILED, "output exists (--on-exists error)"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
@@ -128,6 +128,30 @@ class ImagePrompts:
             return self._prompts[job.source]
         except KeyError:
             raise RuntimeError(f"no prompt was prepared for {job.source}") from None
+
+    def fingerprint(self, job: Job, identity: Callable[[ModelRef], dict[str, Any]]) -> dict[str, Any]:
+        """Where `job`'s description will come from, for the output's settings fingerprint: the
+        text of its sidecar or CSV row, else the describer (`identity(ref)` says which weights),
+        else nothing. Read now, without describing anything."""
+        from ..prompts.sources import SidecarError, read_sidecar
+
+        if self.choice.sidecars:
+            try:
+                text = read_sidecar(job.source)
+            except SidecarError as exc:
+                text = f"unusable: {exc}"
+            if text is not None:
+                return {"sidecar": text}
+        if self.prompt_file is not None:
+            entries = self.prompt_file.entries
+            key = self.prompt_file.key_for(job.source)
+            if key is not None:
+                return {"prompt_file": entries[key]}
+        if self.describer_ref is not None:
+            model = identity(self.describer_ref)
+            if not (self.choice.optional and model.get("commit", "") is None):  # not installed: none
+                return {"caption": self.choice.settings.mode, "model": model, "settings": asdict(self.choice.settings)}
+        return {"caption": "none"}
 
     def record_fields(self, chosen: ImagePrompt) -> dict[str, Any]:
         """What the image's JSON record says about its prompt (dry runs included)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .plan import CANCELLED, COLLISION, DONE, FAILED, INTERRUPTED, PLANNED, SKIPPED, Job
 from .records import JobRecord, Summary
+from .staleness import SKIPPED_OTHER_SETTINGS
 
 if TYPE_CHECKING:  # Rich loads only when progress bars are drawn
     from rich.progress import TaskID
@@ -113,8 +114,14 @@ class Reporter:
         if self.json_lines:
             print(json.dumps(summary.to_json(), default=str), file=self.stdout, flush=True)
         counts = summary.counts
+        other = summary.extra.get(SKIPPED_OTHER_SETTINGS) or 0
+        notes = {
+            SKIPPED: f" ({other} made with other settings: --on-exists if-stale makes them again)" if other else ""
+        }
         parts = [
-            f"{counts[s]} {s}" for s in (DONE, PLANNED, SKIPPED, FAILED, COLLISION, CANCELLED, INTERRUPTED) if counts[s]
+            f"{counts[s]} {s}{notes.get(s, '')}"
+            for s in (DONE, PLANNED, SKIPPED, FAILED, COLLISION, CANCELLED, INTERRUPTED)
+            if counts[s]
         ]
         line = f"{', '.join(parts) or 'no images'} in {_duration(summary.seconds)}"
         if self.hold_summary:

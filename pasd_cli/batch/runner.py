@@ -49,6 +49,7 @@ from .plan import (
 from .records import JobRecord, JobResult, Summary
 from .report import Reporter
 from .settings import BatchSettings
+from .staleness import SKIPPED_OTHER_SETTINGS, mark_stale
 
 FAIL_FAST_STOPPED = "not started: --fail-fast stopped the batch"
 
@@ -64,6 +65,9 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
         if failures is not None:
             failures.forget_where(command.retries)
         plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
+        summary = Summary()
+        if folder is not None:
+            summary.extra[SKIPPED_OTHER_SETTINGS] = mark_stale(plan, options.on_exists, command.fingerprint)
         if plan.collisions and not options.dry_run:
             raise collision_error(plan.collisions, "nothing done")
         if folder is not None and plan.todo and not options.dry_run:
@@ -71,7 +75,7 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
         if folder is not None and not options.dry_run:
             _remove_stale_temporaries(plan, folder, reporter)
         reporter.hold_summary = bool(plan.collisions)
-        summary = execute(command, plan, reporter, options, failures)
+        summary = execute(command, plan, reporter, options, failures, summary)
     if plan.collisions:  # a dry run lists them all first, then the error, then the summary
         error = collision_error(plan.collisions, "a run would refuse to start")
         error.epilogue = reporter.held_summary

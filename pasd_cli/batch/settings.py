@@ -8,7 +8,7 @@ from ..imageio import OUTPUT_FORMATS
 from .sizes import DEFAULT_MAX_PIXELS
 
 FORMATS = (*OUTPUT_FORMATS, "same")
-ON_EXISTS = ("skip", "overwrite", "error")
+ON_EXISTS = ("skip", "if-stale", "overwrite", "error")
 
 
 @dataclass(frozen=True)

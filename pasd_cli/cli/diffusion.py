@@ -4,6 +4,7 @@ the engine and the record every output carries. Each command adds how its pipeli
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from ..batch.prompt_pass import ImagePrompts, PromptChoice
 from ..batch.records import JobResult
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
-from ..engine.settings import CAPTION_SEPARATOR, FAST_GUIDANCE, FAST_STEPS, UpscaleSettings
+from ..engine.settings import CAPTION_SEPARATOR, FAST_GUIDANCE, FAST_MAX_STEPS, FAST_STEPS, UpscaleSettings
 from ..errors import DeviceError, UsageError
 from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
 from .options import ModelChoice
@@ -29,11 +30,17 @@ if TYPE_CHECKING:
     from ..engine.pipeline import PASDPipeline, UpscaleResult
 
 
+# Settings documented to give the same image (within float rounding): not in the fingerprint.
+SAME_PIXELS = ("tile_batch", "vae_tile")
+
+
 S = TypeVar("S", bound=UpscaleSettings)
 
 
 def fast_settings(settings: S, given: Callable[[str], bool]) -> S:
     """--fast's steps and guidance, where the user did not choose them (`given(option name)`)."""
+    if given("steps") and settings.steps > FAST_MAX_STEPS:  # the scheduler would refuse it image by image
+        raise UsageError(f"--steps {settings.steps}: --fast's LCM schedule takes at most {FAST_MAX_STEPS} steps")
     return replace(
         settings,
         steps=settings.steps if given("steps") else FAST_STEPS,
@@ -73,6 +80,8 @@ class DiffusionCommand(ImageCommand):
         self.pipeline: PASDPipeline | None = None
         self._identity: dict[str, Any] = {}
         self._reporter: Reporter | None = None
+        self._models_fingerprint: list[list[Any]] | None = None  # of the models as installed now
+        self._identify: Callable[[ModelRef], dict[str, Any]] = lambda ref: {"spec": ref.spec}
 
     @staticmethod
     def prompt_rule(
@@ -95,6 +104,31 @@ class DiffusionCommand(ImageCommand):
     def name_fields(self) -> dict[str, str]:
         s = self.settings
         return {"scale": number_field(s.scale), "seed": str(s.seed), "steps": str(s.steps)}
+
+    def fingerprint(self, job: Job) -> dict[str, Any]:
+        """What decides the output's pixels: the settings (less those documented to give the same
+        result), the models as they are installed now, the dtype asked for, the JPEG/WebP
+        quality, and where the image's description comes from."""
+        if self._models_fingerprint is None:
+            from ..store import load_manifests, model_identity
+
+            root, manifests = store_root(self.models.models_dir), load_manifests()
+            self._identify = functools.partial(model_identity, root=root, manifests=manifests)
+            self._models_fingerprint = [[ref.role, self._identify(ref)] for ref in self.model_refs()]
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in SAME_PIXELS}
+        return {
+            "command": self.name,
+            "settings": settings,
+            "models": self._models_fingerprint,
+            "dtype": self.models.dtype,
+            "quality": self.batch.quality,
+            "prompt": self.prompts.fingerprint(job, self._identify),
+            **self.fingerprint_extra(),
+        }
+
+    def fingerprint_extra(self) -> dict[str, Any]:
+        """What else decides a subclass's pixels."""
+        return {}
 
     def planned_size(self, size: Size) -> Size:
         from ..engine.resize import output_size  # no torch: sizes from headers alone
@@ -152,6 +186,7 @@ class DiffusionCommand(ImageCommand):
         mb = self.models.vae_memory_mb  # measured with the models in place
         pipeline.memory_budget = mb * 2**20 if mb else memory_budget(runtime.device)
         self.pipeline, self._reporter = pipeline, reporter
+        self._models_fingerprint = None  # what the outputs record: the models as loaded (maybe just fetched)
         self._identity = {
             "pasd": str(pasd_dir),
             "base": str(self.resolution.path(self.base_ref)),

@@ -88,6 +88,7 @@ class OutputFormat(str, Enum):  # batch.settings.FORMATS
 
 class OnExists(str, Enum):  # batch.settings.ON_EXISTS
     skip = "skip"
+    if_stale = "if-stale"  # made again when its recorded settings differ from this run's
     overwrite = "overwrite"
     error = "error"
 
@@ -181,7 +182,8 @@ _BATCH = [
         OnExists(_B.on_exists),
         "--on-exists",
         panel=INPUT_OUTPUT,
-        help="When an output exists (error: that input fails).",
+        help="When an output exists (if-stale: made again when it was made with other settings; "
+        "error: that input fails).",
     ),
     option(
         "retry_failed",
@@ -580,7 +582,8 @@ def _build_prompts(
 ) -> PromptChoice:
     # Without --caption (and --caption-model), a run whose captioner is not installed goes on
     # without captions, with a warning: the README's local-folder runs need no store at all.
-    optional = caption is None and caption_model is None
+    # --caption-only asks for the descriptions themselves: there a missing captioner is an error.
+    optional = caption is None and caption_model is None and not caption_only
     mode = _C.mode if caption is None else caption.value
     return PromptChoice(CaptionSettings(mode=mode), caption_model, prompt_file, sidecars, caption_only, optional)
 

@@ -73,6 +73,10 @@ class StylizeCommand(DiffusionCommand):
         extra = [self.lcm_ref] if self.lcm_ref is not None else []
         return [*super().model_refs(), self.style_ref, *self.lora_refs, *extra]
 
+    def fingerprint_extra(self) -> dict[str, Any]:
+        """Beyond the models (the style, the LoRAs and --fast's LCM-LoRA are among them)."""
+        return {"style": {"blend": self.style.blend, "lora_weights": [lora.weight for lora in self.style.loras]}}
+
     def resolve(self, reporter: Reporter, dry_run: bool) -> None:
         super().resolve(reporter, dry_run)
         if dry_run:

@@ -13,6 +13,9 @@ NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-sm
 COLOR_FIXES = ("wavelet", "adain", "none")
 BLENDS = ("gaussian", "ramp")
 MIN_VAE_TILE = 64
+# SD 1.5's schedule has 1000 timesteps; from 1000 steps on, UniPC's schedule repeats one (a
+# rounding of its spacing), divides by the zero step between them and the image turns black.
+MAX_STEPS = 999
 # Beyond 16x a diffusion upscaler invents more than it restores; the pixel limit of a batch
 # (batch/sizes.py) bounds what a scale costs.
 MAX_SCALE = 16
@@ -92,6 +95,7 @@ class UpscaleSettings:
                     for name in ("guidance", "conditioning_scale", "scale")
                 ),
                 (self.steps >= 1, "steps must be at least 1"),
+                (self.steps <= MAX_STEPS, f"steps must be at most {MAX_STEPS} (the schedule has 1000 timesteps)"),
                 # What torch.Generator.manual_seed accepts; beyond it every image would fail alike.
                 (-(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
                 (self.scale > 0, "scale must be positive"),
@@ -172,6 +176,8 @@ BASE_BLEND = 1.0  # weight of a full checkpoint's stock UNet against the PASD fi
 # --fast: the LCM-LoRA with the LCM scheduler; its authors advise 4-8 steps and guidance 1-2.
 FAST_STEPS = 4
 FAST_GUIDANCE = 1.0
+# The LCM scheduler's original schedule has 50 steps; it refuses more.
+FAST_MAX_STEPS = 50
 
 
 @dataclass(frozen=True)

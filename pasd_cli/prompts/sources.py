@@ -125,10 +125,15 @@ class PromptFile:
             entries[key] = prompt
         return cls(path, entries)
 
-    def lookup(self, image_path: Path) -> str | None:
+    def key_for(self, image_path: Path) -> str | None:
+        """The row that describes the image, without counting it as used."""
         key = self._by_path.get(Path(image_path).resolve())
         if key is None and Path(image_path).name in self.entries:
             key = Path(image_path).name
+        return key
+
+    def lookup(self, image_path: Path) -> str | None:
+        key = self.key_for(image_path)
         if key is None:
             return None
         self._used.add(key)

@@ -2,6 +2,7 @@
 (`local.py`), downloads (`hub.py`, `hub_bases.py`), bundles (`bundle.py`), and the one resolver
 that turns what a command names into local paths (`resolve.py`). Nothing here imports torch."""
 
+from .identity import model_identity
 from .local import (
     Record,
     Store,
@@ -57,6 +58,7 @@ __all__ = [
     "locate",
     "manifests_dir",
     "may_download",
+    "model_identity",
     "not_fetched_because",
     "offline_requested",
     "resolve",
