@@ -86,9 +86,12 @@ def plan_jobs(
     name_fields: dict[str, str],
     failures: FailureLog | None = None,
     output_size: Callable[[Size], Size | None] | None = None,
+    owns: Callable[[Job], bool] | None = None,
 ) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
-    `output_size(input_size)` is the command's size rule, for the plan's records."""
+    `output_size(input_size)` is the command's size rule, for the plan's records. Inputs that
+    fail here are remembered in `failures` when `owns` them (default: all): a worker of a shard
+    remembers only its own, which it reports, so that none is skipped unreported later."""
     from ..imageio import output_format, probe
 
     check_name_template(options.name, name_fields)
@@ -112,7 +115,7 @@ def plan_jobs(
             job.info = probe(job.source)
         except InputError as exc:
             job.status, job.reason = FAILED, reason_of(exc, job.source)
-            if failures is not None and job.found:
+            if failures is not None and job.found and (owns is None or owns(job)):
                 failures.record(job.source, job.reason)
             continue
         if job.found and job.info.by_pasd and out_dir is not None and _inside(job.source, out_dir):

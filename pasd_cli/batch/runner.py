@@ -5,8 +5,10 @@
     execute       resolve models and run the pre-pass (when some job is left to do), then each
                   job in order, one record each, and the summary
 
-A worker's share of the jobs (sharding) is a filter of the plan between `plan_batch` and
-`execute`; a lock and size limits belong to `run_batch` and the planner.
+A worker's share of the jobs (`--shard`, see `shard.py`) is a filter of the whole plan between
+`plan_batch` and `execute`; workers started together (torchrun) also meet at the end, so that
+rank 0 reports one summary (`world.py`). A lock and size limits belong to `run_batch` and the
+planner.
 
 Errors about one input fail that job and the batch goes on (it stops with --fail-fast); any
 other PasdError (model, device, interrupt) stops the batch: the remaining jobs are recorded as
@@ -19,9 +21,11 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from ..atomic import remove_stale_parts
 from ..errors import InputError, Interrupted, OutputError, PasdError, UsageError
 from .command import Command, Pending
 from .failures import FailureLog
@@ -44,38 +48,74 @@ from .plan import (
 from .records import JobRecord, JobResult, Summary
 from .report import Reporter
 from .settings import BatchSettings
+from .world import Finish, Meeting
 
 FAIL_FAST_STOPPED = "not started: --fail-fast stopped the batch"
 
 
 def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = None) -> Summary:
-    """Discover, plan and run `command` over the inputs of `options`; the summary's exit code says
-    whether some input failed. `stdin` holds the paths for an input `-` (default: sys.stdin)."""
+    """Discover, plan and run `command` over the inputs of `options` (this worker's share of them
+    with a shard); the summary's exit code says whether some input failed. With other workers
+    (`options.world`), rank 0 returns the merged summary. `stdin` holds the paths for an input
+    `-` (default: sys.stdin)."""
     _check_destination(options)
     reporter = Reporter(verbosity=options.verbosity, json_lines=options.json, paths_to_stdout=not options.to_stdout)
-    with hold_lock(options.lock):
-        failures = None if options.to_stdout else FailureLog(Path(options.output), writable=not options.dry_run)
-        if failures is not None:
-            failures.forget_where(command.retries)
-        plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
-        if plan.collisions and not options.dry_run:
-            raise collision_error(plan.collisions, "nothing done")
-        summary = execute(command, plan, reporter, options, failures)
+    world = options.world
+    meeting = Meeting(world) if world is not None and world.size > 1 else None
+    finish = Finish(reporter, meeting, command)
+    try:
+        with hold_lock(_lock_path(options)):
+            summary = _run_locked(command, options, reporter, finish, stdin or sys.stdin)
+    except BaseException as exc:
+        if not finish.called and meeting is not None:
+            meeting.leave(str(exc) or type(exc).__name__)  # the others stop waiting for this worker
+        raise
+    return finish.result if finish.result is not None else summary
+
+
+def _run_locked(command: Command, options: BatchSettings, reporter: Reporter, finish: Finish, stdin: TextIO) -> Summary:
+    out_dir = None if options.to_stdout else Path(options.output)
+    shard = options.shard
+    failures = None if out_dir is None else FailureLog(out_dir, writable=not options.dry_run)
+    if failures is not None:
+        failures.forget_where(command.retries)
+    owns = None if shard is None else lambda job: shard.owns(job, out_dir)
+    plan = plan_batch(command, options, reporter, failures, stdin, owns)
+    if plan.collisions and not options.dry_run:
+        raise collision_error(plan.collisions, "nothing done")
+    if shard is not None:
+        plan = shard.share(plan, out_dir)
+    if not options.dry_run:
+        for part in remove_stale_parts(job.output for job in plan.todo if job.output is not None):
+            reporter.debug(f"removed {part}: a run that stopped before finishing left it")
+    summary = execute(command, plan, reporter, options, failures, finish=finish)
     if plan.collisions:  # a dry run lists them all first
         raise collision_error(plan.collisions, "a run would refuse to start")
     return summary
 
 
+def _lock_path(options: BatchSettings) -> str | None:
+    if options.lock and options.shard is not None:
+        return options.shard.lock_path(options.lock)
+    return options.lock
+
+
 def plan_batch(
-    command: Command, options: BatchSettings, reporter: Reporter, failures: FailureLog | None, stdin: TextIO
+    command: Command,
+    options: BatchSettings,
+    reporter: Reporter,
+    failures: FailureLog | None,
+    stdin: TextIO,
+    owns: Callable[[Job], bool] | None = None,
 ) -> Plan:
+    """The whole plan; `owns` says which of its jobs this worker may add to the failure memory."""
     discovery = find_inputs(options.inputs, options.recursive, stdin=stdin if "-" in options.inputs else None)
     for item in discovery.ignored:
         if not item.image_like:  # image-like ones are reported as skipped inputs
             reporter.debug(f"ignore {item.path}: {item.reason}")
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
-    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size)
+    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size, owns)
 
 
 def execute(
@@ -85,11 +125,13 @@ def execute(
     options: BatchSettings,
     failures: FailureLog | None = None,
     summary: Summary | None = None,
+    finish: Finish | None = None,
 ) -> Summary:
     """Run the plan's jobs in order. The command's models are resolved and its pre-pass run once,
     before the first job, only when some job is left to do; its model loads on the first job
-    that needs it (never in a dry run)."""
-    return _Run(command, plan, reporter, options, failures, summary or Summary()).run()
+    that needs it (never in a dry run). `finish` reports the summary (default: as it is)."""
+    finish = finish or Finish(reporter)
+    return _Run(command, plan, reporter, options, failures, summary or Summary(), finish).run()
 
 
 def _check_destination(options: BatchSettings) -> None:
@@ -122,9 +164,10 @@ class _Run:
         options: BatchSettings,
         failures: FailureLog | None,
         summary: Summary,
+        finish: Finish,
     ):
         self.command, self.plan, self.reporter, self.options = command, plan, reporter, options
-        self.failures, self.summary = failures, summary
+        self.failures, self.summary, self.finish = failures, summary, finish
         self.todo_total = 0
         self.todo_done = 0
         self.loaded = False
@@ -132,6 +175,7 @@ class _Run:
 
     def run(self) -> Summary:
         started = time.monotonic()
+        failure: BaseException | None = None
         try:
             if self.plan.todo:
                 self._prepare()
@@ -143,11 +187,15 @@ class _Run:
             emitted = sum(self.summary.counts.values())
             for job in self.plan.jobs[emitted:]:
                 self._emit(job, CANCELLED, f"not started: {exc}")
+            failure = exc
+            raise
+        except BaseException as exc:
+            failure = exc
             raise
         finally:
             self.summary.seconds = time.monotonic() - started
             self._save_failures()
-            self.reporter.summary(self.summary)
+            self.finish(self.summary, failure)
         return self.summary
 
     def _prepare(self) -> None:

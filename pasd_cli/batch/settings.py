@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..imageio import OUTPUT_FORMATS
+
+if TYPE_CHECKING:
+    from .shard import Shard
+    from .world import World
 
 FORMATS = (*OUTPUT_FORMATS, "same")
 ON_EXISTS = ("skip", "overwrite", "error")
@@ -24,7 +29,9 @@ class BatchSettings:
     json: bool = False
     dry_run: bool = False
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
-    lock: str | None = None
+    lock: str | None = None  # with a shard: one lock per shard
+    shard: Shard | None = None  # this worker's share of the plan (None: all of it)
+    world: World | None = None  # the workers started together with this one (torchrun), if any
 
     def __post_init__(self) -> None:
         checks = [
