@@ -41,6 +41,17 @@ class InputError(PasdError):
     """One input image cannot be read or processed; the batch goes on."""
 
     exit_code = 1
+    # Whether the failure comes from what the file contains, so that the batch remembers it and
+    # skips the file while it is unchanged (batch/failures.py). An I/O error is not: a `chmod` or
+    # a remount fixes it without touching the file.
+    about_content = True
+
+
+class ReadError(InputError):
+    """One input cannot be read (permission denied, gone, an I/O error): nothing is known about
+    its content, so it is tried again next time."""
+
+    about_content = False
 
 
 class ModelError(PasdError):
@@ -64,3 +75,5 @@ class Interrupted(PasdError):
 class OutputError(InputError):
     """One output cannot be written (permissions, a folder in its place); the batch goes on.
     Unlike other input errors it says nothing about the input, so it is not remembered."""
+
+    about_content = False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import UsageError
-from ..imageio import IMAGE_SUFFIXES
+from ..imageio import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES
 
 _GLOB_CHARS = set("*?[")
 
@@ -46,7 +46,10 @@ def is_hidden(name: str) -> bool:
 
 
 def has_image_suffix(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """Named like an image, read or not: the planner reads its header and refuses what it cannot
+    read with a reason, so no image goes unreported."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or suffix in OTHER_IMAGE_SUFFIXES
 
 
 def find_inputs(specs: Iterable[str], recursive: bool = False, stdin: TextIO | None = None) -> Discovery:

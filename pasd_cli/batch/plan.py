@@ -26,6 +26,8 @@ PLANNED, COLLISION, CANCELLED, INTERRUPTED = "planned", "collision", "cancelled"
 FAILING = (FAILED, COLLISION, INTERRUPTED)
 
 Size = tuple[int, int]
+# Why an earlier run's output, found again by a walk of the folder that holds -o, is no input.
+WRITTEN_BY_PASD = "written by pasd (inside the output folder)"
 
 
 @dataclass
@@ -115,11 +117,11 @@ def plan_jobs(
             job.info = probe(job.source)
         except InputError as exc:
             job.status, job.reason = FAILED, reason_of(exc, job.source)
-            if failures is not None and job.found and (owns is None or owns(job)):
+            if failures is not None and job.found and exc.about_content and (owns is None or owns(job)):
                 failures.record(job.source, job.reason)
             continue
         if job.found and job.info.by_pasd and out_dir is not None and _inside(job.source, out_dir):
-            job.status, job.reason = SKIPPED, "written by pasd (inside the output folder)"
+            job.status, job.reason = SKIPPED, WRITTEN_BY_PASD
             continue
         job.format = output_format(options.format, job.info)
         job.output_size = output_size(job.info.size) if output_size else None
@@ -150,8 +152,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _find_collisions(plan: Plan) -> None:
     """Two inputs to one output (compared case-insensitively: on macOS and Windows they are one
-    file), or an output that is an input, are refused before any work."""
-    inputs = {os.path.realpath(job.source): job for job in plan.jobs}
+    file), or an output that is an input, are refused before any work. An earlier run's output
+    found inside -o is no input: writing it again is --on-exists's business."""
+    inputs = {os.path.realpath(job.source): job for job in plan.jobs if job.reason != WRITTEN_BY_PASD}
     by_output: dict[str, list[Job]] = {}
     for job in plan.jobs:
         if job.output is not None and job.status == TODO:

@@ -154,6 +154,8 @@ class ImagePrompts:
         finally:
             resolver.close()  # before the diffusion model loads
             reporter.end_stage("caption")
+        if rows is not None and finished:
+            rows.finish()
         self._after(pending, resolver, cache, finished)
 
     def _resolver(
@@ -221,12 +223,14 @@ class ImagePrompts:
 class _PromptCsv:
     """--caption-only's stdout: a --prompt-file the user can review, edit and pass back. The text is
     what the prompt file would need to give the same description (a caption cleaned as the
-    released code cleans it; a prompt file's text is used as written)."""
+    released code cleans it; a prompt file's text is used as written).
+
+    Rows are kept until the pass is over: a run that stops (a missing captioner on the tenth
+    image, an interrupt) writes nothing, not a header and some rows that look like a result."""
 
     def __init__(self, stream: TextIO):
-        self.writer = csv.writer(stream, lineterminator="\n")
         self.stream = stream
-        self.writer.writerow(["file", "prompt"])
+        self.rows: list[list[str]] = [["file", "prompt"]]
 
     def write(self, source: Path, chosen: ImagePrompt) -> None:
         from ..engine.prompts import clean_caption
@@ -234,5 +238,8 @@ class _PromptCsv:
         text = chosen.text or ""
         if chosen.source == "blip":
             text = clean_caption(text)
-        self.writer.writerow([str(source), text])
+        self.rows.append([str(source), text])
+
+    def finish(self) -> None:
+        csv.writer(self.stream, lineterminator="\n").writerows(self.rows)
         self.stream.flush()

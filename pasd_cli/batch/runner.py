@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..atomic import remove_stale_parts
-from ..errors import InputError, Interrupted, OutputError, PasdError, UsageError
+from ..errors import InputError, Interrupted, PasdError, UsageError
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -256,7 +256,7 @@ class _Run:
 
     def _remember(self, job: Job, error: InputError, reason: str) -> None:
         """Inputs found in folders that failed for what they contain are skipped next time."""
-        if self.failures is not None and job.found and not isinstance(error, OutputError):
+        if self.failures is not None and job.found and error.about_content:
             self.failures.record(job.source, reason)
 
     def _emit(

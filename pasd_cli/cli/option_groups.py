@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,11 +51,25 @@ class Param:
         return annotation if isinstance(annotation, type) and issubclass(annotation, Enum) else None
 
 
+def _finite(value: Any) -> Any:
+    """Python reads "inf", "nan" and "1e999" as floats; no setting means anything with them."""
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+        raise typer.BadParameter("must be a finite number")
+    return value
+
+
+def _is_float(annotation: Any) -> bool:
+    return annotation is float or (typing.get_origin(annotation) is not None and float in typing.get_args(annotation))
+
+
 def option(name: str, annotation: Any, default: Any, *flags: str, panel: str, help: str, **extra: Any) -> Param:
     """A Typer option in `panel`. Choices (an Enum) match case-insensitively; flags get no
-    `<bool>` placeholder."""
+    `<bool>` placeholder; a number must be finite (every command's, checked here once)."""
     if annotation is bool:
         extra.setdefault("metavar", "")
+    if _is_float(annotation):
+        extra.setdefault("callback", _finite)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         extra.setdefault("case_sensitive", False)
     return Param(name, annotation, typer.Option(default, *flags, help=help, rich_help_panel=panel, **extra), panel)

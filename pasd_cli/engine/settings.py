@@ -49,6 +49,10 @@ class UpscaleSettings:
     def __post_init__(self):
         _require(
             [
+                *(
+                    (math.isfinite(getattr(self, name)), f"{name.replace('_', ' ')} must be a finite number")
+                    for name in ("guidance", "conditioning_scale", "scale")
+                ),
                 (self.steps >= 1, "steps must be at least 1"),
                 # What torch.Generator.manual_seed accepts; beyond it every image would fail alike.
                 (-(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),

@@ -11,7 +11,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .formats import DEFAULT_QUALITY, IMAGE_SUFFIXES, MAX_INPUT_PIXELS, OUTPUT_FORMATS, SAME_FORMAT, OutputFormat
+from .formats import (
+    DEFAULT_QUALITY,
+    IMAGE_SUFFIXES,
+    MAX_INPUT_PIXELS,
+    OTHER_IMAGE_SUFFIXES,
+    OUTPUT_FORMATS,
+    SAME_FORMAT,
+    OutputFormat,
+)
 
 if TYPE_CHECKING:
     from .images import RGB16, ImageInfo, LoadedImage, bits, encode, load, output_format, probe, read_rgb, restore
@@ -22,6 +30,7 @@ __all__ = [
     "DEFAULT_QUALITY",
     "IMAGE_SUFFIXES",
     "MAX_INPUT_PIXELS",
+    "OTHER_IMAGE_SUFFIXES",
     "OUTPUT_FORMATS",
     "SAME_FORMAT",
     "OutputFormat",

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp"}
+# Other names of image files. A folder walk takes them too, so that each gets a record: processed
+# when the content is one of READ_FORMATS (a .jfif is a JPEG), else refused with the reason.
+OTHER_IMAGE_SUFFIXES = {
+    *(".jfif", ".mpo", ".gif", ".apng", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx"),
+    *(".ico", ".icns", ".psd", ".xcf", ".svg", ".eps", ".tga", ".pcx", ".ppm", ".pgm", ".pbm", ".pnm"),
+    *(".dds", ".exr", ".hdr", ".qoi", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"),
+}
 # Larger inputs are refused from their header alone, before any decoding. 64 MP is far above
 # what a diffusion upscaler can enlarge usefully, and below Pillow's own decompression-bomb guard.
 MAX_INPUT_PIXELS = 64_000_000

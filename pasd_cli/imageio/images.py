@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from ..errors import InputError
+from ..errors import InputError, ReadError
 from . import metadata
 from . import rgb16 as deep
-from .formats import DEFAULT_QUALITY, MAX_INPUT_PIXELS, OUTPUT_FORMATS, READ_FORMATS, SAME_FORMAT
+from .formats import DEFAULT_QUALITY, MAX_INPUT_PIXELS, OTHER_IMAGE_SUFFIXES, OUTPUT_FORMATS, READ_FORMATS, SAME_FORMAT
+
+_READ = f" (only {', '.join(READ_FORMATS)})"
 
 
 @dataclass(frozen=True)
@@ -67,22 +69,25 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise ReadError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a folder") from None
+        raise ReadError(f"{path}: is a folder") from None
     except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
+        raise ReadError(f"{path}: permission denied") from None
     except Image.DecompressionBombError as exc:
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{int(claimed.group(1)) / 1e6:.0f} MP" if claimed else "too many pixels"
         raise InputError(f"{path}: header claims {pixels}; not decoded (Pillow's decompression-bomb guard)") from None
     except UnidentifiedImageError:
+        if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+            raise InputError(f"{path}: {path.suffix[1:].upper()} images are not supported{_READ}") from None
         raise InputError(f"{path}: not an image (content not recognised)") from None
     except (OSError, ValueError, SyntaxError) as exc:
+        _raise_if_io(path, exc)
         raise InputError(f"{path}: unreadable image header ({exc})") from None
     if image.format not in READ_FORMATS and image.format != "MPO":
         image.close()
-        raise InputError(f"{path}: {image.format} images are not supported (only {', '.join(READ_FORMATS)})")
+        raise InputError(f"{path}: {image.format} images are not supported{_READ}")
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
@@ -99,6 +104,13 @@ def _open(path: Path) -> Image.Image:
         image.close()
         raise InputError(f"{path}: 32-bit float images are not supported")
     return image
+
+
+def _raise_if_io(path: Path, exc: BaseException) -> None:
+    """An OSError from the system (it has an errno: EIO, EACCES, ...) is about reading the file,
+    not about its content; Pillow's own decoding errors are OSErrors without one."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        raise ReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _format(image: Image.Image) -> str:
@@ -164,6 +176,7 @@ def load(path: Path) -> LoadedImage:
         try:
             image = ImageOps.exif_transpose(opened)  # also removes the orientation from XMP
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            _raise_if_io(path, exc)
             raise InputError(f"{path}: cannot decode ({exc})") from None
         xmp = image.info.get("xmp") or image.info.get(metadata.XMP_PNG_KEY)
         loaded = LoadedImage(

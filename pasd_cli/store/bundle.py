@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Literal
 
 from ..atomic import write_atomic
 from ..errors import ModelError, OutputError
-from .local import RECORD_NAME, Record, Store, fetch_command, safe_relative
+from .local import RECORD_NAME, Record, Store, fetch_command, safe_relative, store_write_error
 
 BUNDLE_INDEX = "pasd-bundle.json"
 BUNDLE_FORMAT = 1
@@ -153,16 +153,25 @@ def _import_models(store: Store, tar: tarfile.TarFile, source: Path, say: Callab
                 f"{source}: the bundle's {name} "
                 + (f"has unsafe paths {unsafe}" if unsafe else f"lacks {', '.join(lacking)}")
             )
-        store.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=store.root))
+        # Only what the manifest lists is installed, as a download would: anything else in a
+        # bundle (a tampered one, or one of another pasd version) is never written.
+        unlisted = sorted(set(record.files) - set(manifest.repo_paths))
+        if unlisted:
+            more = f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+            say(f"{name}: skipped {len(unlisted)} file(s) its manifest does not list: {', '.join(unlisted[:3])}{more}")
+            record.files = {rel: record.files[rel] for rel in manifest.repo_paths}
+        staging = None
         try:
+            store.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=store.root))
             for rel, expected in sorted(record.files.items()):
                 _extract_checked(tar, f"{name}/{rel}", expected, staging / rel)
             _swap_in(store, name, staging, record)
         except OSError as exc:
-            raise ModelError(f"cannot import {name} into {store.root}: {exc}") from None
+            raise store_write_error(f"cannot import {name} into", store, exc) from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         say(f"{name}: imported into {store.model_path(name)}")
         imported.append(name)
     return imported
@@ -183,8 +192,11 @@ def remove_model(store: Store, name: str) -> bool:
     store.manifest(name)
     if not store.model_dir(name).exists():
         return False
-    store.forget(name)
-    _discard(store, name)
+    try:
+        store.forget(name)
+        _discard(store, name)
+    except OSError as exc:
+        raise store_write_error(f"cannot remove {name} from", store, exc) from None
     return True
 
 

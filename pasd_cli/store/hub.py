@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from .local import Record, Store, offline_requested
+from .local import Record, Store, offline_requested, store_write_error
 from .manifests import Manifest
 
 FreeSpace = Callable[[Path], int]
@@ -322,7 +322,10 @@ def download(
         raise _files_not_found(manifest, absent, remote, endpoint_url)
 
     model_dir = store.model_dir(name)
-    store.forget(name)  # from here on the model counts as not installed until every file checks out
+    try:
+        store.forget(name)  # from here on the model counts as not installed until every file checks out
+    except OSError as exc:
+        raise store_write_error(f"cannot download {name} into", store, exc) from None
     files: dict[str, dict[str, Any]] = {}
     to_fetch: list[str] = []
     for rel in manifest.repo_paths:

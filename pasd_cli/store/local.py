@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..atomic import write_atomic
+from ..errors import ModelError
 from .manifests import Manifest, get_manifest, load_manifests
 
 RECORD_NAME = "pasd-model.json"
@@ -87,6 +88,14 @@ def fetch_command(names: Iterable[str], root: Path) -> str:
     """The command that fetches (or repairs) `names` in the store at `root`, ready to paste."""
     command = "pasd download " + " ".join(names)
     return command + (f" --models-dir {shlex.quote(str(root))}" if Path(root) != store_root() else "")
+
+
+def store_write_error(doing: str, store: Store, exc: OSError) -> ModelError:
+    """A store we may not change (read-only, someone else's): one line, with the way out."""
+    return ModelError(
+        f"{doing} {store.root}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""),
+        hint="the store must be writable by you: check its permissions, or use another with --models-dir",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
