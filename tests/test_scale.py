@@ -110,8 +110,13 @@ def test_device_names_a_gpu_by_number_and_torchrun_gives_each_worker_its_own():
 
 
 def test_three_shards_do_every_image_once_with_the_unsharded_pixels(scale_photos, scale_unsharded, tmp_path, capfd):
-    """Must-show 1: --shard 0/3, 1/3 and 2/3 over one folder."""
+    """Must-show 1: --shard 0/3, 1/3 and 2/3 over one folder, into which a killed run had left a
+    temporary file."""
     out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = out / f".photo03.png.{int(dead.stdout)}@{os.uname().nodename.replace('.', '_')}.x1y2.part"
+    left.write_bytes(b"half an image")
     taken: list[list[dict]] = []
     for index in range(3):
         args = ["upscale", scale_photos / "good", scale_photos / "bad", "-o", out, *FAST, *MODEL, "--json"]
@@ -129,10 +134,25 @@ def test_three_shards_do_every_image_once_with_the_unsharded_pixels(scale_photos
         assert (image == outputs(scale_unsharded)[name]).all(), name
     failures = json.loads((out / FAILURES_FILE).read_text())["failures"]
     assert list(failures) == [os.path.realpath(scale_photos / "bad" / "notes.png")]
+    assert not left.exists()
     # The same command again: each worker finds its share done.
     again = [records(pasd_here(capfd, *args, "--shard", f"{i}/3")[1])[0] for i in range(3)]
     assert sorted(r["input"] for share in again for r in share) == sorted(inputs)
     assert {r["status"] for share in again for r in share} == {"skipped"}
+
+
+def test_a_worker_remembers_only_its_own_failures_so_none_is_skipped_unreported(tmp_path, capfd):
+    """A worker plans every input, but an input that fails in another worker's share is that
+    worker's to report: remembered earlier, the owner would skip it without a word."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "notes.png").write_text("not a picture")
+    assert owner("notes.png", 2) == 1
+    args = ["upscale", folder, "-o", tmp_path / "out", "--json"]
+    code, stdout, _ = pasd_here(capfd, *args, "--shard", "0/2")  # runs first, alone
+    assert code == 0 and records(stdout)[0] == []
+    code, stdout, _ = pasd_here(capfd, *args, "--shard", "1/2")
+    assert code == 1 and [r["status"] for r in records(stdout)[0]] == ["failed"]
 
 
 def test_the_dry_run_plans_the_whole_folder_and_lists_each_share(scale_photos, tmp_path, capfd):
