@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .command import Command
 
 PEER_TIMEOUT = 120.0  # seconds without a sign of life before a peer counts as dead
-_POLL = 0.2
+_POLL = 0.5
 _PREFIX = "pasd/"
 
 
@@ -60,7 +60,10 @@ class Meeting:
         try:  # env:// finds torchrun's store (or rank 0 hosts one) from MASTER_ADDR and MASTER_PORT
             store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
         except (RuntimeError, ValueError) as exc:
-            raise _lost(world, f"cannot reach the other workers' store: {first_line(exc)}") from None
+            raise DeviceError(
+                f"worker {world.rank} of {world.size}: cannot reach the other workers: {first_line(exc)}",
+                hint="start the workers with torchrun, which sets MASTER_ADDR and MASTER_PORT for them",
+            ) from None
         self.store: dist.Store = store
         self._stop = threading.Event()
         self._beats = threading.Thread(target=self._beat, name="pasd-heartbeat", daemon=True)
@@ -93,29 +96,59 @@ class Meeting:
             pass
 
     def _wait_for_peers(self) -> None:
+        """Rank 0 waits for every other worker to finish, then says so; the others wait for
+        that, watching rank 0. Whoever sees a peer stop tells the others (abort)."""
         world, store = self.world, self.store
-        store.set(f"{_PREFIX}finished/{world.rank}", "1")
-        waiting = {rank for rank in range(world.size) if rank != world.rank}
+        try:
+            store.set(f"{_PREFIX}finished/{world.rank}", "1")
+            if world.rank == 0:
+                self._wait_for_all()
+                store.set(f"{_PREFIX}all-finished", "1")
+            else:
+                self._wait_for_rank_0()
+        except RuntimeError as exc:  # the store's host (rank 0, or torchrun's agent) is gone
+            raise _lost(world, f"the other workers' store is gone: {first_line(exc)}") from None
+
+    def _wait_for_all(self) -> None:
+        store = self.store
+        waiting = set(range(1, self.world.size))
         heard: dict[int, tuple[int, float]] = {}
         while waiting:
-            now = time.monotonic()
-            try:
-                for rank in sorted(waiting):
-                    if store.check([f"{_PREFIX}finished/{rank}"]):
-                        waiting.discard(rank)
-                        continue
-                    if store.check([f"{_PREFIX}left/{rank}"]):
-                        reason = store.get(f"{_PREFIX}left/{rank}").decode(errors="replace")
-                        raise _lost(world, f"worker {rank} stopped before finishing ({reason})")
-                    beats = store.add(f"{_PREFIX}beat/{rank}", 0)
-                    if rank not in heard or heard[rank][0] != beats:
-                        heard[rank] = (beats, now)
-                    elif now - heard[rank][1] > world.peer_timeout:
-                        raise _lost(world, f"worker {rank} stopped for {world.peer_timeout:g}s before finishing")
-            except RuntimeError as exc:  # the store's host (rank 0, or torchrun's agent) is gone
-                raise _lost(world, f"the other workers' store is gone: {first_line(exc)}") from None
-            if waiting:
-                time.sleep(_POLL)
+            if store.check([f"{_PREFIX}finished/{rank}" for rank in waiting]):
+                return
+            for rank in sorted(waiting):
+                if store.check([f"{_PREFIX}finished/{rank}"]):
+                    waiting.discard(rank)
+                else:
+                    self._check_alive(rank, heard)
+            time.sleep(_POLL)
+
+    def _wait_for_rank_0(self) -> None:
+        store = self.store
+        heard: dict[int, tuple[int, float]] = {}
+        while not store.check([f"{_PREFIX}all-finished"]):
+            if store.check([f"{_PREFIX}abort"]):
+                raise _lost(self.world, store.get(f"{_PREFIX}abort").decode(errors="replace"))
+            if not store.check([f"{_PREFIX}finished/0"]):
+                self._check_alive(0, heard)
+            time.sleep(_POLL)
+
+    def _check_alive(self, rank: int, heard: dict[int, tuple[int, float]]) -> None:
+        """Raise (and tell the others) when worker `rank` left, or its counter stopped."""
+        store, now = self.store, time.monotonic()
+        what = None
+        if store.check([f"{_PREFIX}left/{rank}"]):
+            reason = store.get(f"{_PREFIX}left/{rank}").decode(errors="replace")
+            what = f"worker {rank} stopped before finishing ({reason})"
+        else:
+            beats = store.add(f"{_PREFIX}beat/{rank}", 0)
+            if rank not in heard or heard[rank][0] != beats:
+                heard[rank] = (beats, now)
+            elif now - heard[rank][1] > self.world.peer_timeout:
+                what = f"worker {rank} stopped for {self.world.peer_timeout:g}s before finishing"
+        if what is not None:
+            store.set(f"{_PREFIX}abort", what)
+            raise _lost(self.world, what)
 
     def _gather(self, summary: Summary, backend: str, device: Any) -> Summary | None:
         import torch.distributed as dist
