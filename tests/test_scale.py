@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,49 @@ def test_shard_under_torchrun_is_refused_the_rank_is_the_shard(tmp_path, capfd, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, stderr = pasd_here(capfd, "upscale", tmp_path, "-o", tmp_path / "out", "--dry-run", "--shard", "0/2")
     assert code == 2 and "torchrun splits the work already (worker 1 of 2)" in stderr
+
+
+# -- workers meeting at the end, in this process (threads stand in for workers) ---------------------
+
+
+def _meet_in_threads(monkeypatch, peer_timeout: float):
+    """Two Meetings on one store (rank 0 hosts it): the second is a peer the test controls."""
+    import threading
+
+    from scale_jobs import free_port
+
+    from pasd_cli.batch.world import Meeting, World
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    meetings: dict[int, Meeting] = {}
+    joins = [
+        threading.Thread(target=lambda r=rank: meetings.__setitem__(r, Meeting(World(r, 2, 0, peer_timeout))))
+        for rank in (0, 1)
+    ]
+    for join in joins:
+        join.start()
+    for join in joins:
+        join.join(30)
+    return meetings[0], meetings[1]
+
+
+@pytest.mark.parametrize("dies", [0, 1])
+def test_a_peer_whose_heartbeat_stops_is_given_up_after_the_peer_timeout(monkeypatch, dies):
+    meetings = _meet_in_threads(monkeypatch, peer_timeout=1.0)
+    survivor, dead = meetings[1 - dies], meetings[dies]
+    dead._stop.set()  # its counter stops, as when its process is killed
+    began = time.monotonic()
+    with pytest.raises(DeviceError, match=f"worker {dies} stopped for 1s before finishing") as info:
+        survivor.merge(Summary(), "gloo")
+    assert time.monotonic() - began < 10
+    assert "run the same command again" in (info.value.hint or "")
+
+
+def test_a_peer_that_stops_with_an_error_releases_the_others_at_once(monkeypatch):
+    survivor, failed = _meet_in_threads(monkeypatch, peer_timeout=600.0)
+    failed.leave("interrupted by SIGTERM")
+    began = time.monotonic()
+    with pytest.raises(DeviceError, match=r"worker 1 stopped before finishing \(interrupted by SIGTERM\)"):
+        survivor.merge(Summary(), "gloo")
+    assert time.monotonic() - began < 10
