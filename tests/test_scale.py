@@ -265,3 +265,25 @@ def test_a_peer_that_stops_with_an_error_releases_the_others_at_once(monkeypatch
     with pytest.raises(DeviceError, match=r"worker 1 stopped before finishing \(interrupted by SIGTERM\)"):
         survivor.merge(Summary(), "gloo")
     assert time.monotonic() - began < 10
+
+
+def test_a_worker_interrupted_while_it_waits_tells_the_others(monkeypatch):
+    import signal
+
+    from pasd_cli.errors import Interrupted
+
+    waiting, other = _meet_in_threads(monkeypatch, peer_timeout=600.0)
+
+    def interrupt(signum, frame):
+        raise Interrupted("interrupted by SIGALRM")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(Interrupted):
+            waiting.merge(Summary(), "gloo")  # rank 0 waits for rank 1, which never finishes
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(DeviceError, match=r"worker 0 stopped before finishing \(interrupted by SIGALRM\)"):
+        other.merge(Summary(), "gloo")

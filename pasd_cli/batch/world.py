@@ -83,6 +83,11 @@ class Meeting:
         when a peer stopped before the end."""
         try:
             self._wait_for_peers()
+        except DeviceError:
+            raise
+        except BaseException as exc:  # interrupted while waiting: the others need not wait for it
+            self.leave(str(exc) or type(exc).__name__)
+            raise
         finally:
             self._stop.set()
         return self._gather(summary, backend, device)
@@ -129,8 +134,7 @@ class Meeting:
         while not store.check([f"{_PREFIX}all-finished"]):
             if store.check([f"{_PREFIX}abort"]):
                 raise _lost(self.world, store.get(f"{_PREFIX}abort").decode(errors="replace"))
-            if not store.check([f"{_PREFIX}finished/0"]):
-                self._check_alive(0, heard)
+            self._check_alive(0, heard)  # it beats until it has heard from every worker
             time.sleep(_POLL)
 
     def _check_alive(self, rank: int, heard: dict[int, tuple[int, float]]) -> None:
