@@ -2,11 +2,13 @@
 so that rank 0 prints one summary for the whole batch.
 
 torch.distributed's store (torchrun's own, or one that rank 0 hosts) is joined when the run
-starts, and each worker beats a counter there while it works. At the end each worker says it has
-finished and waits for the others; a peer whose counter stops for `peer_timeout` seconds has
-died (or its machine or network has), so the survivors give up instead of hanging, however long
-a slow but living peer takes. Once every worker has finished, the process group (gloo, or nccl
-when the models ran on CUDA) gathers the summaries to rank 0.
+starts, and each worker beats a counter there while it works. At the end rank 0 waits for every
+other worker to say it has finished, then says that all have; the others wait for that, watching
+rank 0 alone (so the store sees few requests however many workers there are). A worker whose
+counter stops for `peer_timeout` seconds has died (or its machine or network has): whoever sees
+it tells the others, and all give up instead of hanging, however long a slow but living worker
+takes. A worker that stops on an error or an interrupt says so at once. Once all have finished,
+the process group (gloo, or nccl when the models ran on CUDA) gathers the summaries to rank 0.
 """
 
 from __future__ import annotations
