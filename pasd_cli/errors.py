@@ -22,6 +22,9 @@ class PasdError(Exception):
     exit_code = 1
     hint: str | None = None
     field: str | None = None  # the setting or argument that the hint is about
+    # A line said after the error and its hint: a batch's summary, which reads as the outcome
+    # only once the reason for it has been given.
+    epilogue: str | None = None
 
     def __init__(self, message: str, hint: str | None = None, *, field: str | None = None):
         super().__init__(message)
@@ -66,10 +69,16 @@ class DeviceError(PasdError):
     exit_code = 4
 
 
-class Interrupted(PasdError):
-    """Stopped by SIGINT or SIGTERM."""
+class Interrupted(BaseException):
+    """Stopped by SIGINT or SIGTERM (see `interrupts`). Like KeyboardInterrupt it is no Exception:
+    it is raised wherever the program is when the signal comes, and a library's `except
+    Exception` (a lazy import that wraps what fails in it, a weights reader that calls every
+    failure a damaged file) must not turn it into another error. Callers catch it beside
+    PasdError; it has the same fields."""
 
     exit_code = 130
+    hint: str | None = None
+    field: str | None = None
 
 
 class OutputError(InputError):

@@ -210,9 +210,9 @@ def test_missing_models_offline_exit_3_naming_models_and_command(tmp_path, hub, 
     extra = dict([how.split("=")]) if "=" in how else {}
     proc = pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *flags, *QUICK, env=clean_env(tmp_path, hub, **extra))
     line = one_error(proc)
-    assert "'pasd' (not installed)" in line and "'sd15' (not installed)" in line
+    assert all(f"'{name}' (not installed)" in line for name in ("pasd", "sd15", "blip"))  # the captioner too
     assert ("no terminal" if how == "no terminal" else "offline") in line
-    assert "hint: fetch with: pasd download pasd sd15\n" in proc.stderr
+    assert "hint: fetch with: pasd download pasd sd15 blip\n" in proc.stderr
     assert hub.requests == []
     assert not (tmp_path / "out").exists()
 
@@ -232,7 +232,7 @@ def test_only_the_missing_model_is_named(tmp_path, hub):
         env=clean_env(tmp_path, hub),
     )
     assert "'sd15'" in one_error(proc) and "'pasd'" not in proc.stderr
-    assert f"hint: fetch with: pasd download sd15 --models-dir {tmp_path / 'elsewhere'}" in proc.stderr
+    assert f"hint: fetch with: pasd download sd15 blip --models-dir {tmp_path / 'elsewhere'}" in proc.stderr
     assert hub.requests == []
 
 

@@ -17,7 +17,7 @@ def test_a_missing_captioner_leaves_stdout_empty(capsys, tmp_path):
     given = tmp_path / "given.csv"
     given.write_text("file,prompt\na.png,a red square\n")  # a is described; b needs the captioner
     args = ["upscale", tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "out", "--dry-run", "--caption-only"]
-    common = [*args, "--offline", "--device", "cpu", "--models-dir", tmp_path / "empty-store"]
+    common = [*args, "--caption", "blip", "--offline", "--device", "cpu", "--models-dir", tmp_path / "empty-store"]
     run = pasd_in_process(capsys, *common, "--prompt-file", given)
     assert run.code == 3, run.stderr
     assert "captioner for --caption blip (blip) is not available" in run.one_error()

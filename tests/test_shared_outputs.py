@@ -1,5 +1,5 @@
-"""Files that several workers write into one output folder: the failure memory (saved under a
-lock, merged with what others saved meanwhile) and the temporary files a killed writer leaves."""
+"""Files that several workers write into one output folder: the failure memory is saved under a
+lock and merged with what others saved meanwhile."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-from pasd_cli.atomic import STALE_AFTER, remove_stale_parts, write_atomic
 from pasd_cli.batch.failures import FAILURES_FILE, FailureLog
 
 
@@ -49,26 +47,3 @@ def test_workers_saving_the_failure_memory_at_the_same_time_lose_nothing(tmp_pat
     assert [process.wait(60) for process in workers] == [0] * 4
     kept = json.loads((tmp_path / FAILURES_FILE).read_text())["failures"]
     assert len(kept) == 4 * 15
-
-
-def test_temporary_files_of_dead_writers_are_removed_and_others_kept(tmp_path):
-    target = tmp_path / "photo.png"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    host = os.uname().nodename.replace(".", "_")
-    left = tmp_path / f".photo.png.{dead_pid}@{host}.k2j4.part"
-    mine = tmp_path / f".photo.png.{os.getpid()}@{host}.a8xz.part"  # being written now
-    elsewhere = tmp_path / ".photo.png.77@other_machine.q1w2.part"  # cannot be checked: by its age
-    old_elsewhere = tmp_path / ".photo.png.78@other_machine.q1w3.part"
-    older_version = tmp_path / ".photo.png.zz81.part"
-    other_target = tmp_path / f".other.png.{dead_pid}@{host}.k2j4.part"
-    for path in (left, mine, elsewhere, old_elsewhere, older_version, other_target):
-        path.write_bytes(b"partial")
-    past = time.time() - STALE_AFTER - 60
-    for path in (old_elsewhere, older_version):
-        os.utime(path, (past, past))
-    removed = remove_stale_parts([target])
-    assert sorted(removed) == sorted([left, old_elsewhere, older_version])
-    assert mine.exists() and elsewhere.exists() and other_target.exists()
-    write_atomic(target, lambda handle: handle.write(b"done"))  # its own name is one it recognises
-    assert target.read_bytes() == b"done"

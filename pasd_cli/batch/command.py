@@ -74,6 +74,11 @@ class Command(ABC):
         """The output size of an input of `size`, for the plan (None: unknown before running)."""
         return None
 
+    def planned_working_size(self, size: Size) -> Size | None:
+        """The size of the image the model works on for an input of `size`, for the plan and its
+        pixel limit (None: no model, or unknown before running)."""
+        return None
+
     def meeting_device(self) -> Any:
         """The CUDA device where this worker meets the others at the end (nccl), when its models
         run on CUDA; None: they meet on the CPU (gloo). The same on every worker of a run."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -33,10 +33,13 @@ def process(job: Job, develop: Develop, record: dict[str, Any], quality: int | N
         written = _to_stdout(image, fmt, loaded, meta, quality)
     else:
         holder: list[Image.Image | imageio.RGB16] = []
-        write_atomic(
-            job.output,
-            lambda handle: holder.append(imageio.encode(image, handle, fmt, loaded, meta, quality)),
-        )
+
+        def write(handle: BinaryIO) -> None:  # "write" 0/1: the temporary file is open; 1/1: it holds the bytes
+            progress("write", 0, 1)
+            holder.append(imageio.encode(image, handle, fmt, loaded, meta, quality))
+            progress("write", 1, 1)
+
+        write_atomic(job.output, write)
         written = holder[0]
     fields = {"mode": written.mode, "bits": imageio.bits(written), **extra}
     if loaded.notes:

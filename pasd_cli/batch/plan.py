@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import NAME_MAX
 from ..errors import InputError, PasdError, UsageError
-from ..imageio import OUTPUT_FORMATS
+from ..imageio import FILE_OUTPUT_FORMATS, OUTPUT_FORMATS
 from .failures import FailureLog
 from .inputs import Discovery
 from .settings import BatchSettings
+from .sizes import is_size_refusal, size_refusal
 
 if TYPE_CHECKING:
     from ..imageio import ImageInfo
@@ -41,6 +43,7 @@ class Job:
     status: str = TODO
     reason: str | None = None
     output_size: Size | None = None  # as planned from the header
+    working_size: Size | None = None  # the image the model works on, likewise (sizes.py)
     extra: dict[str, Any] = field(default_factory=dict)  # fields a pre-pass adds to this job's record
 
 
@@ -82,18 +85,37 @@ def _output_name(template: str, source: Path, fields: dict[str, str], suffix: st
     return name + suffix
 
 
+def output_file(options: BatchSettings) -> Path | None:
+    """The one result's file when -o names one (`-o photo_big.png`): its suffix is an output
+    format's and no folder has that name. None: -o is a folder (or stdout)."""
+    if options.to_stdout:
+        return None
+    path = Path(options.output)
+    return path if path.suffix.lower() in FILE_OUTPUT_FORMATS and not path.is_dir() else None
+
+
+def output_folder(options: BatchSettings) -> Path | None:
+    """Where results (and the failure log) go: -o, or the folder of the file -o names."""
+    if options.to_stdout:
+        return None
+    file = output_file(options)
+    return Path(options.output) if file is None else file.parent
+
+
 def plan_jobs(
     discovery: Discovery,
     options: BatchSettings,
     name_fields: dict[str, str],
     failures: FailureLog | None = None,
     output_size: Callable[[Size], Size | None] | None = None,
+    working_size: Callable[[Size], Size | None] | None = None,
     owns: Callable[[Job], bool] | None = None,
 ) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
-    `output_size(input_size)` is the command's size rule, for the plan's records. Inputs that
-    fail here are remembered in `failures` when `owns` them (default: all): a worker of a shard
-    remembers only its own, which it reports, so that none is skipped unreported later."""
+    `output_size(input_size)` and `working_size(input_size)` are the command's size rules, for
+    the plan's records and the pixel limit (`sizes.py`). Inputs that fail here are remembered in
+    `failures` when this worker `owns` them (default: all): a worker of a shard remembers only
+    its own, which it reports, so that none is skipped unreported later."""
     from ..imageio import output_format, probe
 
     check_name_template(options.name, name_fields)
@@ -104,13 +126,19 @@ def plan_jobs(
     ]
     if options.to_stdout and len(discovery.candidates) != 1:
         raise UsageError(f"-o - writes one image to stdout, but {len(discovery.candidates)} inputs were given")
-    out_dir = None if options.to_stdout else Path(options.output)
+    out_dir = output_folder(options)
+    out_file = output_file(options)
+    if out_file is not None and len(discovery.candidates) != 1:
+        raise UsageError(
+            f"-o {out_file} names one image file, but {len(discovery.candidates)} inputs were given",
+            hint="name a folder for the results (without an image suffix)",
+        )
     remember = failures is not None and not options.retry_failed and options.on_exists != "overwrite"
     for candidate in discovery.candidates:
         job = Job(candidate.path, candidate.rel, candidate.found)
         jobs.append(job)
         known = failures.known(job.source) if failures is not None and remember and job.found else None
-        if known:
+        if known and not is_size_refusal(known):  # the limit and the sizes may have changed since
             job.status, job.reason = SKIPPED, f"failed before and unchanged since: {known}"
             continue
         try:
@@ -125,14 +153,54 @@ def plan_jobs(
             continue
         job.format = output_format(options.format, job.info)
         job.output_size = output_size(job.info.size) if output_size else None
-        if out_dir is not None:
+        if out_file is not None:  # its suffix decides the format
+            job.format, job.output = FILE_OUTPUT_FORMATS[out_file.suffix.lower()], out_file
+        elif out_dir is not None:
             folder = out_dir / job.rel.parent if options.recursive else out_dir
             job.output = folder / _output_name(options.name, job.source, name_fields, OUTPUT_FORMATS[job.format].suffix)
+        job.working_size = working_size(job.info.size) if working_size else None
+        if job.working_size:
+            job.extra["working_size"] = list(job.working_size)
+        refusal = size_refusal(job.output_size, job.working_size, options.max_pixels)
+        if refusal and known:  # refused before for the same reason: reported once, like a broken file
+            job.status, job.reason = SKIPPED, f"failed before and unchanged since: {refusal}"
+        elif refusal:
+            job.status, job.reason = FAILED, refusal
+            if failures is not None and job.found and (owns is None or owns(job)):
+                failures.record(job.source, refusal)
+    _check_name_lengths(jobs, out_dir)
     plan = Plan(jobs)
     _find_collisions(plan)
     if out_dir is not None:
         _apply_on_exists(plan, options.on_exists)
     return plan
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of `folder` (or of its nearest existing
+    parent) takes."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        return int(os.pathconf(existing, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer
+        return NAME_MAX
+
+
+def _check_name_lengths(jobs: list[Job], out_dir: Path | None) -> None:
+    """An output name the file system would refuse fails its input now, before any model work
+    (a --name template, or a long input name): not remembered, the input is not at fault."""
+    if out_dir is None:
+        return
+    limit = name_max(out_dir)
+    for job in jobs:
+        if job.status == TODO and job.output is not None:
+            size = len(os.fsencode(job.output.name))
+            if size > limit:
+                job.status = FAILED
+                job.reason = (
+                    f"the output name is {size} bytes, more than the file system's {limit}: "
+                    "use a shorter --name (or rename the input)"
+                )
 
 
 def reason_of(exc: PasdError, source: Path) -> str:

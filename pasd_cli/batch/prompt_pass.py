@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ..engine.settings import CaptionSettings, UpscaleSettings
 from ..errors import InputError, UsageError
-from ..store import CAPTION_MODEL, CLASSIFY_MODEL, Kind, ModelRef, Resolution, load_manifests, locate
+from ..store import (
+    CAPTION_MODEL,
+    CLASSIFY_MODEL,
+    Kind,
+    ModelRef,
+    Resolution,
+    fetch_command,
+    load_manifests,
+    locate,
+    may_download,
+)
 from .command import Pending
 from .plan import Job
 from .report import Reporter
@@ -54,6 +64,9 @@ class PromptChoice:
     prompt_file: Path | None = None
     sidecars: bool = True
     caption_only: bool = False
+    # The mode is the default, not asked for: when its model is neither installed nor fetchable,
+    # images go undescribed (as with --caption none), with a warning, instead of an error.
+    optional: bool = False
 
 
 class PromptRule(Protocol):
@@ -133,6 +146,14 @@ class ImagePrompts:
         from ..prompts.sources import SidecarError
 
         reporter = pending.reporter
+        if self.describer_ref is not None and self.choice.optional and not _obtainable(models, self.describer_ref):
+            spec = self.describer_ref.spec
+            reporter.warn(
+                f"the default captioner ({spec}) is not installed, so images are not described (as with "
+                f"--caption none); fetch it with `{fetch_command([spec], models.store.root)}`, or pass "
+                "--caption none to say so"
+            )
+            self.describer_ref = None
         resolver, cache = self._resolver(reporter, models, runtime, store_root)
         rows = _PromptCsv(reporter.stdout) if self.choice.caption_only and not self.json_lines else None
         finished = False
@@ -218,6 +239,11 @@ class ImagePrompts:
             if unused:
                 more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
                 reporter.warn(f"--prompt-file {self.prompt_file.path}: no input matches {', '.join(unused[:3])}{more}")
+
+
+def _obtainable(models: Resolution, ref: ModelRef) -> bool:
+    """Whether the describer's files are there, or would be fetched when needed."""
+    return models[ref].usable or may_download(models.offline, models.interactive)
 
 
 class _PromptCsv:

@@ -28,6 +28,14 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _sizes(record: JobRecord) -> str:
+    """ " (2048x1536, working 2048x1536)": a plan's output and working sizes, where known."""
+    working = record.extra.get("working_size")
+    parts = [f"{record.output_size[0]}x{record.output_size[1]}"] if record.output_size else []
+    parts += [f"working {working[0]}x{working[1]}"] if working else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 class Reporter:
     def __init__(
         self,
@@ -49,6 +57,8 @@ class Reporter:
         self._job_started = 0.0
         self._last_line = 0.0
         self._image_seconds: list[float] = []
+        self.hold_summary = False
+        self.held_summary: str | None = None
 
     @property
     def stdout(self) -> TextIO:
@@ -90,11 +100,13 @@ class Reporter:
         elif status == SKIPPED:  # a re-run over a big folder would mail one line per old output
             self.debug(f"skip {record.input}: {record.reason}")
         elif status == PLANNED:
-            self.info(f"plan {record.input} -> {record.output or 'stdout'}")
+            self.info(f"plan {record.input} -> {record.output or 'stdout'}{_sizes(record)}")
         elif status == CANCELLED:
             self.debug(f"cancelled {record.input}: {record.reason}")
 
     def summary(self, summary: Summary) -> None:
+        """The summary: a JSON object on stdout with --json, and a line on stderr, or kept in
+        `held_summary` while `hold_summary` is set (to follow the error that stopped the batch)."""
         if self._live:
             self._live.stop()
             self._live = None
@@ -104,7 +116,11 @@ class Reporter:
         parts = [
             f"{counts[s]} {s}" for s in (DONE, PLANNED, SKIPPED, FAILED, COLLISION, CANCELLED, INTERRUPTED) if counts[s]
         ]
-        self.info(f"{', '.join(parts) or 'no images'} in {_duration(summary.seconds)}")
+        line = f"{', '.join(parts) or 'no images'} in {_duration(summary.seconds)}"
+        if self.hold_summary:
+            self.held_summary = line if self.verbosity >= NORMAL else None
+        else:
+            self.info(line)
 
     # -- progress
     def start_job(self, job: Job, done: int, total: int) -> None:

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from ..atomic import remove_stale_parts
-from ..errors import InputError, Interrupted, PasdError, UsageError
+from ..atomic import _FULL_DISK as FULL_DISK
+from ..atomic import remove_stale
+from ..errors import DeviceError, InputError, Interrupted, PasdError, UsageError
+from ..interrupts import deferred
 from .command import Command, Pending
 from .failures import FailureLog
 from .inputs import find_inputs
@@ -42,6 +45,7 @@ from .plan import (
     Job,
     Plan,
     collision_error,
+    output_folder,
     plan_jobs,
     reason_of,
 )
@@ -65,33 +69,38 @@ def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = N
     finish = Finish(reporter, meeting, command)
     try:
         with hold_lock(_lock_path(options)):
-            summary = _run_locked(command, options, reporter, finish, stdin or sys.stdin)
+            summary, plan = _run_locked(command, options, reporter, finish, stdin or sys.stdin)
     except BaseException as exc:
         if not finish.called and meeting is not None:
             meeting.leave(str(exc) or type(exc).__name__)  # the others stop waiting for this worker
         raise
+    if plan.collisions:  # a dry run lists them all first, then the error, then the summary
+        error = collision_error(plan.collisions, "a run would refuse to start")
+        error.epilogue = reporter.held_summary
+        raise error
     return finish.result if finish.result is not None else summary
 
 
-def _run_locked(command: Command, options: BatchSettings, reporter: Reporter, finish: Finish, stdin: TextIO) -> Summary:
-    out_dir = None if options.to_stdout else Path(options.output)
+def _run_locked(
+    command: Command, options: BatchSettings, reporter: Reporter, finish: Finish, stdin: TextIO
+) -> tuple[Summary, Plan]:
+    folder = output_folder(options)
     shard = options.shard
-    failures = None if out_dir is None else FailureLog(out_dir, writable=not options.dry_run)
+    failures = None if folder is None else FailureLog(folder, writable=not options.dry_run)
     if failures is not None:
         failures.forget_where(command.retries)
-    owns = None if shard is None else lambda job: shard.owns(job, out_dir)
+    owns = None if shard is None else lambda job: shard.owns(job, folder)
     plan = plan_batch(command, options, reporter, failures, stdin, owns)
     if plan.collisions and not options.dry_run:
         raise collision_error(plan.collisions, "nothing done")
     if shard is not None:
-        plan = shard.share(plan, out_dir)
-    if not options.dry_run:
-        for part in remove_stale_parts(job.output for job in plan.todo if job.output is not None):
-            reporter.debug(f"removed {part}: a run that stopped before finishing left it")
-    summary = execute(command, plan, reporter, options, failures, finish=finish)
-    if plan.collisions:  # a dry run lists them all first
-        raise collision_error(plan.collisions, "a run would refuse to start")
-    return summary
+        plan = shard.share(plan, folder)
+    if folder is not None and plan.todo and not options.dry_run:
+        _try_writing(folder, options.output)
+    if folder is not None and not options.dry_run:
+        _remove_stale_temporaries(plan, folder, reporter)
+    reporter.hold_summary = bool(plan.collisions)
+    return execute(command, plan, reporter, options, failures, finish=finish), plan
 
 
 def _lock_path(options: BatchSettings) -> str | None:
@@ -115,7 +124,15 @@ def plan_batch(
             reporter.debug(f"ignore {item.path}: {item.reason}")
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
-    return plan_jobs(discovery, options, command.name_fields(), failures, command.planned_size, owns)
+    return plan_jobs(
+        discovery,
+        options,
+        command.name_fields(),
+        failures,
+        command.planned_size,
+        command.planned_working_size,
+        owns,
+    )
 
 
 def execute(
@@ -129,7 +146,8 @@ def execute(
 ) -> Summary:
     """Run the plan's jobs in order. The command's models are resolved and its pre-pass run once,
     before the first job, only when some job is left to do; its model loads on the first job
-    that needs it (never in a dry run). `finish` reports the summary (default: as it is)."""
+    that needs it (never in a dry run). `finish` says which summary to report (default: this
+    run's)."""
     finish = finish or Finish(reporter)
     return _Run(command, plan, reporter, options, failures, summary or Summary(), finish).run()
 
@@ -144,13 +162,46 @@ def _check_destination(options: BatchSettings) -> None:
                 hint="redirect it to a file or a program: pasd upscale photo.jpg -o - > big.png",
             )
         return
-    folder = Path(options.output)
+    folder = output_folder(options)
+    assert folder is not None  # not stdout
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
     where = "" if existing == folder else f" ({existing} is in its path)"
     if not existing.is_dir():
         raise UsageError(f"-o {folder}: not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"-o {folder}: not writable{where}")
+
+
+def _remove_stale_temporaries(plan: Plan, out_dir: Path, reporter: Reporter) -> None:
+    """Temporary files that a killed run (kill -9, a power loss) left in the folders this run
+    writes to: only ours, by name, and only those no writer holds, so never one that another
+    run is writing now, with --lock or without (see `atomic`)."""
+    folders = {out_dir, *(job.output.parent for job in plan.jobs if job.output is not None)}
+    for folder in sorted(folders):
+        for path in remove_stale(folder):
+            reporter.info(f"removed {path}, left by an interrupted run")
+
+
+def _try_writing(folder: Path, given: str) -> None:
+    """Write and remove a file in `folder` before any model is resolved or loaded: permissions
+    (root passes every access check), a read-only mount or a pseudo file system (/proc) show
+    only when something is written. Folders made for it are removed again."""
+    made = [p for p in (folder, *folder.parents) if not (p.exists() or p.is_symlink())]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".pasd-", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise DeviceError(f"-o {given}: cannot write there ({exc.strerror}: disk full or quota exceeded)") from None
+        raise UsageError(f"-o {given}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 class _Run:
@@ -175,6 +226,7 @@ class _Run:
 
     def run(self) -> Summary:
         started = time.monotonic()
+        stopped: PasdError | None = None
         failure: BaseException | None = None
         try:
             if self.plan.todo:
@@ -182,20 +234,35 @@ class _Run:
             self.todo_total = len(self.plan.todo)
             for job in self.plan.jobs:
                 self._step(job)
-        except PasdError as exc:
-            self.summary.error = str(exc)
-            emitted = sum(self.summary.counts.values())
-            for job in self.plan.jobs[emitted:]:
-                self._emit(job, CANCELLED, f"not started: {exc}")
+        except (PasdError, Interrupted) as exc:
             failure = exc
+            with deferred():  # a second Ctrl-C must not cut the account of the inputs short
+                if isinstance(exc, PasdError):
+                    stopped = exc
+                self.summary.error = str(exc)
+                emitted = sum(self.summary.counts.values())
+                for job in self.plan.jobs[emitted:]:
+                    self._emit(job, CANCELLED, f"not started: {exc}")
             raise
         except BaseException as exc:
             failure = exc
             raise
         finally:
-            self.summary.seconds = time.monotonic() - started
-            self._save_failures()
-            self.finish(self.summary, failure)
+            with deferred():
+                self.summary.seconds = time.monotonic() - started
+                self._save_failures()
+            # Meeting the other workers may wait for them: an interrupt must still get through.
+            shown, error = self.finish.meet(self.summary, failure)
+            with deferred():
+                stopped = stopped or (error if isinstance(error, PasdError) else None)
+                if stopped is not None:  # the command line says the summary after the error
+                    self.reporter.hold_summary = True
+                if shown is not None:
+                    self.reporter.summary(shown)
+                if stopped is not None:
+                    stopped.epilogue = self.reporter.held_summary
+            if error is not None:
+                raise error
         return self.summary
 
     def _prepare(self) -> None:
@@ -232,9 +299,10 @@ class _Run:
             self._emit(job, FAILED, reason, time.monotonic() - begin)
             if self.options.fail_fast:
                 self.stop_reason = FAIL_FAST_STOPPED
-        except PasdError as exc:
+        except (PasdError, Interrupted) as exc:
             status = INTERRUPTED if isinstance(exc, Interrupted) else FAILED
-            self._emit(job, status, str(exc), time.monotonic() - begin)
+            with deferred():
+                self._emit(job, status, str(exc), time.monotonic() - begin)
             raise
         except Exception as exc:  # a bug on one image must not cost the rest of the batch
             self.reporter.debug(traceback.format_exc())

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..imageio import OUTPUT_FORMATS
+from .sizes import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -32,6 +33,7 @@ class BatchSettings:
     lock: str | None = None  # with a shard: one lock per shard
     shard: Shard | None = None  # this worker's share of the plan (None: all of it)
     world: World | None = None  # the workers started together with this one (torchrun), if any
+    max_pixels: int = DEFAULT_MAX_PIXELS  # of a job's output and of its working image
 
     def __post_init__(self) -> None:
         checks = [
@@ -42,6 +44,7 @@ class BatchSettings:
             (not (self.to_stdout and self.json), "-o - writes the image to stdout; it cannot be combined with --json"),
             (not (self.to_stdout and self.recursive), "-o - writes one image; --recursive makes no sense with it"),
             (self.name.strip() != "", "--name must not be empty"),
+            (self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -199,8 +199,8 @@ def _all_gather_json(value: dict[str, Any], size: int, device: Any) -> list[dict
 
 
 class Finish:
-    """Reports a run's summary: as it is for a worker alone. Workers started together meet first
-    (`meeting`), and rank 0 reports the merged summary (kept in `result`), the others none. A
+    """Which summary a run reports: its own, for a worker alone. Workers started together meet
+    first (`meeting`): rank 0 reports the merged summary (kept in `result`), the others none. A
     worker that stops early (interrupted, or a bug) does not meet: it reports its own summary and
     tells the others, who then stop waiting; so does one that cannot meet its peers."""
 
@@ -209,30 +209,30 @@ class Finish:
         self.called = False
         self.result: Summary | None = None
 
-    def __call__(self, summary: Summary, failure: BaseException | None) -> None:
+    def meet(self, summary: Summary, failure: BaseException | None) -> tuple[Summary | None, BaseException | None]:
+        """(the summary to report, if any; an error to raise once it is reported, if any).
+        `failure`: what stopped this worker's run, if anything did."""
         self.called = True
         meeting = self.meeting
         if meeting is None:
-            self.reporter.summary(summary)
-            return
+            return summary, None
         if failure is not None and (isinstance(failure, Interrupted) or not isinstance(failure, PasdError)):
             meeting.leave(str(failure) or type(failure).__name__)
-            self.reporter.summary(summary)
-            return
+            return summary, None
         try:
             device = self.command.meeting_device() if self.command is not None else None
         except PasdError:  # e.g. no CUDA: then no worker used it, and all meet on the CPU
             device = None
         try:
             self.result = meeting.merge(summary, "gloo" if device is None else "nccl", device)
-        except DeviceError as exc:
-            self.reporter.summary(summary)  # this worker's counts are not lost
-            if failure is None:
-                raise
-            self.reporter.warn(str(exc))  # the worker's own error is the one to report
-            return
-        if self.result is not None:
-            self.reporter.summary(self.result)
+        except DeviceError as exc:  # a peer was lost: this worker's own counts are not
+            if failure is not None:
+                self.reporter.warn(str(exc))  # the worker's own error is the one to report
+                return summary, None
+            return summary, exc
+        except BaseException as exc:  # interrupted while waiting for the others
+            return summary, exc
+        return self.result, None
 
 
 def merged(summaries: list[Summary]) -> Summary:

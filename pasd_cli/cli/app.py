@@ -6,16 +6,15 @@ Heavy libraries (torch, diffusers) are imported inside command bodies so `pasd -
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ..errors import Interrupted, PasdError
+from ..interrupts import install as install_interrupts
 from .colorize import colorize
 from .models import download_command, models_app
 from .option_groups import BATCH
@@ -133,26 +132,25 @@ def usage_error(exc: Any, args: Sequence[str]) -> tuple[str, str | None]:
     return (f"{name} {value}: {message}" if value is not None else f"{name}: {message}"), hint
 
 
-def _fail(message: str, hint: str | None, code: int) -> NoReturn:
+def _fail(message: str, hint: str | None, code: int, epilogue: str | None = None) -> NoReturn:
     _say("error: " + _one_line(message))
     if hint:
         _say("hint: " + _one_line(hint))
+    if epilogue:
+        _say(epilogue)
     sys.exit(code)
-
-
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     # Our handlers replace KeyboardInterrupt, which the option parser would turn into exit code 1.
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    install_interrupts()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = app(args=args, prog_name="pasd", standalone_mode=False)
+    except Interrupted as exc:
+        _fail(str(exc), None, exc.exit_code)
     except PasdError as exc:
-        _fail(str(exc), hint_for(exc), exc.exit_code)
+        _fail(str(exc), hint_for(exc), exc.exit_code, exc.epilogue)
     except typer.TyperException as exc:  # the option parser's: usage errors (2), aborts
         if isinstance(exc, typer.Abort):
             _fail("aborted", None, 1)

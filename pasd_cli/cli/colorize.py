@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..batch.command import Pending, Progress
-from ..batch.plan import Job
+from ..batch.plan import Job, Size
 from ..batch.prompt_pass import PromptChoice
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
@@ -65,6 +65,11 @@ class ColorizeCommand(DiffusionCommand):
         super().__init__(settings, models, prompts, batch)
         self.colorize_settings = settings
         self.force = force
+
+    def planned_working_size(self, size: Size) -> Size:
+        from ..engine.resize import colorize_working_size  # no torch: sizes from headers alone
+
+        return colorize_working_size(size, self.colorize_settings.process_size)
 
     def retries(self, reason: str) -> bool:
         return self.force and reason.startswith(COLOUR_REFUSED)

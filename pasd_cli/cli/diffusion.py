@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..batch.command import ImageCommand, Pending, Progress
 from ..batch.plan import Job, Size
 from ..batch.prompt_pass import ImagePrompts, PromptChoice
+from ..batch.records import JobResult
 from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
 from ..engine.settings import UpscaleSettings
@@ -72,6 +73,11 @@ class DiffusionCommand(ImageCommand):
 
         return output_size(size, self.settings.scale)
 
+    def planned_working_size(self, size: Size) -> Size:
+        from ..engine.resize import working_size
+
+        return working_size(size, self.settings.scale, self.settings.process_size)
+
     # -- the lifecycle
     def model_refs(self) -> list[ModelRef]:
         """Every model the pipeline loads."""
@@ -106,8 +112,10 @@ class DiffusionCommand(ImageCommand):
         return device if device.type == "cuda" else None
 
     def load(self, reporter: Reporter) -> None:
+        from .faults import reach
         from .runtime import memory_budget
 
+        reach("load")
         assert self.resolution is not None
         runtime = self.runtime()
         quiet_libraries()
@@ -133,6 +141,11 @@ class DiffusionCommand(ImageCommand):
     ) -> tuple[PASDPipeline, dict[str, Any]]:
         """The command's pipeline on `runtime`, and what the outputs record about its models
         beyond PASD and SD 1.5."""
+
+    def work(self, job: Job, progress: Progress) -> JobResult:
+        from .faults import watch
+
+        return super().work(job, watch(progress))
 
     def transform(self, rgb: Image.Image, job: Job, progress: Progress) -> tuple[Image.Image, dict[str, Any]]:
         assert self.pipeline is not None  # loaded by the runner before the first job

@@ -226,6 +226,15 @@ _BATCH = [
         metavar="SECONDS",
         help="Under torchrun: how long a silent worker is waited for before the others give up.",
     ),
+    option(
+        "max_pixels",
+        int,
+        _B.max_pixels,
+        "--max-pixels",
+        panel=BATCH,
+        metavar="N",
+        help="Refuse inputs whose output or working image (after --process-size) has more pixels.",
+    ),
 ]
 
 
@@ -246,6 +255,7 @@ def _build_batch(
     lock: str | None,
     shard: str | None,
     peer_timeout: float,
+    max_pixels: int,
 ) -> BatchSettings:
     if quiet and verbose:
         raise UsageError("-q and -v contradict each other")
@@ -269,6 +279,7 @@ def _build_batch(
             lock=lock,
             shard=share,
             world=world,
+            max_pixels=max_pixels,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -539,10 +550,11 @@ _C = CaptionSettings()
 _PROMPTS = [
     option(
         "caption",
-        CaptionMode,
-        CaptionMode(_C.mode),
+        Optional[CaptionMode],
+        None,
         "--caption",
         panel=PROMPTS,
+        show_default=f"{_C.mode}; none when its model is not installed",
         help="Describe each original input: a BLIP caption, its ImageNet class (if p >= 0.1), or none.",
     ),
     option(
@@ -585,9 +597,13 @@ _PROMPTS = [
 
 
 def _build_prompts(
-    caption: CaptionMode, caption_model: str | None, prompt_file: Path | None, sidecars: bool, caption_only: bool
+    caption: CaptionMode | None, caption_model: str | None, prompt_file: Path | None, sidecars: bool, caption_only: bool
 ) -> PromptChoice:
-    return PromptChoice(CaptionSettings(mode=caption.value), caption_model, prompt_file, sidecars, caption_only)
+    # Without --caption (and --caption-model), a run whose captioner is not installed goes on
+    # without captions, with a warning: the README's local-folder runs need no store at all.
+    optional = caption is None and caption_model is None
+    mode = _C.mode if caption is None else caption.value
+    return PromptChoice(CaptionSettings(mode=mode), caption_model, prompt_file, sidecars, caption_only, optional)
 
 
 PROMPT_OPTIONS = Group(_PROMPTS, _build_prompts)

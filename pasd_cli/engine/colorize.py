@@ -22,6 +22,7 @@ from PIL import Image
 from ..errors import InputError
 from .linear_resize import resize_linear
 from .prompts import build_prompt
+from .resize import colorize_size
 from .settings import COLOR_NEGATIVE_PROMPT, LUMA_MODES, ColorizeSettings
 from .yuv import exact_merge, max_luma_shift, released_merge
 
@@ -56,19 +57,6 @@ def colorize_prompt(
     "black and white" becomes "color": a caption of a grey photo says "a black and white photo
     of ...", which would ask the model for grey."""
     return build_prompt(user_prompt, added_prompt, caption=caption, label=label).replace(_MONOCHROME_WORDS, _COLOR_WORD)
-
-
-def colorize_size(size: tuple[int, int], process_size: int) -> tuple[int, int]:
-    """The released resize_preproc size, torchvision's `Resize(P, max_size=2P)` arithmetic:
-    short side to P, long side truncated; when that exceeds 2P the long side becomes 2P and the
-    short one shrinks in proportion (truncated). Applied whatever the input size, so inputs
-    larger than P are reduced."""
-    width, height = size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = process_size, int(process_size * long / short)
-    if new_long > 2 * process_size:
-        new_short, new_long = int(2 * process_size * new_short / new_long), 2 * process_size
-    return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 def colorize_hint(gray_rgb: Image.Image, process_size: int) -> Image.Image:

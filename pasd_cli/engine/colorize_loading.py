@@ -49,14 +49,17 @@ def read_scheduler_config(scheduler_dir: Path) -> dict:
 
 
 def load_colorize_components(
-    pasd_dir: Path | str, base_dir: Path | str, scheduler_dir: Path | str | None = None
+    pasd_dir: Path | str,
+    base_dir: Path | str,
+    scheduler_dir: Path | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Components:
     """The checkpoint, the base's VAE, text encoder and tokenizer, and the scheduler config from
     `scheduler_dir` (default: beside the checkpoint). The scheduler is checked first, before
     the networks are read."""
     scheduler_dir = Path(scheduler_dir) if scheduler_dir is not None else colorize_scheduler_dir(pasd_dir)
     config = read_scheduler_config(scheduler_dir)
-    components = load_components(Path(pasd_dir), Path(base_dir))
+    components = load_components(Path(pasd_dir), Path(base_dir), dtype)
     components.scheduler_config = config  # built as UniPC, the pipeline's default class
     return components
 
@@ -72,4 +75,5 @@ def load_colorizer(
     """A `PASDPipeline` ready for `colorize`."""
     from .pipeline import PASDPipeline
 
-    return PASDPipeline(load_colorize_components(pasd_dir, base_dir, scheduler_dir), device, dtype, memory_budget)
+    components = load_colorize_components(pasd_dir, base_dir, scheduler_dir, dtype)
+    return PASDPipeline(components, device, dtype, memory_budget)

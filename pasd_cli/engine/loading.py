@@ -37,14 +37,22 @@ def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
         raise ModelError(f"{what} folder {folder} lacks {', '.join(p + '/' for p in missing)}")
 
 
-def load_base_parts(base_dir: Path) -> tuple[object, object, object, dict]:
-    """(vae, text_encoder, tokenizer, scheduler_config) from a diffusers SD 1.5 folder."""
+def load_base_parts(base_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[object, object, object, dict]:
+    """(vae, text_encoder, tokenizer, scheduler_config) from a diffusers SD 1.5 folder; the text
+    encoder in `dtype`, the VAE in the dtype it runs in beside networks in `dtype`."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _require_dir(base_dir, "base model", BASE_PARTS)
-    vae = from_pretrained(AutoencoderKL, base_dir / "vae", use_safetensors=True)
-    text_encoder = from_pretrained(CLIPTextModel, base_dir / "text_encoder", use_safetensors=True)
+    vae_config = from_pretrained_config(AutoencoderKL, base_dir / "vae")
+    # Straight into the dtype they run in: the libraries cast each tensor as they assign it.
+    vae = from_pretrained(
+        AutoencoderKL,
+        base_dir / "vae",
+        use_safetensors=True,
+        torch_dtype=vae_dtype(dtype, vae_config.get("force_upcast", True)),
+    )
+    text_encoder = from_pretrained(CLIPTextModel, base_dir / "text_encoder", use_safetensors=True, dtype=dtype)
     tokenizer = from_pretrained(CLIPTokenizer, base_dir / "tokenizer")
     config_path = base_dir / "scheduler" / "scheduler_config.json"
     try:
@@ -54,20 +62,36 @@ def load_base_parts(base_dir: Path) -> tuple[object, object, object, dict]:
     return vae, text_encoder, tokenizer, scheduler_config
 
 
-def load_components(pasd_dir: Path, base_dir: Path) -> Components:
-    """Everything in float32 on the CPU; `PASDPipeline` moves it to the chosen device and dtype."""
+def load_components(pasd_dir: Path, base_dir: Path, dtype: torch.dtype = torch.float32) -> Components:
+    """Everything on the CPU, the networks in `dtype` (the VAE as `model_dtypes` says), each
+    weight cast as it is read: no copy of the model in the files' or any other dtype is made.
+    `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
-    unet = load_pasd_unet(pasd_dir / "unet")
-    controlnet = load_pasd_controlnet(pasd_dir / "controlnet")
-    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir)
+    unet = load_pasd_unet(pasd_dir / "unet", dtype)
+    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype)
+    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)
     return Components(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config)
 
 
+def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """The VAE's dtype beside networks in `dtype`. The SD VAE overflows in float16, so it runs in
+    float32 then, as diffusers pipelines do for VAEs flagged `force_upcast`. In bfloat16 it does
+    not overflow but loses detail: its 8-bit mantissa moves decoded pixels by several levels
+    (tests/test_vae_dtype.py measures it), so it is upcast too."""
+    if dtype in (torch.float16, torch.bfloat16) and force_upcast:
+        return torch.float32
+    return dtype
+
+
 def model_dtypes(dtype: torch.dtype, vae) -> tuple[torch.dtype, torch.dtype]:
-    """(networks dtype, VAE dtype). The SD VAE overflows in float16, so it runs in float32 then,
-    as diffusers pipelines do for VAEs flagged `force_upcast`."""
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        return dtype, torch.float32
-    return dtype, dtype
+    """(networks dtype, VAE dtype)."""
+    return dtype, vae_dtype(dtype, getattr(vae.config, "force_upcast", False))
+
+
+def from_pretrained_config(loader, folder: Path) -> dict:
+    try:
+        return dict(loader.load_config(str(folder)))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load {folder}: {exc}") from None

@@ -106,7 +106,7 @@ class PASDPipeline:
     def from_folders(
         cls, pasd_dir: Path, base_dir: Path, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
     ) -> PASDPipeline:
-        return cls(load_components(Path(pasd_dir), Path(base_dir)), device, dtype, memory_budget)
+        return cls(load_components(Path(pasd_dir), Path(base_dir), dtype), device, dtype, memory_budget)
 
     def new_scheduler(self, steps: int, seed: int = 0):
         scheduler = self._scheduler_class.from_config(self._scheduler_config)

@@ -19,6 +19,33 @@ def _short_side_to(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
+def working_size(lr_size: tuple[int, int], scale: float, process_size: int) -> tuple[int, int]:
+    """The size of `make_hint`'s image, from the sizes alone: what the model works on."""
+    width, height = output_size(lr_size, scale)
+    if min(width, height) < process_size:
+        width, height = _short_side_to(width, height, process_size)
+    return width // 8 * 8, height // 8 * 8
+
+
+def colorize_size(size: tuple[int, int], process_size: int) -> tuple[int, int]:
+    """The released resize_preproc size, torchvision's `Resize(P, max_size=2P)` arithmetic:
+    short side to P, long side truncated; when that exceeds 2P the long side becomes 2P and the
+    short one shrinks in proportion (truncated). Applied whatever the input size, so inputs
+    larger than P are reduced."""
+    width, height = size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = process_size, int(process_size * long / short)
+    if new_long > 2 * process_size:
+        new_short, new_long = int(2 * process_size * new_short / new_long), 2 * process_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def colorize_working_size(size: tuple[int, int], process_size: int) -> tuple[int, int]:
+    """The size of the colorization hint (`colorize.colorize_hint`), from the sizes alone."""
+    width, height = colorize_size(size, process_size)
+    return width // 8 * 8, height // 8 * 8
+
+
 def make_hint(lr_image: Image.Image, scale: float, process_size: int) -> Image.Image:
     """The ControlNet hint, VAE input and colour reference: upscale, enlarge to the process size,
     crop the size down to multiples of 8 by resizing, as released."""

@@ -13,6 +13,9 @@ NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-sm
 COLOR_FIXES = ("wavelet", "adain", "none")
 BLENDS = ("gaussian", "ramp")
 MIN_VAE_TILE = 64
+# Beyond 16x a diffusion upscaler invents more than it restores; the pixel limit of a batch
+# (batch/sizes.py) bounds what a scale costs.
+MAX_SCALE = 16
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
@@ -63,6 +66,7 @@ class UpscaleSettings:
                 (self.latent_tile >= 8, "latent tile must be at least 8"),
                 (0 <= self.latent_overlap < self.latent_tile, "latent overlap must be in [0, latent tile)"),
                 (self.tile_batch >= 1, "tile batch must be at least 1"),
+                (self.scale <= MAX_SCALE, f"scale must be at most {MAX_SCALE}"),
                 (self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
                 (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
                 (
@@ -145,6 +149,10 @@ class LoraSpec:
         try:
             weight = float(tail)
         except ValueError:
+            if exists(head):  # FILE:abc names an existing file: the weight is what is wrong
+                raise ValueError(
+                    f"{text}: the weight {tail!r} is not a number (FILE:WEIGHT, e.g. {head}:0.8)"
+                ) from None
             return cls(text)
         return cls(head, weight)
 

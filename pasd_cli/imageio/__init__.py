@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .formats import (
     DEFAULT_QUALITY,
+    FILE_OUTPUT_FORMATS,
     IMAGE_SUFFIXES,
     MAX_INPUT_PIXELS,
     OTHER_IMAGE_SUFFIXES,
@@ -28,6 +29,7 @@ _LAZY = ("RGB16", "ImageInfo", "LoadedImage", "bits", "encode", "load", "output_
 
 __all__ = [
     "DEFAULT_QUALITY",
+    "FILE_OUTPUT_FORMATS",
     "IMAGE_SUFFIXES",
     "MAX_INPUT_PIXELS",
     "OTHER_IMAGE_SUFFIXES",

@@ -33,6 +33,16 @@ OUTPUT_FORMATS = {
     "webp": OutputFormat("WEBP", ".webp", False, True),
     "tiff": OutputFormat("TIFF", ".tiff", True, True),
 }
+# `-o photo_big.png` with one input: the output file's suffix names its format.
+FILE_OUTPUT_FORMATS = {
+    ".png": "png",
+    ".jpg": "jpg",
+    ".jpeg": "jpg",
+    ".jpe": "jpg",
+    ".webp": "webp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+}
 DEFAULT_QUALITY = {"jpg": 95, "webp": 95}
 # `--format same`: BMP can carry neither metadata nor pasd's record, so its results are PNGs.
 SAME_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "png"}

@@ -2,7 +2,8 @@
 
 `config.json` does not say which variant a checkpoint is, so the variant is read from the
 state-dict keys (spec section 2). Models are built on the meta device and the weights assigned,
-which skips random initialisation (seconds at SD size) and any copy of the weights.
+which skips random initialisation (seconds at SD size) and any copy of the weights; each tensor is
+cast to the compute dtype as it is read (tensor_file), so no copy in another dtype exists either.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelError
 from .controlnet import PASDControlNet
 from .keys import read_keys
+from .tensor_file import read_tensors
 from .unet import FULL, LIGHT, PASDUNet
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -97,13 +98,11 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
 
 def _load(model: nn.Module, path: Path, dtype: torch.dtype | None) -> nn.Module:
     try:
-        state = load_file(str(path))
-    except Exception as exc:
+        state = read_tensors(path, dtype)
+    except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
-    if dtype is not None:
-        model.to(dtype)
     return model.eval().requires_grad_(False)
 
 

@@ -234,9 +234,13 @@ class Resolution:
             return ["not installed"] if hub is None else hub.problems(store_name(located.name))
         return self.store.problems(self._key(located))
 
-    def _fetch_or_refuse(self, located: list[Located], missing: dict[str, list[str]]) -> None:
+    def _fetch_or_refuse(
+        self, located: list[Located], missing: dict[str, list[str]], also: dict[str, list[str]] | None = None
+    ) -> None:
+        """Fetch `located` (whose problems are `missing`), or refuse them all in one error that
+        also names `also`: lazy models missing too, so that one command fetches everything."""
         if not may_download(self.offline, self.interactive):
-            raise MissingModels(self.store.root, missing, not_fetched_because(self.offline))
+            raise MissingModels(self.store.root, {**missing, **(also or {})}, not_fetched_because(self.offline))
         from .hub import download
         from .hub_bases import download_hub_base
 
@@ -314,7 +318,13 @@ def resolve(
             missing[resolution._key(item)] = problems
             to_fetch.append(item)
     if missing:
-        resolution._fetch_or_refuse(to_fetch, missing)
+        lazy_missing = {}
+        for item in located:
+            if item.ref.lazy and item.origin is not Origin.PATH and resolution._key(item) not in missing:
+                problems = resolution._problems(item)
+                if problems:
+                    lazy_missing[resolution._key(item)] = problems
+        resolution._fetch_or_refuse(to_fetch, missing, also=lazy_missing)
     for item in located:
         resolution.models[item.ref] = resolution._describe(item)
     return resolution

@@ -1,0 +1,115 @@
+"""Read a safetensors file tensor by tensor, each cast to the compute dtype as it arrives.
+
+safetensors' own loaders map the whole file into memory: every page they touch stays resident
+(and counted in the process's RSS) until the file is closed, so loading a 2 GB UNet in bfloat16
+from a float16 file peaks at the converted weights plus the whole file. Here each tensor is read
+with plain file reads into its own buffer and converted at once, so the peak is the converted
+weights plus one tensor of the file; no full-precision copy of the model ever exists.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+# The safetensors format's dtype names (little-endian).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# A header larger than this is a damaged file, not a model (safetensors' own limit).
+_MAX_HEADER = 100_000_000
+
+
+def read_header(handle) -> tuple[dict, int]:
+    """(the header's tensor entries, the offset where the data starts)."""
+    raw = handle.read(8)
+    if len(raw) != 8:
+        raise ValueError("file too short for a safetensors header")
+    (length,) = struct.unpack("<Q", raw)
+    if length > _MAX_HEADER:
+        raise ValueError(f"header of {length} bytes is too large")
+    try:
+        header = json.loads(handle.read(length))
+    except ValueError as exc:
+        raise ValueError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+class _Reader:
+    """Reads tensors from an open file. A tensor to be cast is read into one scratch buffer that
+    every such tensor reuses, so the only allocations that stay are the results: freed
+    temporaries of many sizes would fragment the heap and keep the process's RSS up."""
+
+    def __init__(self, handle, start: int, size: int):
+        self.handle, self.start, self.size = handle, start, size
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def read(self, name: str, entry, dtype: torch.dtype | None) -> torch.Tensor:
+        try:
+            stored = _DTYPES[entry["dtype"]]
+            shape = [int(n) for n in entry["shape"]]
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name}: malformed or unsupported header entry {entry}") from None
+        numel = 1
+        for n in shape:
+            numel *= n
+        nbytes = numel * stored.itemsize
+        if end - begin != nbytes or begin < 0 or self.start + end > self.size:
+            raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not match its shape or the file")
+        cast = dtype is not None and stored.is_floating_point and stored != dtype
+        if not cast:
+            out = torch.empty(shape, dtype=stored)
+            self._fill(out.view(-1).view(torch.uint8), name)
+            return out
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._scratch[:nbytes]
+        self._fill(raw, name)
+        return raw.view(stored).view(shape).to(dtype)
+
+    def _fill(self, buffer: torch.Tensor, name: str) -> None:
+        if not buffer.numel():
+            return
+        view = buffer.numpy()
+        if self.handle.readinto(view) != view.nbytes:
+            raise ValueError(f"tensor {name}: file ends inside its data")
+
+
+def read_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the file on the CPU; floating-point ones cast to `dtype` (None: as
+    stored). Raises ValueError for a damaged file."""
+    path = Path(path)
+    size = path.stat().st_size
+    state: dict[str, torch.Tensor] = {}
+    with path.open("rb", buffering=0) as handle:
+        header, start = read_header(handle)
+        reader = _Reader(handle, start, size)
+        # In file order, so the reads go forward through the file.
+        for name, entry in sorted(header.items(), key=lambda item: _begin(item[1])):
+            if _begin(entry) >= 0:
+                handle.seek(start + _begin(entry))
+            state[name] = reader.read(name, entry, dtype)
+    return state
+
+
+def _begin(entry) -> int:
+    try:
+        return int(entry["data_offsets"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return -1
