@@ -1,3 +1,6 @@
+"""`python -m pasd_cli`: the command line, as torchrun starts it (torchrun -m pasd_cli ...)."""
+
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

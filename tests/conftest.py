@@ -127,3 +127,28 @@ def tiny_colorizer():
     from pasd_cli.engine.colorize_loading import load_colorizer
 
     return load_colorizer(TINY_COLOR, TINY_BASE, torch.device("cpu"), torch.float32)
+
+
+# -- scale-out (test_scale*.py): one folder, and its outputs from one unsharded run ----------------
+
+
+@pytest.fixture(scope="session")
+def scale_photos(tmp_path_factory):
+    from scale_jobs import make_photos
+
+    root = tmp_path_factory.mktemp("scale")
+    make_photos(root / "good", 9)  # their names give each of 3 shards and each of 2 some work
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "notes.png").write_text("not a picture")  # fails from its header, remembered
+    return root
+
+
+@pytest.fixture(scope="session")
+def scale_unsharded(scale_photos, tmp_path_factory):
+    from scale_jobs import FAST, MODEL
+
+    out = tmp_path_factory.mktemp("unsharded")
+    proc = run_pasd("upscale", scale_photos / "good", "-o", out, *FAST, *MODEL, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHOICE_OPTIONS = {
     "--color-fix": ["wavelet", "adain", "none"],
     "--latent-blend": ["auto", "gaussian", "ramp"],
-    "--device": ["auto", "cpu", "cuda", "mps"],
+    "--device": ["auto", "cpu", "cuda", "mps", "cuda:N"],
     "--dtype": ["auto", "fp32", "fp16", "bf16"],
     "--format": ["png", "jpg", "webp", "tiff", "same"],
     "--on-exists": ["skip", "if-stale", "overwrite", "error"],

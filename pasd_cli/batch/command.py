@@ -85,6 +85,11 @@ class Command(ABC):
         pixel limit (None: no model, or unknown before running)."""
         return None
 
+    def meeting_device(self) -> Any:
+        """The CUDA device where this worker meets the others at the end (nccl), when its models
+        run on CUDA; None: they meet on the CPU (gloo). The same on every worker of a run."""
+        return None
+
     def resolve(self, reporter: Reporter, dry_run: bool) -> None:
         """Find, fetch or refuse every model the run needs: once, after planning, and only when
         some input is left to do. A dry run loads nothing: only what its pre-pass needs."""

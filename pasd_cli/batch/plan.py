@@ -110,10 +110,13 @@ def plan_jobs(
     failures: FailureLog | None = None,
     output_size: Callable[[Size], Size | None] | None = None,
     working_size: Callable[[Size], Size | None] | None = None,
+    owns: Callable[[Job], bool] | None = None,
 ) -> Plan:
     """Every input becomes a job: to do, skipped or failed, with its reason; nothing is decoded.
     `output_size(input_size)` and `working_size(input_size)` are the command's size rules, for
-    the plan's records and the pixel limit (`sizes.py`)."""
+    the plan's records and the pixel limit (`sizes.py`). Inputs that fail here are remembered in
+    `failures` when this worker `owns` them (default: all): a worker of a shard remembers only
+    its own, which it reports, so that none is skipped unreported later."""
     from ..imageio import output_format, probe
 
     check_name_template(options.name, name_fields)
@@ -151,7 +154,7 @@ def plan_jobs(
             job.info = probe(job.source)
         except InputError as exc:
             job.status, job.reason = FAILED, reason_of(exc, job.source)
-            if failures is not None and job.found and exc.about_content:
+            if failures is not None and job.found and exc.about_content and (owns is None or owns(job)):
                 failures.record(job.source, job.reason)
             continue
         if job.found and job.info.by_pasd and out_dir is not None and _inside(job.source, out_dir):
@@ -172,7 +175,7 @@ def plan_jobs(
             job.status, job.reason = SKIPPED, f"failed before and unchanged since: {refusal}"
         elif refusal:
             job.status, job.reason = FAILED, refusal
-            if failures is not None and job.found:
+            if failures is not None and job.found and (owns is None or owns(job)):
                 failures.record(job.source, refusal)
     _check_name_lengths(jobs, out_dir)
     plan = Plan(jobs)

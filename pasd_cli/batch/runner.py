@@ -5,8 +5,10 @@
     execute       resolve models and run the pre-pass (when some job is left to do), then each
                   job in order, one record each, and the summary
 
-A worker's share of the jobs (sharding) is a filter of the plan between `plan_batch` and
-`execute`; a lock and size limits belong to `run_batch` and the planner.
+A worker's share of the jobs (`--shard`, see `shard.py`) is a filter of the whole plan between
+`plan_batch` and `execute`; workers started together (torchrun) also meet at the end, so that
+rank 0 reports one summary (`world.py`). A lock and size limits belong to `run_batch` and the
+planner.
 
 Errors about one input fail that job and the batch goes on (it stops with --fail-fast); any
 other PasdError (model, device, interrupt) stops the batch: the remaining jobs are recorded as
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -50,42 +53,75 @@ from .records import JobRecord, JobResult, Summary
 from .report import Reporter
 from .settings import BatchSettings
 from .staleness import SKIPPED_OTHER_SETTINGS, mark_stale
+from .world import Finish, Meeting
 
 FAIL_FAST_STOPPED = "not started: --fail-fast stopped the batch"
 
 
 def run_batch(command: Command, options: BatchSettings, stdin: TextIO | None = None) -> Summary:
-    """Discover, plan and run `command` over the inputs of `options`; the summary's exit code says
-    whether some input failed. `stdin` holds the paths for an input `-` (default: sys.stdin)."""
+    """Discover, plan and run `command` over the inputs of `options` (this worker's share of them
+    with a shard); the summary's exit code says whether some input failed. With other workers
+    (`options.world`), rank 0 returns the merged summary. `stdin` holds the paths for an input
+    `-` (default: sys.stdin)."""
     _check_destination(options)
     reporter = Reporter(verbosity=options.verbosity, json_lines=options.json, paths_to_stdout=not options.to_stdout)
-    with hold_lock(options.lock):
-        folder = output_folder(options)
-        failures = None if folder is None else FailureLog(folder, writable=not options.dry_run)
-        if failures is not None:
-            failures.forget_where(command.retries)
-        plan = plan_batch(command, options, reporter, failures, stdin or sys.stdin)
-        summary = Summary()
-        if folder is not None:
-            summary.extra[SKIPPED_OTHER_SETTINGS] = mark_stale(plan, options.on_exists, command.fingerprint)
-        if plan.collisions and not options.dry_run:
-            raise collision_error(plan.collisions, "nothing done")
-        if folder is not None and plan.todo and not options.dry_run:
-            _try_writing(folder, options.output)
-        if folder is not None and not options.dry_run:
-            _remove_stale_temporaries(plan, folder, reporter)
-        reporter.hold_summary = bool(plan.collisions)
-        summary = execute(command, plan, reporter, options, failures, summary)
+    world = options.world
+    meeting = Meeting(world) if world is not None and world.size > 1 else None
+    finish = Finish(reporter, meeting, command)
+    try:
+        with hold_lock(_lock_path(options)):
+            summary, plan = _run_locked(command, options, reporter, finish, stdin or sys.stdin)
+    except BaseException as exc:
+        if not finish.called and meeting is not None:
+            meeting.leave(str(exc) or type(exc).__name__)  # the others stop waiting for this worker
+        raise
     if plan.collisions:  # a dry run lists them all first, then the error, then the summary
         error = collision_error(plan.collisions, "a run would refuse to start")
         error.epilogue = reporter.held_summary
         raise error
-    return summary
+    return finish.result if finish.result is not None else summary
+
+
+def _run_locked(
+    command: Command, options: BatchSettings, reporter: Reporter, finish: Finish, stdin: TextIO
+) -> tuple[Summary, Plan]:
+    folder = output_folder(options)
+    shard = options.shard
+    failures = None if folder is None else FailureLog(folder, writable=not options.dry_run)
+    if failures is not None:
+        failures.forget_where(command.retries)
+    owns = None if shard is None else lambda job: shard.owns(job, folder)
+    plan = plan_batch(command, options, reporter, failures, stdin, owns)
+    if plan.collisions and not options.dry_run:
+        raise collision_error(plan.collisions, "nothing done")
+    if shard is not None:
+        plan = shard.share(plan, folder)
+    summary = Summary()
+    if folder is not None:  # after the share: each worker compares the outputs it owns
+        summary.extra[SKIPPED_OTHER_SETTINGS] = mark_stale(plan, options.on_exists, command.fingerprint)
+    if folder is not None and plan.todo and not options.dry_run:
+        _try_writing(folder, options.output)
+    if folder is not None and not options.dry_run:
+        _remove_stale_temporaries(plan, folder, reporter)
+    reporter.hold_summary = bool(plan.collisions)
+    return execute(command, plan, reporter, options, failures, summary, finish=finish), plan
+
+
+def _lock_path(options: BatchSettings) -> str | None:
+    if options.lock and options.shard is not None:
+        return options.shard.lock_path(options.lock)
+    return options.lock
 
 
 def plan_batch(
-    command: Command, options: BatchSettings, reporter: Reporter, failures: FailureLog | None, stdin: TextIO
+    command: Command,
+    options: BatchSettings,
+    reporter: Reporter,
+    failures: FailureLog | None,
+    stdin: TextIO,
+    owns: Callable[[Job], bool] | None = None,
 ) -> Plan:
+    """The whole plan; `owns` says which of its jobs this worker may add to the failure memory."""
     discovery = find_inputs(options.inputs, options.recursive, stdin=stdin if "-" in options.inputs else None)
     for item in discovery.ignored:
         if not item.image_like:  # image-like ones are reported as skipped inputs
@@ -93,7 +129,13 @@ def plan_batch(
     for spec in discovery.empty_specs:
         reporter.warn(f"{spec}: no images found")
     return plan_jobs(
-        discovery, options, command.name_fields(), failures, command.planned_size, command.planned_working_size
+        discovery,
+        options,
+        command.name_fields(),
+        failures,
+        command.planned_size,
+        command.planned_working_size,
+        owns,
     )
 
 
@@ -104,11 +146,14 @@ def execute(
     options: BatchSettings,
     failures: FailureLog | None = None,
     summary: Summary | None = None,
+    finish: Finish | None = None,
 ) -> Summary:
     """Run the plan's jobs in order. The command's models are resolved and its pre-pass run once,
     before the first job, only when some job is left to do; its model loads on the first job
-    that needs it (never in a dry run)."""
-    return _Run(command, plan, reporter, options, failures, summary or Summary()).run()
+    that needs it (never in a dry run). `finish` says which summary to report (default: this
+    run's)."""
+    finish = finish or Finish(reporter)
+    return _Run(command, plan, reporter, options, failures, summary or Summary(), finish).run()
 
 
 def _check_destination(options: BatchSettings) -> None:
@@ -174,9 +219,10 @@ class _Run:
         options: BatchSettings,
         failures: FailureLog | None,
         summary: Summary,
+        finish: Finish,
     ):
         self.command, self.plan, self.reporter, self.options = command, plan, reporter, options
-        self.failures, self.summary = failures, summary
+        self.failures, self.summary, self.finish = failures, summary, finish
         self.todo_total = 0
         self.todo_done = 0
         self.loaded = False
@@ -185,6 +231,7 @@ class _Run:
     def run(self) -> Summary:
         started = time.monotonic()
         stopped: PasdError | None = None
+        failure: BaseException | None = None
         try:
             if self.plan.todo:
                 self._prepare()
@@ -192,6 +239,7 @@ class _Run:
             for job in self.plan.jobs:
                 self._step(job)
         except (PasdError, Interrupted) as exc:
+            failure = exc
             with deferred():  # a second Ctrl-C must not cut the account of the inputs short
                 if isinstance(exc, PasdError):
                     stopped = exc
@@ -200,15 +248,25 @@ class _Run:
                 for job in self.plan.jobs[emitted:]:
                     self._emit(job, CANCELLED, f"not started: {exc}")
             raise
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             with deferred():
                 self.summary.seconds = time.monotonic() - started
                 self._save_failures()
+            # Meeting the other workers may wait for them: an interrupt must still get through.
+            shown, error = self.finish.meet(self.summary, failure)
+            with deferred():
+                stopped = stopped or (error if isinstance(error, PasdError) else None)
                 if stopped is not None:  # the command line says the summary after the error
                     self.reporter.hold_summary = True
-                self.reporter.summary(self.summary)
+                if shown is not None:
+                    self.reporter.summary(shown)
                 if stopped is not None:
                     stopped.epilogue = self.reporter.held_summary
+            if error is not None:
+                raise error
         return self.summary
 
     def _prepare(self) -> None:

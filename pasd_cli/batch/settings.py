@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..imageio import OUTPUT_FORMATS
 from .sizes import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from .shard import Shard
+    from .world import World
 
 FORMATS = (*OUTPUT_FORMATS, "same")
 ON_EXISTS = ("skip", "if-stale", "overwrite", "error")
@@ -25,7 +30,9 @@ class BatchSettings:
     json: bool = False
     dry_run: bool = False
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
-    lock: str | None = None
+    lock: str | None = None  # with a shard: one lock per shard
+    shard: Shard | None = None  # this worker's share of the plan (None: all of it)
+    world: World | None = None  # the workers started together with this one (torchrun), if any
     max_pixels: int = DEFAULT_MAX_PIXELS  # of a job's output and of its working image
 
     def __post_init__(self) -> None:

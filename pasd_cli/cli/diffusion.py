@@ -164,8 +164,14 @@ class DiffusionCommand(ImageCommand):
     def runtime(self) -> Runtime:
         """The device and dtype (--device, --dtype), chosen once."""
         if self._runtime is None:
-            self._runtime = pick_runtime(self.models.device, self.models.dtype)
+            self._runtime = pick_runtime(self.models.device, self.models.dtype, self.models.local_rank)
         return self._runtime
+
+    def meeting_device(self) -> Any:
+        if self.batch.dry_run:
+            return None
+        device = self.runtime().device
+        return device if device.type == "cuda" else None
 
     def load(self, reporter: Reporter) -> None:
         from .faults import reach

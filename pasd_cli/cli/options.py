@@ -9,6 +9,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from enum import Enum
@@ -17,6 +18,8 @@ from typing import Any, Optional
 
 from ..batch.prompt_pass import PromptChoice
 from ..batch.settings import BatchSettings
+from ..batch.shard import Shard
+from ..batch.world import PEER_TIMEOUT, World
 from ..engine.settings import (
     BASE_BLEND,
     FAST_GUIDANCE,
@@ -31,6 +34,7 @@ from ..imageio import DEFAULT_QUALITY
 from ..store import BASE_MODEL, CAPTION_MODEL, CLASSIFY_MODEL, LCM_LORA
 from .option_groups import BATCH, DIFFUSION, INPUT_OUTPUT, MODEL, PROMPTS, TILING, Group, Param, argument, option
 from .runtime import VAE_MEMORY_SHARE
+from .workers import launched_local_rank, launched_world
 
 MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cache folder)."
 
@@ -38,11 +42,23 @@ MODELS_DIR_HELP = "Model store folder (default: $PASD_HOME, else the user's cach
 # ---------------------------------------------------------------------------------- choices
 
 
-class Device(str, Enum):
+class Device(str, Enum):  # and cuda:N, one GPU of several (see device_choice)
     auto = "auto"  # CUDA, then MPS, then the CPU
     cpu = "cpu"
     cuda = "cuda"
     mps = "mps"
+
+
+_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+
+
+def device_choice(value: str) -> str:
+    """--device: one of Device (any case), or cuda:N."""
+    name = value.strip().lower()
+    if name in Device.__members__ or _CUDA_INDEX.fullmatch(name):
+        return name
+    listed = ", ".join(d.value for d in Device)
+    raise UsageError(f"--device {value}: choose from {listed}, cuda:N")
 
 
 class Dtype(str, Enum):
@@ -208,7 +224,26 @@ _BATCH = [
         panel=BATCH,
         metavar="FILE",
         show_default=False,
-        help="Refuse to start while another run holds FILE.",
+        help="Refuse to start while another run holds FILE (with a shard: FILE.I-of-N).",
+    ),
+    option(
+        "shard",
+        Optional[str],
+        None,
+        "--shard",
+        panel=BATCH,
+        metavar="I/N",
+        show_default=False,
+        help="Do only share I of N (0 <= I < N) of the planned work; torchrun's workers take theirs from RANK.",
+    ),
+    option(
+        "peer_timeout",
+        float,
+        PEER_TIMEOUT,
+        "--peer-timeout",
+        panel=BATCH,
+        metavar="SECONDS",
+        help="Under torchrun: how long a silent worker is waited for before the others give up.",
     ),
     option(
         "max_pixels",
@@ -237,10 +272,13 @@ def _build_batch(
     quiet: bool,
     verbose: bool,
     lock: str | None,
+    shard: str | None,
+    peer_timeout: float,
     max_pixels: int,
 ) -> BatchSettings:
     if quiet and verbose:
         raise UsageError("-q and -v contradict each other")
+    world, share = _share(shard, peer_timeout)
     if not str(output).strip():  # `-o "$OUT"` with OUT unset must not mean the current folder
         raise UsageError("-o is empty", hint="name a folder for the results, or - for stdout")
     try:
@@ -258,10 +296,35 @@ def _build_batch(
             dry_run=dry_run,
             verbosity=0 if quiet else 2 if verbose else 1,
             lock=lock,
+            shard=share,
+            world=world,
             max_pixels=max_pixels,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _share(shard: str | None, peer_timeout: float) -> tuple[World | None, Shard | None]:
+    """The workers started together with this one, and this worker's shard: --shard, or its
+    rank under torchrun."""
+    if not peer_timeout > 0:
+        raise UsageError(f"--peer-timeout {peer_timeout:g}: must be more than 0")
+    world = launched_world(peer_timeout)
+    if world is not None and world.size > 1:
+        if shard is not None:
+            raise UsageError(
+                f"--shard {shard}: torchrun splits the work already (worker {world.rank} of {world.size})",
+                hint="leave out --shard under torchrun, or start one pasd per shard without it",
+            )
+        return world, Shard(world.rank, world.size)
+    if shard is None:
+        return None, None
+    try:
+        return None, Shard.parse(shard)
+    except ValueError as exc:
+        raise UsageError(
+            f"--shard {shard}: {str(exc).split(': ', 1)[-1]}", hint="e.g. --shard 0/4 ... --shard 3/4"
+        ) from None
 
 
 BATCH_OPTIONS = Group(_BATCH, _build_batch)
@@ -282,6 +345,7 @@ class ModelChoice:
     dtype: str = "auto"
     vae_memory_mb: int | None = None  # None: a share of the device's free memory
     compile: bool = False  # torch.compile the UNet and ControlNet
+    local_rank: int | None = None  # under torchrun: CUDA means this worker's GPU, cuda:LOCAL_RANK
 
 
 def model_options(pasd_default: str) -> Group:
@@ -311,7 +375,13 @@ def model_options(pasd_default: str) -> Group:
         ),
         option("models_dir", Optional[Path], None, "--models-dir", panel=MODEL, metavar="DIR", help=MODELS_DIR_HELP),
         option(
-            "device", Device, Device.auto, "--device", panel=MODEL, help="Where the models run (auto: CUDA, MPS, CPU)."
+            "device",
+            str,
+            Device.auto.value,
+            "--device",
+            panel=MODEL,
+            metavar="<" + "|".join([*(d.value for d in Device), "cuda:N"]) + ">",
+            help="Where the models run (auto: CUDA, MPS, CPU). Under torchrun CUDA is cuda:LOCAL_RANK.",
         ),
         option(
             "dtype",
@@ -347,14 +417,17 @@ def model_options(pasd_default: str) -> Group:
         base: str,
         offline: bool,
         models_dir: Path | None,
-        device: Device,
+        device: str,
         dtype: Dtype,
         vae_memory: int | None,
         compile: bool,
     ) -> ModelChoice:
         if vae_memory is not None and vae_memory < 1:
             raise UsageError(f"--vae-memory {vae_memory}: must be at least 1 (MB)")
-        return ModelChoice(pasd, base, offline, models_dir, device.value, dtype.value, vae_memory, compile)
+        chosen = device_choice(device)
+        return ModelChoice(
+            pasd, base, offline, models_dir, chosen, dtype.value, vae_memory, compile, launched_local_rank()
+        )
 
     return Group(params, build)
 

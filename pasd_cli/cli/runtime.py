@@ -10,7 +10,7 @@ from ..errors import DeviceError
 if TYPE_CHECKING:
     import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # engine.settings.EXACT_DTYPE as --dtype names it.
 EXACT_DTYPE_OPTION = "fp32"
@@ -38,33 +38,43 @@ class Runtime:
         return f"{self.device} ({self.dtype_name})"
 
 
-def pick_runtime(device: str, dtype: str) -> Runtime:
-    """The device and dtype for --device and --dtype (one of DEVICES, DTYPES)."""
+def pick_runtime(device: str, dtype: str, local_rank: int | None = None) -> Runtime:
+    """The device and dtype for --device and --dtype (one of DEVICES or cuda:N, one of DTYPES).
+    `local_rank`: this worker's GPU on its machine under torchrun, where CUDA means that one."""
     limit_heap_fragmentation()
-    chosen = pick_device(device)
+    chosen = pick_device(device, local_rank)
     precision = pick_dtype(dtype, chosen)
     use_true_fp32(chosen, precision)
     return Runtime(chosen, precision)
 
 
-def pick_device(name: str) -> torch.device:
-    """`name` is one of DEVICES (the option parser checks it)."""
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`name` is one of DEVICES or cuda:N (the option parser checks it). CUDA without an index
+    is the worker's GPU (`local_rank`) when a launcher started several."""
     import torch
 
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return pick_device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(
             "CUDA was asked for but torch sees no CUDA device",
             hint="use --device cpu, or install a CUDA build of torch",
         )
     if name == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("MPS was asked for but this machine or torch build has no MPS")
-    return torch.device(name)
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"{device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)",
+            hint="number GPUs from 0; CUDA_VISIBLE_DEVICES renumbers the ones it keeps",
+        )
+    return device
 
 
 def pick_dtype(name: str, device: torch.device, cpu_bf16: bool | None = None) -> torch.dtype:
