@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,14 @@ _CHILD = textwrap.dedent(
 )
 
 
+def _load_growth(folder: Path) -> tuple[int, int]:
+    """(RSS growth while loading `folder` in bfloat16, the loaded weights' bytes), in a child."""
+    args = [sys.executable, "-c", _CHILD, str(folder), str(TINY_PASD / "unet")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
+    grown, weights = map(int, proc.stdout.split())
+    return grown, weights
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
 def test_loading_peaks_at_the_weights_in_the_compute_dtype(tmp_path):
     """A float16 file loaded in bfloat16: neither the file's tensors as a whole nor a float32
@@ -98,14 +107,9 @@ def test_loading_peaks_at_the_weights_in_the_compute_dtype(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     save_file(state, str(folder / WEIGHTS_NAME))
     del state
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(folder), str(TINY_PASD / "unet")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    grown, weights = map(int, proc.stdout.split())
+    # The smaller of two loads: a second copy of the weights shows in both, while the allocator's
+    # noise on a busy machine (seen once in a full suite: 3x) does not repeat.
+    grown, weights = min(_load_growth(folder) for _ in range(2))
     assert weights > 100 * 2**20  # big enough for the peak to be measured
     # Measured: 1.0x the weights (2.0x before, with the whole file read, then cast); a second copy
     # of the weights, in any dtype, makes it 2x.
