@@ -2,7 +2,7 @@
 (`--shard I/W`, started together, one thread each), and the ratio: how one folder scales over
 processes on this machine. The tiny reference model on the CPU, so it runs anywhere.
 
-    python benchmarks/bench_scale.py                          # 1 and 2 workers, 48 images
+    python benchmarks/bench_scale.py                          # 1 and 2 workers, 96 images
     python benchmarks/bench_scale.py --workers 4 --images 64 --repeat 3
 
 Two rates per run: end to end (start of the processes to the last exit: imports and model
@@ -75,7 +75,7 @@ def run(folder: Path, out: Path, workers: int, extra: list[str]) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="compared against 1 worker")
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", type=int, default=32, help="input side in pixels")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--process-size", type=int, default=32)
