@@ -286,3 +286,17 @@ def test_a_worker_interrupted_while_it_waits_tells_the_others(monkeypatch):
         signal.signal(signal.SIGALRM, previous)
     with pytest.raises(DeviceError, match=r"worker 0 stopped before finishing \(interrupted by SIGALRM\)"):
         other.merge(Summary(), "gloo")
+
+
+def test_the_merged_summary_gives_the_folders_throughput_from_every_workers_images():
+    from collections import Counter
+
+    from pasd_cli.batch.world import _from_json, _to_json
+
+    first, second = Summary(Counter(done=2), 10.0), Summary(Counter(done=1), 8.0)
+    first.add_made(4.0, (1000, 1000))
+    first.add_made(4.0, (1000, 1000))
+    second.add_made(6.0, (2000, 1000))
+    total = merged([_from_json(json.loads(json.dumps(_to_json(s)))) for s in (first, second)])
+    # 4 MP made side by side, over the longest time one worker spent making images (8 s of the first).
+    assert total.throughput() == {"megapixels_per_second": 0.5, "images_per_hour": 1350.0}

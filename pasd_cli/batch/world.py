@@ -239,6 +239,10 @@ def merged(summaries: list[Summary]) -> Summary:
     """One summary for the workers' summaries: counts and numeric counters add up, the time is
     the slowest worker's, errors are listed."""
     total = Summary(counts=Counter(), seconds=max((s.seconds for s in summaries), default=0.0))
+    # The workers make their images side by side: the folder's throughput is all they made over
+    # the longest time one of them spent making images.
+    total.made_megapixels = sum(s.made_megapixels for s in summaries)
+    total.made_seconds = max((s.made_seconds for s in summaries), default=0.0)
     for summary in summaries:
         total.counts.update(summary.counts)
         _add_counters(total.extra, summary.extra)
@@ -261,11 +265,20 @@ def _add_counters(total: dict[str, Any], more: dict[str, Any]) -> None:
 
 
 def _to_json(summary: Summary) -> dict[str, Any]:
-    return {"counts": dict(summary.counts), "seconds": summary.seconds, "error": summary.error, "extra": summary.extra}
+    return {
+        "counts": dict(summary.counts),
+        "seconds": summary.seconds,
+        "error": summary.error,
+        "extra": summary.extra,
+        "made": [summary.made_seconds, summary.made_megapixels],
+    }
 
 
 def _from_json(data: dict[str, Any]) -> Summary:
-    return Summary(Counter(data["counts"]), data["seconds"], data["error"], dict(data["extra"]))
+    made_seconds, made_megapixels = data["made"]
+    return Summary(
+        Counter(data["counts"]), data["seconds"], data["error"], dict(data["extra"]), made_seconds, made_megapixels
+    )
 
 
 def _lost(world: World, what: str) -> DeviceError:
