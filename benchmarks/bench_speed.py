@@ -219,7 +219,13 @@ def child(name: str, args: dict) -> dict:
     start = time.perf_counter()
     import torch
 
-    from pasd_cli.cli.runtime import limit_heap_fragmentation, memory_budget, pick_dtype, use_true_fp32
+    from pasd_cli.cli.runtime import (
+        keeps_half_weights,
+        limit_heap_fragmentation,
+        memory_budget,
+        pick_dtype,
+        use_true_fp32,
+    )
     from pasd_cli.engine import load_pipeline
 
     limit_heap_fragmentation()  # as the CLI does
@@ -235,7 +241,13 @@ def child(name: str, args: dict) -> dict:
     rss_before_load = _peak_rss()
     load_start, load_cpu = time.perf_counter(), time.process_time()
     pipeline = load_pipeline(
-        models["pasd"], models["base"], device, dtype, lcm_lora=models["lcm"] if config.fast else None
+        models["pasd"],
+        models["base"],
+        device,
+        dtype,
+        lcm_lora=models["lcm"] if config.fast else None,
+        # As the command line decides it (cli/runtime.py).
+        keep_half_weights=keeps_half_weights(dtype, exact=bool(config.settings.get("exact"))),
     )
     # As the command line does: NHWC on CUDA, --compile.
     pipeline.optimize(channels_last=cuda, compile=config.compile)
@@ -286,7 +298,7 @@ def child(name: str, args: dict) -> dict:
     return {
         "config": name,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch.") + (" (16-bit weights kept)" if pipeline.half_weights else ""),
         "made_in": str(result.dtype).removeprefix("torch."),
         "imports_s": imports,
         "load_s": load,
@@ -528,7 +540,7 @@ def table(names: list[str], results: dict[str, dict], baseline: str) -> str:
         r = results[n]
         info.append(
             f"{r['dtype']}"
-            + (f", made in {r['made_in']}" if r["made_in"] != r["dtype"] else "")
+            + (f", made in {r['made_in']}" if r["made_in"] != r["dtype"].split()[0] else "")
             + f", {r['steps']} steps, {r['latent_tiles']} tile(s)"
         )
     lines.append("| dtype, steps, tiles | " + " | ".join(info) + " |")

@@ -107,7 +107,9 @@ class ColorizeCommand(DiffusionCommand):
         from ..engine.colorize_loading import colorize_scheduler_dir
 
         pasd = models.path(self.pasd_ref)
-        pipeline = load_colorize_pipeline(pasd, models.path(self.base_ref), runtime.device, runtime.dtype)
+        pipeline = load_colorize_pipeline(
+            pasd, models.path(self.base_ref), runtime.device, runtime.dtype, keep_half_weights=runtime.half_weights
+        )
         return pipeline, {"scheduler": str(colorize_scheduler_dir(pasd))}
 
     # -- one image

@@ -164,7 +164,9 @@ class DiffusionCommand(ImageCommand):
     def runtime(self) -> Runtime:
         """The device and dtype (--device, --dtype), chosen once."""
         if self._runtime is None:
-            self._runtime = pick_runtime(self.models.device, self.models.dtype, self.models.local_rank)
+            self._runtime = pick_runtime(
+                self.models.device, self.models.dtype, self.models.local_rank, exact=self.models.exact
+            )
         return self._runtime
 
     def meeting_device(self) -> Any:
@@ -184,6 +186,8 @@ class DiffusionCommand(ImageCommand):
         pasd_dir = self.resolution.path(self.pasd_ref)
         reporter.info(f"loading PASD from {pasd_dir} on {runtime.label}")
         pipeline, identity = self.load_pipeline(self.resolution, runtime, reporter)
+        if pipeline.half_weights:
+            reporter.debug("weights stored in 16 bits are kept so and widened to float32 as each layer runs")
         # NHWC on CUDA, where cuDNN's half-precision convolutions want it; elsewhere the
         # networks keep their own layout (not measured faster there).
         pipeline.optimize(channels_last=runtime.device.type == "cuda", compile=self.models.compile)
@@ -200,6 +204,7 @@ class DiffusionCommand(ImageCommand):
             "rrdb_blocks": pipeline.controlnet.rrdb_blocks,
             "device": str(runtime.device),
             "dtype": runtime.dtype_name,
+            "half_weights": pipeline.half_weights,
             **identity,
         }
 
@@ -260,7 +265,7 @@ def exact_precision(settings: UpscaleSettings, models: ModelChoice) -> ModelChoi
             f"--exact computes in {EXACT_DTYPE_OPTION}, not --dtype {models.dtype}",
             hint="drop --dtype for the released computation, or drop --exact",
         )
-    return replace(models, dtype=EXACT_DTYPE_OPTION)
+    return replace(models, dtype=EXACT_DTYPE_OPTION, exact=True)
 
 
 def upscale_image(

@@ -27,6 +27,8 @@ class Runtime:
 
     device: Any
     dtype: Any
+    # Weights stored in 16 bits stay so and are widened per layer (engine/half_weights.py).
+    half_weights: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -38,14 +40,24 @@ class Runtime:
         return f"{self.device} ({self.dtype_name})"
 
 
-def pick_runtime(device: str, dtype: str, local_rank: int | None = None) -> Runtime:
+def pick_runtime(device: str, dtype: str, local_rank: int | None = None, exact: bool = False) -> Runtime:
     """The device and dtype for --device and --dtype (one of DEVICES or cuda:N, one of DTYPES).
-    `local_rank`: this worker's GPU on its machine under torchrun, where CUDA means that one."""
+    `local_rank`: this worker's GPU on its machine under torchrun, where CUDA means that one.
+    `exact`: --exact, which loads the weights as the released code does."""
     limit_heap_fragmentation()
     chosen = pick_device(device, local_rank)
     precision = pick_dtype(dtype, chosen)
     use_true_fp32(chosen, precision)
-    return Runtime(chosen, precision)
+    return Runtime(chosen, precision, keeps_half_weights(precision, exact))
+
+
+def keeps_half_weights(dtype: torch.dtype, exact: bool = False) -> bool:
+    """Computing in float32, weights that the files store in 16 bits stay 16-bit and are widened
+    per layer as it runs: the same numbers, so the same output, in half the weights' memory and a
+    load with no conversion. --exact keeps the released loading (float32 copies of everything)."""
+    import torch
+
+    return dtype == torch.float32 and not exact
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:

@@ -66,7 +66,12 @@ class UpscaleCommand(DiffusionCommand):
         if lcm_lora is not None:
             reporter.info(f"applying lcm {lcm_lora}")
         pipeline = load_pipeline(
-            models.path(self.pasd_ref), models.path(self.base_ref), runtime.device, runtime.dtype, lcm_lora=lcm_lora
+            models.path(self.pasd_ref),
+            models.path(self.base_ref),
+            runtime.device,
+            runtime.dtype,
+            lcm_lora=lcm_lora,
+            keep_half_weights=runtime.half_weights,
         )
         return pipeline, {"lcm_lora": str(lcm_lora)} if lcm_lora is not None else {}
 

@@ -121,13 +121,16 @@ def load_pipeline(
     *,
     lcm_lora: str | Path | None = None,
     trust_pickle: bool = False,
+    keep_half_weights: bool = False,
 ) -> PASDPipeline:
     """The Real-ISR pipeline from a PASD checkpoint folder (with unet/ and controlnet/) and a
     Stable Diffusion 1.5 folder in diffusers layout, on `device` in `dtype` (default float32).
     `memory_budget`: bytes the VAE may use, which decides its automatic tiling (None: untiled).
     `lcm_lora`: the fast mode, as `load_stylize_pipeline` has it (the LCM-LoRA fused into the
     UNet, the LCM scheduler; run it with `FAST_STEPS` and `FAST_GUIDANCE`). The weights are read
-    straight into `dtype`; the LoRA is merged in float32 layer by layer."""
+    straight into `dtype`; the LoRA is merged in float32 layer by layer. `keep_half_weights`
+    (float32 only): weights stored in float16 or bfloat16 stay so and are widened as each layer
+    runs: the same output, half the weights' memory (engine/half_weights.py)."""
     import torch
 
     from .loading import load_components
@@ -135,7 +138,7 @@ def load_pipeline(
     from .stylize import use_lcm
 
     dtype = dtype or torch.float32
-    components = load_components(Path(pasd), Path(base), dtype)
+    components = load_components(Path(pasd), Path(base), dtype, keep_half_weights)
     if lcm_lora is not None:
         use_lcm(components, Path(lcm_lora), trust_pickle)
     return PASDPipeline(components, torch.device(device), dtype, memory_budget)
@@ -235,15 +238,23 @@ def load_colorize_pipeline(
     dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
     scheduler: str | Path | None = None,
+    keep_half_weights: bool = False,
 ) -> PASDPipeline:
     """The pipeline of a PASD-light colorization checkpoint folder, with the scheduler config of
-    the `scheduler/` folder beside it (or `scheduler`), on `device` in `dtype` (default float32)."""
+    the `scheduler/` folder beside it (or `scheduler`), on `device` in `dtype` (default float32).
+    `keep_half_weights` as `load_pipeline` has it."""
     import torch
 
     from .colorize_loading import load_colorizer
 
     return load_colorizer(
-        Path(pasd), Path(base), torch.device(device), dtype or torch.float32, memory_budget, scheduler
+        Path(pasd),
+        Path(base),
+        torch.device(device),
+        dtype or torch.float32,
+        memory_budget,
+        scheduler,
+        keep_half_weights=keep_half_weights,
     )
 
 

@@ -11,7 +11,9 @@ import torch
 from ..errors import ModelError
 from ..nn.controlnet import PASDControlNet
 from ..nn.loading import load_pasd_controlnet, load_pasd_unet
+from ..nn.tensor_file import float_dtypes
 from ..nn.unet import PASDUNet
+from .half_weights import HALF_DTYPES
 from .pretrained import from_pretrained
 
 BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -27,6 +29,9 @@ class Components:
     scheduler_config: dict
     # None: the released UniPC. Fast mode sets the LCM scheduler (engine/schedulers.py).
     scheduler_class: type | None = None
+    # Weights stored in half precision were read as stored, to be widened per layer as they run
+    # (half_weights.py); merges into them must then be kept in float32.
+    keeps_half_weights: bool = False
 
 
 def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
@@ -37,9 +42,12 @@ def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
         raise ModelError(f"{what} folder {folder} lacks {', '.join(p + '/' for p in missing)}")
 
 
-def load_base_parts(base_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[object, object, object, dict]:
+def load_base_parts(
+    base_dir: Path, dtype: torch.dtype = torch.float32, keep: frozenset = frozenset()
+) -> tuple[object, object, object, dict]:
     """(vae, text_encoder, tokenizer, scheduler_config) from a diffusers SD 1.5 folder; the text
-    encoder in `dtype`, the VAE in the dtype it runs in beside networks in `dtype`."""
+    encoder in `dtype`, the VAE in the dtype it runs in beside networks in `dtype`; either in the
+    dtype its file stores, where that is one dtype of `keep`."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -50,9 +58,14 @@ def load_base_parts(base_dir: Path, dtype: torch.dtype = torch.float32) -> tuple
         AutoencoderKL,
         base_dir / "vae",
         use_safetensors=True,
-        torch_dtype=vae_dtype(dtype, vae_config.get("force_upcast", True)),
+        torch_dtype=stored_dtype(base_dir / "vae", keep) or vae_dtype(dtype, vae_config.get("force_upcast", True)),
     )
-    text_encoder = from_pretrained(CLIPTextModel, base_dir / "text_encoder", use_safetensors=True, dtype=dtype)
+    text_encoder = from_pretrained(
+        CLIPTextModel,
+        base_dir / "text_encoder",
+        use_safetensors=True,
+        dtype=stored_dtype(base_dir / "text_encoder", keep) or dtype,
+    )
     tokenizer = from_pretrained(CLIPTokenizer, base_dir / "tokenizer")
     config_path = base_dir / "scheduler" / "scheduler_config.json"
     try:
@@ -62,17 +75,35 @@ def load_base_parts(base_dir: Path, dtype: torch.dtype = torch.float32) -> tuple
     return vae, text_encoder, tokenizer, scheduler_config
 
 
-def load_components(pasd_dir: Path, base_dir: Path, dtype: torch.dtype = torch.float32) -> Components:
+def load_components(
+    pasd_dir: Path, base_dir: Path, dtype: torch.dtype = torch.float32, keep_half_weights: bool = False
+) -> Components:
     """Everything on the CPU, the networks in `dtype` (the VAE as `model_dtypes` says), each
     weight cast as it is read: no copy of the model in the files' or any other dtype is made.
+    `keep_half_weights` (with a float32 `dtype`): weights that the files store in float16 or
+    bfloat16 stay so, for `PASDPipeline` to widen per layer (half_weights.py).
     `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
-    unet = load_pasd_unet(pasd_dir / "unet", dtype)
-    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype)
-    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype)
+    keep = HALF_DTYPES if keep_half_weights and dtype not in HALF_DTYPES else frozenset()
+    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep)
+    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep)
+    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)
-    return Components(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config)
+    return Components(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, keeps_half_weights=bool(keep))
+
+
+def stored_dtype(folder: Path, keep: frozenset) -> torch.dtype | None:
+    """The one dtype of `keep` that the folder's only safetensors file stores all its floating-point
+    tensors in; else None."""
+    files = sorted(folder.glob("*.safetensors")) if keep and folder.is_dir() else []
+    if len(files) != 1:
+        return None
+    try:
+        found = float_dtypes(files[0])
+    except (OSError, ValueError):
+        return None  # the library's own loading reports a damaged file
+    return found.pop() if len(found) == 1 and found <= keep else None
 
 
 def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:

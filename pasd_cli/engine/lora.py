@@ -191,5 +191,11 @@ def apply_lora(components: Components, path: Path, weight: float = 1.0, trust_pi
             delta = (weight * layer.scale) * layer.delta(module.weight.shape)
             # Summed in float32 and rounded once: weights loaded in half precision lose no more
             # than their own rounding (a float32 weight takes the very same sum as before).
-            module.weight.copy_(module.weight.float() + delta.to(module.weight.device))
+            merged = module.weight.float() + delta.to(module.weight.device)
+            if components.keeps_half_weights:
+                # Half only to be widened for float32 compute: the merge stays float32, as the
+                # float32 weights' would.
+                module.weight.data = merged
+            else:
+                module.weight.copy_(merged)
     return LoraReport(path, weight, len(lora.unet), len(lora.text_encoder))

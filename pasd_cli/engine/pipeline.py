@@ -14,6 +14,7 @@ from PIL import Image
 from ..errors import ModelError
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
+from .half_weights import widen_per_layer
 from .limits import attention_heads, device_limits, latent_tile_cap
 from .loading import Components, load_components, model_dtypes
 from .memory import TileShrinker, Warn
@@ -96,14 +97,23 @@ class PASDPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.limits = device_limits(self.device)
         net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
-        self.unet = components.unet.to(self.device, net_dtype)
-        self.controlnet = components.controlnet.to(self.device, net_dtype)
-        self.text_encoder = components.text_encoder.to(self.device, net_dtype)
+        self.half_weights = components.keeps_half_weights
+        self.unet = self._place(components.unet, net_dtype)
+        self.controlnet = self._place(components.controlnet, net_dtype)
+        self.text_encoder = self._place(components.text_encoder, net_dtype)
         self.tokenizer = components.tokenizer
-        self.vae = VaeCodec(components.vae.to(self.device, vae_dtype))
+        self.vae = VaeCodec(self._place(components.vae, vae_dtype))
         scheduler_class = components.scheduler_class or PortableUniPCScheduler
         self._scheduler_config = scheduler_class.from_config(components.scheduler_config).config
         self._scheduler_class = scheduler_class
+
+    def _place(self, model, dtype: torch.dtype):
+        """On the device; in `dtype`, or with half weights widened to it per layer."""
+        if not self.half_weights:
+            return model.to(self.device, dtype)
+        model.to(self.device)
+        widen_per_layer(model, dtype)
+        return model
 
     def optimize(self, channels_last: bool = False, compile: bool = False) -> None:
         """Speed options that keep the result up to float rounding. `channels_last`: the networks'

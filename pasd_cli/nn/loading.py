@@ -96,9 +96,9 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
         raise ModelError(f"{source} does not match {type(model).__name__}: {text}")
 
 
-def _load(model: nn.Module, path: Path, dtype: torch.dtype | None) -> nn.Module:
+def _load(model: nn.Module, path: Path, dtype: torch.dtype | None, keep: frozenset) -> nn.Module:
     try:
-        state = read_tensors(path, dtype)
+        state = read_tensors(path, dtype, keep)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     check_state_dict(model, state, path)
@@ -118,19 +118,22 @@ def build_pasd_controlnet(config: dict, rrdb_blocks: int) -> PASDControlNet:
     return controlnet
 
 
-def _load_folder(folder: Path, detect, build, dtype: torch.dtype | None):
-    """Detect the variant from the file's keys, build on the meta device, assign the weights."""
+def _load_folder(folder: Path, detect, build, dtype: torch.dtype | None, keep: frozenset):
+    """Detect the variant from the file's keys, build on the meta device, assign the weights:
+    floating-point ones in `dtype`, but those stored in a dtype of `keep` as stored."""
     path = weights_path(folder)
     variant = detect(read_keys(path))
     config = read_config(folder)
     with torch.device("meta"):
         model = build(config, variant)
-    return _load(model, path, dtype)
+    return _load(model, path, dtype, keep)
 
 
-def load_pasd_unet(folder: Path, dtype: torch.dtype | None = None) -> PASDUNet:
-    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype)
+def load_pasd_unet(folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset()) -> PASDUNet:
+    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep)
 
 
-def load_pasd_controlnet(folder: Path, dtype: torch.dtype | None = None) -> PASDControlNet:
-    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype)
+def load_pasd_controlnet(
+    folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset()
+) -> PASDControlNet:
+    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype, keep)

@@ -59,7 +59,7 @@ class _Reader:
         self.handle, self.start, self.size = handle, start, size
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
-    def read(self, name: str, entry, dtype: torch.dtype | None) -> torch.Tensor:
+    def read(self, name: str, entry, dtype: torch.dtype | None, keep: frozenset = frozenset()) -> torch.Tensor:
         try:
             stored = _DTYPES[entry["dtype"]]
             shape = [int(n) for n in entry["shape"]]
@@ -72,7 +72,7 @@ class _Reader:
         nbytes = numel * stored.itemsize
         if end - begin != nbytes or begin < 0 or self.start + end > self.size:
             raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not match its shape or the file")
-        cast = dtype is not None and stored.is_floating_point and stored != dtype
+        cast = dtype is not None and stored.is_floating_point and stored != dtype and stored not in keep
         if not cast:
             out = torch.empty(shape, dtype=stored)
             self._fill(out.view(-1).view(torch.uint8), name)
@@ -91,9 +91,9 @@ class _Reader:
             raise ValueError(f"tensor {name}: file ends inside its data")
 
 
-def read_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, dtype: torch.dtype | None = None, keep=frozenset()) -> dict[str, torch.Tensor]:
     """Every tensor of the file on the CPU; floating-point ones cast to `dtype` (None: as
-    stored). Raises ValueError for a damaged file."""
+    stored), except those stored in a dtype of `keep`. Raises ValueError for a damaged file."""
     path = Path(path)
     size = path.stat().st_size
     state: dict[str, torch.Tensor] = {}
@@ -104,8 +104,20 @@ def read_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torc
         for name, entry in sorted(header.items(), key=lambda item: _begin(item[1])):
             if _begin(entry) >= 0:
                 handle.seek(start + _begin(entry))
-            state[name] = reader.read(name, entry, dtype)
+            state[name] = reader.read(name, entry, dtype, frozenset(keep))
     return state
+
+
+def float_dtypes(path: Path) -> set[torch.dtype]:
+    """The floating-point dtypes the file's tensors are stored in (from its header alone)."""
+    with Path(path).open("rb") as handle:
+        header, _ = read_header(handle)
+    found = set()
+    for entry in header.values():
+        stored = _DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if stored is not None and stored.is_floating_point:
+            found.add(stored)
+    return found
 
 
 def _begin(entry) -> int:

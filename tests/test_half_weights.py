@@ -1,0 +1,110 @@
+"""Half-precision weights computed in float32 (engine/half_weights.py): weights that the files
+store in float16 stay so and are widened per layer as it runs. The output is the float32 load's,
+pixel for pixel, at half the weights' memory."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import LR_INPUT, TINY_BASE, TINY_PASD
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tiny_bases import kohya_name, lora_pair, write_kohya_lora
+
+from pasd_cli.engine import UpscaleSettings, load_pipeline
+from pasd_cli.engine.half_weights import stored_bytes, widen_per_layer
+from pasd_cli.engine.loading import load_components
+from pasd_cli.nn.tensor_file import float_dtypes, read_tensors
+
+SETTINGS = UpscaleSettings(process_size=64, scale=2, seed=3, steps=2)
+LORA_LAYERS = ["down_blocks.0.attentions.0.proj_in", "up_blocks.3.resnets.2.conv2"]
+
+
+def _halve_folder(source, target):
+    """A copy of a model folder with every safetensors file in float16, as released files are."""
+    shutil.copytree(source, target)
+    for path in target.rglob("*.safetensors"):
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(state, str(path), metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="module")
+def half_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("half")
+    return _halve_folder(TINY_PASD, root / "pasd"), _halve_folder(TINY_BASE, root / "base")
+
+
+def _image(pipeline) -> np.ndarray:
+    return np.asarray(pipeline.upscale(Image.open(LR_INPUT), SETTINGS).image)
+
+
+def _networks(pipeline):
+    return (pipeline.unet, pipeline.controlnet, pipeline.text_encoder, pipeline.vae.vae)
+
+
+def test_kept_half_weights_give_the_float32_loads_pixels_at_half_the_memory(half_models):
+    pasd, base = half_models
+    full = load_pipeline(pasd, base)
+    half = load_pipeline(pasd, base, keep_half_weights=True)
+    assert np.array_equal(_image(half), _image(full))
+    for kept, widened in zip(_networks(half), _networks(full)):
+        # Norms and biases of norms are float32 in both; they are a sliver of the weights.
+        assert 0.5 * stored_bytes(widened) <= stored_bytes(kept) <= 0.52 * stored_bytes(widened)
+    # The networks say the dtype they compute in, which is what the pipeline feeds them.
+    assert half.unet.dtype == half.controlnet.dtype == half.vae.vae.dtype == torch.float32
+    assert half.unet.conv_in.weight.dtype == torch.float16
+
+
+def test_float32_files_are_computed_as_before(half_models):
+    """Nothing to keep: the float32 reference files give float32 weights, and the same pixels."""
+    kept = load_pipeline(TINY_PASD, TINY_BASE, keep_half_weights=True)
+    assert all(p.dtype == torch.float32 for model in _networks(kept) for p in model.parameters())
+    assert np.array_equal(_image(kept), _image(load_pipeline(TINY_PASD, TINY_BASE)))
+
+
+def test_a_lora_merged_into_kept_half_weights_stays_float32(half_models, tmp_path):
+    pasd, base = half_models
+    unet = load_components(pasd, base).unet
+    layers = {}
+    for i, name in enumerate(LORA_LAYERS):
+        down, up = lora_pair(unet.get_submodule(name).weight, 4, 40 + i)
+        layers[kohya_name(name)] = (0.2 * down, up, 2.0)
+    lora = write_kohya_lora(tmp_path / "pytorch_lora_weights.safetensors", layers)
+    full = load_pipeline(pasd, base, lcm_lora=lora)
+    half = load_pipeline(pasd, base, lcm_lora=lora, keep_half_weights=True)
+    for name in LORA_LAYERS:
+        merged = half.unet.get_submodule(name).weight
+        assert merged.dtype == torch.float32
+        assert torch.equal(merged, full.unet.get_submodule(name).weight)
+    fast = UpscaleSettings(process_size=64, scale=2, seed=3, steps=2, guidance=1.0)
+    run = [np.asarray(p.upscale(Image.open(LR_INPUT), fast).image) for p in (half, full)]
+    assert np.array_equal(*run)
+
+
+def test_half_compute_keeps_nothing_to_widen():
+    layer = torch.nn.Linear(3, 3).half()
+    assert widen_per_layer(torch.nn.Sequential(layer), torch.bfloat16) == 0
+    assert layer.weight.dtype == torch.bfloat16
+
+
+def test_mixed_layers_are_widened_for_good():
+    """A layer with one float32 tensor (a merged weight beside its half bias) is cast whole."""
+    mixed, half = torch.nn.Linear(3, 3).half(), torch.nn.Conv2d(2, 2, 1).half()
+    mixed.weight.data = mixed.weight.data.float()
+    assert widen_per_layer(torch.nn.Sequential(mixed, torch.nn.GroupNorm(1, 2).half(), half), torch.float32) == 1
+    assert mixed.bias.dtype == torch.float32 and half.weight.dtype == torch.float16
+
+
+def test_reading_keeps_the_listed_dtypes_as_stored(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(
+        {"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(2), "c": torch.ones(2, dtype=torch.int64)}, path
+    )
+    assert float_dtypes(path) == {torch.float16, torch.float32}
+    state = read_tensors(path, torch.float32, keep={torch.float16})
+    assert [state[k].dtype for k in "abc"] == [torch.float16, torch.float32, torch.int64]
+    assert read_tensors(path, torch.float32)["a"].dtype == torch.float32
