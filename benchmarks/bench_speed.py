@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,7 +197,9 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from pasd_cli.cli.runtime import peak_rss
+
+    return peak_rss()
 
 
 def settings_for(config: Config, args: dict):

@@ -69,15 +69,16 @@ def test_components_arrive_in_the_compute_dtype(dtype):
 
 _CHILD = textwrap.dedent(
     """
-    import resource, sys, torch
+    import sys, torch
     from pathlib import Path
     import psutil
+    from pasd_cli.cli.runtime import peak_rss
     from pasd_cli.nn.loading import load_pasd_unet
     load_pasd_unet(Path(sys.argv[2]), torch.bfloat16)  # imports everything the load needs
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
     before = psutil.Process().memory_info().rss
     unet = load_pasd_unet(Path(sys.argv[1]), torch.bfloat16)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     print(peak - before, weights)
     """
@@ -92,10 +93,6 @@ def _load_growth(folder: Path) -> tuple[int, int]:
     return grown, weights
 
 
-# Slow (outside the default run): alone it measures 1.0x the weights, but after a test in the same
-# pytest process that built the tiny pipeline (tests/test_compile.py) the child measured 3-3.6x,
-# for a reason not yet found; the default run must not depend on test order.
-@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
 def test_loading_peaks_at_the_weights_in_the_compute_dtype(tmp_path):
     """A float16 file loaded in bfloat16: neither the file's tensors as a whole nor a float32
