@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import LR_INPUT, REFERENCE_ARGS, TINY_PASD, run_pasd, tiny_model_args
+from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, TINY_PASD, run_pasd, tiny_model_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pasd_cli.engine.loading import load_components
 from pasd_cli.engine.pipeline import image_to_tensor
+from pasd_cli.errors import ModelError
 
 
 def test_cli_reproduces_reference_final_image(tmp_path, reference):
@@ -58,8 +62,15 @@ BREAKAGES = {
 
 
 @pytest.mark.parametrize("case", sorted(BREAKAGES))
-def test_wrong_key_set_is_refused_with_exit_3(tmp_path, case):
+def test_wrong_key_set_is_a_model_error_naming_the_key(tmp_path, case):
     part, edit, key = BREAKAGES[case]
+    with pytest.raises(ModelError, match=re.escape(key)):
+        load_components(Path(_broken_checkpoint(tmp_path, part, edit)), TINY_BASE)
+
+
+def test_wrong_key_set_is_refused_with_exit_3(tmp_path):
+    """Through the command (one case: the others are the same error, checked in-process above)."""
+    part, edit, key = BREAKAGES["paca key removed"]
     checkpoint = _broken_checkpoint(tmp_path, part, edit)
     proc = run_pasd(
         "upscale",
@@ -81,15 +92,12 @@ def test_wrong_key_set_is_refused_with_exit_3(tmp_path, case):
 
 
 def test_stock_unet_is_not_a_pasd_checkpoint(tmp_path):
-    from conftest import TINY_BASE
-
     folder = tmp_path / "ckpt"
     shutil.copytree(TINY_PASD, folder)
     shutil.rmtree(folder / "unet")
     shutil.copytree(TINY_BASE / "unet", folder / "unet")
-    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=folder), "--caption", "none")
-    assert proc.returncode == 3
-    assert "no PACA layers" in proc.stderr
+    with pytest.raises(ModelError, match="no PACA layers"):
+        load_components(folder, TINY_BASE)
 
 
 def _one_line_error(proc) -> str:

@@ -74,10 +74,11 @@ _CHILD = textwrap.dedent(
     import psutil
     from pasd_cli.cli.runtime import peak_rss
     from pasd_cli.nn.loading import load_pasd_unet
-    load_pasd_unet(Path(sys.argv[2]), torch.bfloat16)  # imports everything the load needs
+    dtype, keep = getattr(torch, sys.argv[3]), {torch.float16} if sys.argv[4] == "keep" else set()
+    load_pasd_unet(Path(sys.argv[2]), dtype)  # imports everything the load needs
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
     before = psutil.Process().memory_info().rss
-    unet = load_pasd_unet(Path(sys.argv[1]), torch.bfloat16)
+    unet = load_pasd_unet(Path(sys.argv[1]), dtype, keep, mapped=bool(keep))
     peak = peak_rss()
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     print(peak - before, weights)
@@ -85,29 +86,36 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _load_growth(folder: Path) -> tuple[int, int]:
-    """(RSS growth while loading `folder` in bfloat16, the loaded weights' bytes), in a child."""
-    args = [sys.executable, "-c", _CHILD, str(folder), str(TINY_PASD / "unet")]
+def _load_growth(folder: Path, dtype: str = "bfloat16", keep: bool = False) -> tuple[int, int]:
+    """(RSS growth while loading `folder` in `dtype`, the loaded weights' bytes), in a child;
+    `keep`: float16 weights kept as stored, mapped."""
+    args = [sys.executable, "-c", _CHILD, str(folder), str(TINY_PASD / "unet"), dtype, "keep" if keep else "-"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
     grown, weights = map(int, proc.stdout.split())
     return grown, weights
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
-def test_loading_peaks_at_the_weights_in_the_compute_dtype(tmp_path):
-    """A float16 file loaded in bfloat16: neither the file's tensors as a whole nor a float32
-    copy may be alive beside the result (either would double the peak)."""
+@pytest.fixture(scope="module")
+def unet_140mb(tmp_path_factory) -> Path:
+    """A float16 UNet file of 140 MB."""
     config = json.loads((TINY_PASD / "unet" / "config.json").read_text())
     config.update(block_out_channels=[128, 256, 256, 256], cross_attention_dim=256)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_pasd_unet(config, "full").state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(shape, generator=generator).half() for k, shape in shapes.items()}
-    folder = tmp_path / "unet"
+    folder = tmp_path_factory.mktemp("big") / "unet"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
     save_file(state, str(folder / WEIGHTS_NAME))
-    del state
+    return folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
+def test_loading_peaks_at_the_weights_in_the_compute_dtype(unet_140mb):
+    """A float16 file loaded in bfloat16: neither the file's tensors as a whole nor a float32
+    copy may be alive beside the result (either would double the peak)."""
+    folder = unet_140mb
     # The smaller of two loads: a second copy of the weights shows in both, while the allocator's
     # noise on a busy machine (seen once in a full suite: 3x) does not repeat.
     grown, weights = min(_load_growth(folder) for _ in range(2))
@@ -115,3 +123,23 @@ def test_loading_peaks_at_the_weights_in_the_compute_dtype(tmp_path):
     # Measured: 1.0x the weights (2.0x before, with the whole file read, then cast); a second copy
     # of the weights, in any dtype, makes it 2x.
     assert grown <= 1.5 * weights, (grown / 2**20, weights / 2**20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
+def test_weights_kept_as_stored_are_mapped_not_read(unet_140mb):
+    """Kept float16 for float32 compute (engine/half_weights.py), the weights are the file's pages:
+    loading touches almost none of them (a read would grow the RSS by the weights)."""
+    grown, weights = min(_load_growth(unet_140mb, "float32", keep=True) for _ in range(2))
+    assert weights > 100 * 2**20
+    assert grown <= 0.2 * weights, (grown / 2**20, weights / 2**20)
+
+
+def test_a_mapped_tensor_written_in_place_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(6, dtype=torch.float16)}, str(path))
+    before = path.read_bytes()
+    mapped = read_tensors(path, torch.float32, keep={torch.float16}, mapped=True)["a"]
+    assert torch.equal(mapped, torch.arange(6, dtype=torch.float16))
+    mapped.add_(1)  # a merge into the weights
+    assert path.read_bytes() == before
+    assert torch.equal(read_tensors(path)["a"], torch.arange(6, dtype=torch.float16))

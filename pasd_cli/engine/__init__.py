@@ -138,7 +138,7 @@ def load_pipeline(
     from .stylize import use_lcm
 
     dtype = dtype or torch.float32
-    components = load_components(Path(pasd), Path(base), dtype, keep_half_weights)
+    components = load_components(Path(pasd), Path(base), dtype, keep_half_weights, merges=lcm_lora is not None)
     if lcm_lora is not None:
         use_lcm(components, Path(lcm_lora), trust_pickle)
     return PASDPipeline(components, torch.device(device), dtype, memory_budget)

@@ -14,7 +14,7 @@ from PIL import Image
 from ..errors import ModelError
 from .color import COLOR_FIXES
 from .denoise import Guidance, NoisePredictor
-from .half_weights import widen_per_layer
+from .half_weights import Scratch, widen_per_layer
 from .limits import attention_heads, device_limits, latent_tile_cap
 from .loading import Components, load_components, model_dtypes
 from .memory import TileShrinker, Warn
@@ -98,6 +98,7 @@ class PASDPipeline:
         self.limits = device_limits(self.device)
         net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
         self.half_weights = components.keeps_half_weights
+        self._scratch = Scratch(dtype, self.device)  # the networks run one at a time
         self.unet = self._place(components.unet, net_dtype)
         self.controlnet = self._place(components.controlnet, net_dtype)
         self.text_encoder = self._place(components.text_encoder, net_dtype)
@@ -112,7 +113,7 @@ class PASDPipeline:
         if not self.half_weights:
             return model.to(self.device, dtype)
         model.to(self.device)
-        widen_per_layer(model, dtype)
+        widen_per_layer(model, dtype, self._scratch)
         return model
 
     def optimize(self, channels_last: bool = False, compile: bool = False) -> None:

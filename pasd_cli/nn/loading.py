@@ -96,9 +96,9 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
         raise ModelError(f"{source} does not match {type(model).__name__}: {text}")
 
 
-def _load(model: nn.Module, path: Path, dtype: torch.dtype | None, keep: frozenset) -> nn.Module:
+def _load(model: nn.Module, path: Path, dtype: torch.dtype | None, keep: frozenset, mapped: bool) -> nn.Module:
     try:
-        state = read_tensors(path, dtype, keep)
+        state = read_tensors(path, dtype, keep, mapped)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     check_state_dict(model, state, path)
@@ -118,22 +118,25 @@ def build_pasd_controlnet(config: dict, rrdb_blocks: int) -> PASDControlNet:
     return controlnet
 
 
-def _load_folder(folder: Path, detect, build, dtype: torch.dtype | None, keep: frozenset):
+def _load_folder(folder: Path, detect, build, dtype: torch.dtype | None, keep: frozenset, mapped: bool):
     """Detect the variant from the file's keys, build on the meta device, assign the weights:
-    floating-point ones in `dtype`, but those stored in a dtype of `keep` as stored."""
+    floating-point ones in `dtype`, but those stored in a dtype of `keep` as stored (`mapped`:
+    the file's pages, see read_tensors)."""
     path = weights_path(folder)
     variant = detect(read_keys(path))
     config = read_config(folder)
     with torch.device("meta"):
         model = build(config, variant)
-    return _load(model, path, dtype, keep)
+    return _load(model, path, dtype, keep, mapped)
 
 
-def load_pasd_unet(folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset()) -> PASDUNet:
-    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep)
+def load_pasd_unet(
+    folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset(), mapped: bool = False
+) -> PASDUNet:
+    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep, mapped)
 
 
 def load_pasd_controlnet(
-    folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset()
+    folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset(), mapped: bool = False
 ) -> PASDControlNet:
-    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype, keep)
+    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype, keep, mapped)

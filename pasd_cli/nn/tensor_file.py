@@ -2,14 +2,19 @@
 
 safetensors' own loaders map the whole file into memory: every page they touch stays resident
 (and counted in the process's RSS) until the file is closed, so loading a 2 GB UNet in bfloat16
-from a float16 file peaks at the converted weights plus the whole file. Here each tensor is read
-with plain file reads into its own buffer and converted at once, so the peak is the converted
+from a float16 file peaks at the converted weights plus the whole file. Here each tensor to be
+converted is read with plain file reads and converted at once, so the peak is the converted
 weights plus one tensor of the file; no full-precision copy of the model ever exists.
+
+A tensor used in the dtype the file stores it in is not read at all: it is the file's own pages,
+mapped copy-on-write, which the system reads when the tensor is first used and may drop again
+under memory pressure (they are clean). Loading is then the header and the model's construction.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -55,8 +60,8 @@ class _Reader:
     every such tensor reuses, so the only allocations that stay are the results: freed
     temporaries of many sizes would fragment the heap and keep the process's RSS up."""
 
-    def __init__(self, handle, start: int, size: int):
-        self.handle, self.start, self.size = handle, start, size
+    def __init__(self, handle, start: int, size: int, mapped=None):
+        self.handle, self.start, self.size, self.mapped = handle, start, size, mapped
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def read(self, name: str, entry, dtype: torch.dtype | None, keep: frozenset = frozenset()) -> torch.Tensor:
@@ -73,6 +78,11 @@ class _Reader:
         if end - begin != nbytes or begin < 0 or self.start + end > self.size:
             raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not match its shape or the file")
         cast = dtype is not None and stored.is_floating_point and stored != dtype and stored not in keep
+        if not cast and self.mapped is not None and nbytes and (self.start + begin) % stored.itemsize == 0:
+            # Used as stored: the file's own pages, mapped copy-on-write (a later in-place merge
+            # makes private copies of the pages it writes; the file never changes).
+            raw = torch.frombuffer(self.mapped, dtype=torch.uint8, count=nbytes, offset=self.start + begin)
+            return raw.view(stored).view(shape)
         if not cast:
             out = torch.empty(shape, dtype=stored)
             self._fill(out.view(-1).view(torch.uint8), name)
@@ -91,21 +101,34 @@ class _Reader:
             raise ValueError(f"tensor {name}: file ends inside its data")
 
 
-def read_tensors(path: Path, dtype: torch.dtype | None = None, keep=frozenset()) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: Path, dtype: torch.dtype | None = None, keep=frozenset(), mapped: bool = False
+) -> dict[str, torch.Tensor]:
     """Every tensor of the file on the CPU; floating-point ones cast to `dtype` (None: as
-    stored), except those stored in a dtype of `keep`. Raises ValueError for a damaged file."""
+    stored), except those stored in a dtype of `keep`. `mapped`: tensors not cast are the file's
+    pages, mapped (for weights used as they are: one that is replaced later, by a merge, would
+    leave the pages it was read from resident while the file stays mapped). Raises ValueError
+    for a damaged file."""
     path = Path(path)
     size = path.stat().st_size
     state: dict[str, torch.Tensor] = {}
     with path.open("rb", buffering=0) as handle:
         header, start = read_header(handle)
-        reader = _Reader(handle, start, size)
+        reader = _Reader(handle, start, size, _map(handle, size) if mapped else None)
         # In file order, so the reads go forward through the file.
         for name, entry in sorted(header.items(), key=lambda item: _begin(item[1])):
             if _begin(entry) >= 0:
                 handle.seek(start + _begin(entry))
             state[name] = reader.read(name, entry, dtype, frozenset(keep))
     return state
+
+
+def _map(handle, size: int):
+    """The file mapped copy-on-write, or None where it cannot be (an empty file, no mmap)."""
+    try:
+        return mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+    except (OSError, ValueError):
+        return None
 
 
 def float_dtypes(path: Path) -> set[torch.dtype]:
