@@ -108,3 +108,22 @@ def test_reading_keeps_the_listed_dtypes_as_stored(tmp_path):
     state = read_tensors(path, torch.float32, keep={torch.float16})
     assert [state[k].dtype for k in "abc"] == [torch.float16, torch.float32, torch.int64]
     assert read_tensors(path, torch.float32)["a"].dtype == torch.float32
+
+
+def test_a_forward_that_raised_leaves_the_layer_its_own_weights():
+    """An error inside a layer (out of memory, then a retry) skips the hook's post-forward; the
+    next forward must still compute with the layer's own weights, not with what the next layers
+    left in the shared buffer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).half()
+    reference = [(layer.weight.float().clone(), layer.bias.float().clone()) for layer in model]
+    widen_per_layer(model, torch.float32)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            model(torch.ones(1, 5))  # fails inside the first layer, after its weights were widened
+        model(torch.ones(3, 4))  # the second layer widens into the same buffer
+        expected = torch.ones(1, 4)
+        for weight, bias in reference:
+            expected = torch.nn.functional.linear(expected, weight, bias)
+        assert torch.equal(model(torch.ones(1, 4)), expected)
+    assert {layer.weight.dtype for layer in model} == {torch.float16}

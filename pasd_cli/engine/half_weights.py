@@ -64,7 +64,13 @@ def _hook_classes():
             super().__init__(storage_dtype, compute_dtype, non_blocking=False)
             self.scratch = scratch
 
+        kept: list = []
+
         def pre_forward(self, module: nn.Module, *args, **kwargs):
+            # A forward that raised (out of memory, then retried smaller) never reached
+            # post_forward: its own tensors go back first, or the layer would keep the scratch
+            # buffer, which the next layers overwrite, as its weights.
+            self.post_forward(module, None)
             self.kept = [(t, t.data) for t in _direct_tensors(module)]
             for (tensor, _), wide in zip(self.kept, self.scratch.widen([data for _, data in self.kept])):
                 tensor.data = wide
