@@ -12,8 +12,9 @@ mean nothing, but their deviation between configurations is still a deviation.
 
 Each configuration runs in a child process of its own, so its peak memory is its own, and the
 configurations alternate when repeated (medians are shown). Per configuration:
-- load: reading the weights into the networks on the device (imports apart), its peak RSS, and
-  the networks' weights in their dtypes; `to first step`: load, prompt and VAE encode;
+- load: reading the weights into the networks on the device (imports apart, those the engine
+  makes lazily on its first load included), its peak RSS, and the networks' weights in their
+  dtypes; `to first step`: load, prompt and VAE encode;
 - s/step (denoising steps, measured), VAE encode and decode seconds, the run's total;
 - `total at N steps`: load + prompt + encode + N x s/step + decode with each configuration's own
   step count (the default's 20, --fast's 4), projected from the measured steps;
@@ -216,6 +217,18 @@ def settings_for(config: Config, args: dict):
     return UpscaleSettings(**values)
 
 
+def _import_the_loaders() -> None:
+    """What `load_pipeline` imports on its first call (the engine imports lazily, so that the
+    command line's dry runs load no torch): counted with the imports, so that `load` is loading."""
+    import diffusers.hooks.layerwise_casting  # noqa: F401
+    from diffusers import AutoencoderKL, LCMScheduler, UniPCMultistepScheduler  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import pasd_cli.engine.loading  # noqa: F401
+    import pasd_cli.engine.pipeline  # noqa: F401
+    import pasd_cli.engine.stylize  # noqa: F401
+
+
 def child(name: str, args: dict) -> dict:
     start = time.perf_counter()
     import torch
@@ -229,6 +242,7 @@ def child(name: str, args: dict) -> dict:
     )
     from pasd_cli.engine import load_pipeline
 
+    _import_the_loaders()
     limit_heap_fragmentation()  # as the CLI does
     config = configs()[name]
     device = torch.device(args["device"])
