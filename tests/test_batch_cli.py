@@ -92,6 +92,7 @@ def test_every_good_file_gets_a_faithful_output(folder_run):
             assert record["settings"]["steps"] == 1 and record["settings"]["scale"] == 2.0, name
             assert record["model"]["pasd"] == str(TINY_PASD) and record["model"]["variant"] == "full", name
             assert record["model"]["rrdb_blocks"] == 0, name
+            assert record["model"]["half_weights"] is False, name  # fp32 files: nothing to keep
             assert image.getexif().get(0x0112, 1) == 1, name
     # Recursion mirrors the tree; the same pixels give the same result wherever they sit in the order.
     upper = np.asarray(Image.open(out / "UPPER_x2.jpg"))

@@ -109,6 +109,9 @@ def test_released_luma_matches_the_released_script(tmp_path, color_reference):
     assert meta["settings"]["negative_prompt"] == "b&w, color bleeding" and meta["settings"]["scale"] == 1
     assert meta["model"]["pasd"] == str(TINY_COLOR) and meta["model"]["variant"] == "light"
     assert meta["model"]["scheduler"] == str(TINY_COLOR.parent / "scheduler")
+    # fp32 without --exact: the checkpoint's fp16 weights stayed fp16 (and the pixels are the
+    # released script's, above).
+    assert meta["model"]["half_weights"] is True
     # The released merge is 8-bit: a 16-bit input gets an 8-bit output, and the record says why.
     assert records["gray16.png"]["bits"] == 8 and "--luma released" in records["gray16.png"]["notes"]
 

@@ -57,12 +57,14 @@ def test_kept_half_weights_give_the_float32_loads_pixels_at_half_the_memory(half
     # The networks say the dtype they compute in, which is what the pipeline feeds them.
     assert half.unet.dtype == half.controlnet.dtype == half.vae.vae.dtype == torch.float32
     assert half.unet.conv_in.weight.dtype == torch.float16
+    assert half.half_weights and not full.half_weights
 
 
 def test_float32_files_are_computed_as_before(half_models):
     """Nothing to keep: the float32 reference files give float32 weights, and the same pixels."""
     kept = load_pipeline(TINY_PASD, TINY_BASE, keep_half_weights=True)
     assert all(p.dtype == torch.float32 for model in _networks(kept) for p in model.parameters())
+    assert not kept.half_weights
     assert np.array_equal(_image(kept), _image(load_pipeline(TINY_PASD, TINY_BASE)))
 
 
@@ -127,3 +129,11 @@ def test_a_forward_that_raised_leaves_the_layer_its_own_weights():
             expected = torch.nn.functional.linear(expected, weight, bias)
         assert torch.equal(model(torch.ones(1, 4)), expected)
     assert {layer.weight.dtype for layer in model} == {torch.float16}
+
+
+def test_the_command_line_keeps_half_weights_in_float32_except_in_exact_mode():
+    from pasd_cli.cli.runtime import pick_runtime
+
+    assert pick_runtime("cpu", "fp32").half_weights
+    assert not pick_runtime("cpu", "fp32", exact=True).half_weights
+    assert not pick_runtime("cpu", "bf16").half_weights

@@ -97,24 +97,29 @@ class PASDPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.limits = device_limits(self.device)
         net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
-        self.half_weights = components.keeps_half_weights
         self._scratch = Scratch(dtype, self.device)  # the networks run one at a time
-        self.unet = self._place(components.unet, net_dtype)
-        self.controlnet = self._place(components.controlnet, net_dtype)
-        self.text_encoder = self._place(components.text_encoder, net_dtype)
+        self.half_layers = 0  # layers that keep half weights (none where the files store float32)
+        keep = components.keeps_half_weights
+        self.unet = self._place(components.unet, net_dtype, keep)
+        self.controlnet = self._place(components.controlnet, net_dtype, keep)
+        self.text_encoder = self._place(components.text_encoder, net_dtype, keep)
         self.tokenizer = components.tokenizer
-        self.vae = VaeCodec(self._place(components.vae, vae_dtype))
+        self.vae = VaeCodec(self._place(components.vae, vae_dtype, keep))
         scheduler_class = components.scheduler_class or PortableUniPCScheduler
         self._scheduler_config = scheduler_class.from_config(components.scheduler_config).config
         self._scheduler_class = scheduler_class
 
-    def _place(self, model, dtype: torch.dtype):
+    def _place(self, model, dtype: torch.dtype, keep_half: bool):
         """On the device; in `dtype`, or with half weights widened to it per layer."""
-        if not self.half_weights:
+        if not keep_half:
             return model.to(self.device, dtype)
         model.to(self.device)
-        widen_per_layer(model, dtype, self._scratch)
+        self.half_layers += widen_per_layer(model, dtype, self._scratch)
         return model
+
+    @property
+    def half_weights(self) -> bool:
+        return self.half_layers > 0
 
     def optimize(self, channels_last: bool = False, compile: bool = False) -> None:
         """Speed options that keep the result up to float rounding. `channels_last`: the networks'
