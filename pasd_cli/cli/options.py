@@ -346,7 +346,7 @@ class ModelChoice:
     vae_memory_mb: int | None = None  # None: a share of the device's free memory
     compile: bool = False  # torch.compile the UNet and ControlNet
     local_rank: int | None = None  # under torchrun: CUDA means this worker's GPU, cuda:LOCAL_RANK
-    exact: bool = False  # --exact: the released fp32 computation, weights widened at load
+    exact: bool = False  # --exact: the released fp32 computation, every weight read into fp32
 
 
 def model_options(pasd_default: str) -> Group:
