@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import LR_INPUT, TINY_BASE, TINY_PASD
+from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT, TINY_PASD
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_bases import kohya_name, lora_pair, write_kohya_lora
+from tiny_bases import kohya_name, lora_pair, perturbed, stock_state, write_checkpoint, write_kohya_lora
 
-from pasd_cli.engine import UpscaleSettings, load_pipeline
+from pasd_cli.engine import LoraSpec, StylizeSettings, UpscaleSettings, load_pipeline, load_stylize_pipeline
 from pasd_cli.engine.half_weights import stored_bytes, widen_per_layer
 from pasd_cli.engine.loading import load_components
 from pasd_cli.nn.tensor_file import float_dtypes, read_tensors
@@ -137,3 +137,39 @@ def test_the_command_line_keeps_half_weights_in_float32_except_in_exact_mode():
     assert pick_runtime("cpu", "fp32").half_weights
     assert not pick_runtime("cpu", "fp32", exact=True).half_weights
     assert not pick_runtime("cpu", "bf16").half_weights
+
+
+@pytest.fixture(scope="module")
+def half_light(tmp_path_factory):
+    root = tmp_path_factory.mktemp("half-light")
+    return _halve_folder(TINY_LIGHT, root / "pasd"), _halve_folder(TINY_BASE, root / "base")
+
+
+def test_stylize_keeps_what_no_merge_changes_and_merges_in_float32(half_light, tmp_path):
+    """A base blended and a LoRA merged into fp16 weights kept for fp32 compute: the merged tensors
+    become fp32 (never rounded to the file's fp16), the rest stays fp16, and the image is the fp32
+    load's, pixel for pixel."""
+    pasd, base = half_light
+    components = load_components(pasd, base)
+    style = write_checkpoint(
+        tmp_path / "style.safetensors",
+        components,
+        unet_state=perturbed(stock_state(components), seed=1),
+        text_state=perturbed(components.text_encoder.state_dict(), seed=2),
+    )
+    down, up = lora_pair(components.unet.get_submodule(LORA_LAYERS[0]).weight, 4, 40)
+    lora = write_kohya_lora(tmp_path / "lora.safetensors", {kohya_name(LORA_LAYERS[0]): (0.2 * down, up, 2.0)})
+    options = {"blend": 0.5, "loras": [LoraSpec(str(lora), 0.8)]}
+    full, _ = load_stylize_pipeline(pasd, base, style, **options)
+    half, _ = load_stylize_pipeline(pasd, base, style, keep_half_weights=True, **options)
+    assert half.half_weights
+    assert half.unet.conv_in.weight.dtype == torch.float32  # blended
+    assert half.controlnet.conv_in.weight.dtype == torch.float16  # no merge touches it
+    stock = set(stock_state(components))
+    paca = {p.dtype for name, p in half.unet.named_parameters() if name not in stock and ".to_" in name}
+    assert paca == {torch.float16}  # the blend leaves PACA's attention alone
+    # The checkpoint's VAE and text encoder replace the fp16 ones, in fp32 as read.
+    assert {p.dtype for model in (half.text_encoder, half.vae.vae) for p in model.parameters()} == {torch.float32}
+    settings = StylizeSettings(process_size=64, seed=3, steps=2)
+    images = [np.asarray(p.upscale(Image.open(LR_INPUT), settings).image) for p in (half, full)]
+    assert np.array_equal(*images)

@@ -104,6 +104,7 @@ class StylizeCommand(DiffusionCommand):
             device=runtime.device,
             dtype=runtime.dtype,
             on_stage=lambda what, source: reporter.info(f"applying {what} {source}"),
+            keep_half_weights=runtime.half_weights,
         )
         return pipeline, self._identity_of(report, str(models.path(self.base_ref)))
 

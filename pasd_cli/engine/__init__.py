@@ -157,20 +157,22 @@ def load_stylize_pipeline(
     dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
     on_stage: StageCallback | None = None,
+    keep_half_weights: bool = False,
 ) -> tuple[PASDPipeline, PersonalizeReport]:
     """The pipeline of `load_pipeline` put on a personalized SD 1.5 base (spec section 6): `style`
     (a single-file checkpoint, a diffusers folder or a UNet folder) blended at `blend` into the
     stock UNet, then `loras` merged in order, then the LCM-LoRA and its scheduler (`lcm_lora`).
     Merges happen on the CPU in float32, before the move to `device`. Pickled weights are read
-    (with restricted unpickling) only with `trust_pickle`. Returns the pipeline and a report of
-    what was applied."""
+    (with restricted unpickling) only with `trust_pickle`. `keep_half_weights` as `load_pipeline`
+    has it: what the merges change becomes float32, the rest stays as the files store it. Returns
+    the pipeline and a report of what was applied."""
     import torch
 
     from .loading import load_components
     from .pipeline import PASDPipeline
     from .stylize import personalize
 
-    components = load_components(Path(pasd), Path(base))
+    components = load_components(Path(pasd), Path(base), keep_half_weights=keep_half_weights, merges=True)
     report = personalize(
         components,
         base=Path(style) if style is not None else None,

@@ -51,9 +51,12 @@ def stock_unet_keys(unet) -> list[str]:
     return list(stock_unet(unet).state_dict())
 
 
-def blend_unet(unet, new_state: dict[str, torch.Tensor], alpha: float, source: Path) -> int:
+def blend_unet(
+    unet, new_state: dict[str, torch.Tensor], alpha: float, source: Path, dtype: torch.dtype | None = None
+) -> int:
     """current <- alpha * new + (1 - alpha) * current for every stock tensor; PACA untouched.
-    Returns how many tensors were blended."""
+    `dtype`: the blended tensors become this dtype first (half weights kept for float32 compute
+    are blended in float32, as float32 weights would be). Returns how many tensors were blended."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError("blend must be in [0, 1]")
     reference = stock_unet(unet)
@@ -63,6 +66,9 @@ def blend_unet(unet, new_state: dict[str, torch.Tensor], alpha: float, source: P
     with torch.no_grad():
         for key in reference.state_dict():
             target = current[key]
+            if dtype is not None and target.dtype != dtype:
+                target = target.to(dtype)
+                unet.get_parameter(key).data = target
             # lerp is exact at both ends: weight 0 keeps `target`, weight 1 gives `new`.
             target.lerp_(new_state[key].to(target.device, target.dtype), alpha)
     return len(new_state)
@@ -72,6 +78,17 @@ def _dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def _part_dtype(components: Components, module) -> torch.dtype:
+    """The dtype a base's part replacing `module` is built in, or a blend is computed in: the
+    module's own, or float32 where half weights are kept for float32 compute (the pipeline keeps
+    only what the files store in half)."""
+    return torch.float32 if components.keeps_half_weights else _dtype(module)
+
+
+def _blend_dtype(components: Components) -> torch.dtype | None:
+    return torch.float32 if components.keeps_half_weights else None
+
+
 def apply_single_file(components: Components, path: Path, blend: float = 1.0, trust_pickle: bool = False) -> BaseReport:
     parts = read_single_file(
         path,
@@ -79,15 +96,15 @@ def apply_single_file(components: Components, path: Path, blend: float = 1.0, tr
         components.vae.config,
         components.text_encoder.config,
         trust_pickle,
-        _dtype(components.vae),
+        _part_dtype(components, components.vae),
     )
-    count = blend_unet(components.unet, parts.unet, blend, Path(path))
+    count = blend_unet(components.unet, parts.unet, blend, Path(path), _blend_dtype(components))
     replaced = []
     if parts.vae is not None:
         components.vae = parts.vae
         replaced.append("vae")
     if parts.text_encoder is not None:
-        components.text_encoder = parts.text_encoder.to(_dtype(components.text_encoder))
+        components.text_encoder = parts.text_encoder.to(_part_dtype(components, components.text_encoder))
         replaced.append("text_encoder")
     return BaseReport(SINGLE_FILE, Path(path), blend, count, tuple(replaced))
 
@@ -121,7 +138,7 @@ def apply_unet_folder(
     components: Components, folder: Path, blend: float = 1.0, trust_pickle: bool = False
 ) -> BaseReport:
     folder = Path(folder)
-    count = blend_unet(components.unet, read_unet_folder(folder, trust_pickle), blend, folder)
+    count = blend_unet(components.unet, read_unet_folder(folder, trust_pickle), blend, folder, _blend_dtype(components))
     return BaseReport(UNET_FOLDER, folder, blend, count)
 
 
@@ -139,7 +156,7 @@ def apply_diffusers_folder(
             read_part(folder / "vae", "diffusion_pytorch_model", trust_pickle),
             _read_json(folder / "vae" / "config.json"),
             folder / "vae",
-            _dtype(components.vae),
+            _part_dtype(components, components.vae),
         )
     if (folder / "text_encoder").is_dir():
         try:
@@ -150,14 +167,14 @@ def apply_diffusers_folder(
             read_part(folder / "text_encoder", "model", trust_pickle),
             config,
             folder / "text_encoder",
-            _dtype(components.text_encoder),
+            _part_dtype(components, components.text_encoder),
         )
     if (folder / "tokenizer").is_dir():
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read {folder / 'tokenizer'}: {exc}") from None
-    count = blend_unet(components.unet, unet_state, blend, folder / "unet")
+    count = blend_unet(components.unet, unet_state, blend, folder / "unet", _blend_dtype(components))
     replaced = []
     for name, part in (("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer)):
         if part is not None:

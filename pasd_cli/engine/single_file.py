@@ -60,7 +60,9 @@ def build_text_encoder(state: dict[str, torch.Tensor], config, source: Path, dty
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     state = {k: v.to(dtype) for k, v in _align_prefix(state, expected, TEXT_MODEL_PREFIX).items()}
     check_state_dict(skeleton, state, source)
-    model = CLIPTextModel.from_pretrained(None, config=config, state_dict=state)
+    # In `dtype`, not in the config's: a config taken from a model loaded in half precision says
+    # float16, and the weights would be rounded to it.
+    model = CLIPTextModel.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
