@@ -262,7 +262,7 @@ def child(name: str, args: dict) -> dict:
         dtype,
         lcm_lora=models["lcm"] if config.fast else None,
         # As the command line decides it (cli/runtime.py).
-        keep_half_weights=keeps_half_weights(dtype, exact=bool(config.settings.get("exact"))),
+        keep_half_weights=keeps_half_weights(dtype, exact=bool(config.settings.get("exact")), compile=config.compile),
     )
     # As the command line does: NHWC on CUDA, --compile.
     pipeline.optimize(channels_last=cuda, compile=config.compile)

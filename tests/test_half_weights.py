@@ -136,6 +136,7 @@ def test_the_command_line_keeps_half_weights_in_float32_except_in_exact_mode():
 
     assert pick_runtime("cpu", "fp32").half_weights
     assert not pick_runtime("cpu", "fp32", exact=True).half_weights
+    assert not pick_runtime("cpu", "fp32", compile=True).half_weights
     assert not pick_runtime("cpu", "bf16").half_weights
 
 

@@ -165,7 +165,11 @@ class DiffusionCommand(ImageCommand):
         """The device and dtype (--device, --dtype), chosen once."""
         if self._runtime is None:
             self._runtime = pick_runtime(
-                self.models.device, self.models.dtype, self.models.local_rank, exact=self.models.exact
+                self.models.device,
+                self.models.dtype,
+                self.models.local_rank,
+                exact=self.models.exact,
+                compile=self.models.compile,
             )
         return self._runtime
 

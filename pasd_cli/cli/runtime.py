@@ -40,24 +40,28 @@ class Runtime:
         return f"{self.device} ({self.dtype_name})"
 
 
-def pick_runtime(device: str, dtype: str, local_rank: int | None = None, exact: bool = False) -> Runtime:
+def pick_runtime(
+    device: str, dtype: str, local_rank: int | None = None, exact: bool = False, compile: bool = False
+) -> Runtime:
     """The device and dtype for --device and --dtype (one of DEVICES or cuda:N, one of DTYPES).
     `local_rank`: this worker's GPU on its machine under torchrun, where CUDA means that one.
-    `exact`: --exact, which loads the weights as the released code does."""
+    `exact`: --exact, which loads the weights as the released code does; `compile`: --compile."""
     limit_heap_fragmentation()
     chosen = pick_device(device, local_rank)
     precision = pick_dtype(dtype, chosen)
     use_true_fp32(chosen, precision)
-    return Runtime(chosen, precision, keeps_half_weights(precision, exact))
+    return Runtime(chosen, precision, keeps_half_weights(precision, exact, compile))
 
 
-def keeps_half_weights(dtype: torch.dtype, exact: bool = False) -> bool:
+def keeps_half_weights(dtype: torch.dtype, exact: bool = False, compile: bool = False) -> bool:
     """Computing in float32, weights that the files store in 16 bits stay 16-bit and are widened
     per layer as it runs: the same numbers, so the same output, in half the weights' memory and a
-    load with no conversion. --exact keeps the released loading (float32 copies of everything)."""
+    load with no conversion. --exact keeps the released loading (float32 copies of everything),
+    and so does --compile: the widening swaps each layer's tensors around its forward, which a
+    compiled graph would not see."""
     import torch
 
-    return dtype == torch.float32 and not exact
+    return dtype == torch.float32 and not exact and not compile
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
