@@ -10,6 +10,7 @@ import torch
 from conftest import LR_INPUT, TINY_BASE
 from diffusers import AutoencoderKL
 from PIL import Image
+from tiny_vaes import sd_structured_vae
 
 from pasd_cli.engine.vae import VaeCodec, choose_vae_tile, vae_peak_bytes
 from pasd_cli.engine.vae_attention import SpatialSelfAttnProcessor
@@ -85,27 +86,6 @@ def test_tile_cores_partition_the_image():
         assert top % 8 == left % 8 == height % 8 == width % 8 == 0 and height <= 256 and width <= 256
         covered[top : top + height, left : left + width] += 1
     assert torch.all(covered == 1)
-
-
-def sd_structured_vae() -> AutoencoderKL:
-    """The SD 1.5 VAE's structure (2 resnets per down block, 3 per up block, 4 levels) at tiny
-    widths, with every parameter randomised so GroupNorm's affine part matters too."""
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=2,
-        norm_num_groups=4,
-        latent_channels=4,
-    ).eval()
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, param in sorted(vae.named_parameters()):
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=g) / param[0].numel() ** 0.5)
-            else:
-                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(param.shape, generator=g))
-    return vae
 
 
 @torch.inference_mode()
@@ -193,3 +173,15 @@ def test_windowed_attention_matches_a_dense_mask(attention):
     dense = attention.to_out[0](weights @ v).transpose(1, 2).reshape(x.shape) + x
     torch.testing.assert_close(ours, dense, rtol=1e-4, atol=1e-4)
     assert (ours - _with(attention, SpatialSelfAttnProcessor(), x)).abs().max() > 1e-3
+
+
+def test_row_strips_let_larger_images_run_untiled(tiny_codec):
+    """Untiled in row strips, a pass holds about half the whole-image tensors (test_vae_strips):
+    a budget that makes the stock networks tile lets strips run the image whole."""
+    config = tiny_codec.vae.config
+    budget = vae_peak_bytes(config, 4096, 4096, 4, 0, strips=True)
+    assert budget < vae_peak_bytes(config, 4096, 4096, 4, 0)
+    assert choose_vae_tile(config, 4096, 4096, 4, budget, strips=True) == 0
+    assert choose_vae_tile(config, 4096, 4096, 4, budget) > 0
+    # Tiled passes run stock whatever the flag.
+    assert vae_peak_bytes(config, 4096, 4096, 4, 1024, strips=True) == vae_peak_bytes(config, 4096, 4096, 4, 1024)

@@ -156,7 +156,10 @@ class PASDPipeline:
         large for the device's per-tensor limits is made smaller (the result is the same)."""
         vae = self.vae.vae
         if settings.vae_tile is None and self.memory_budget is not None:
-            return choose_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.memory_budget, self.limits)
+            strips = not settings.exact and self.vae.runs_in_strips
+            return choose_vae_tile(
+                vae.config, height, width, vae.dtype.itemsize, self.memory_budget, self.limits, strips
+            )
         tile = settings.vae_tile or 0
         return cap_vae_tile(vae.config, height, width, vae.dtype.itemsize, self.limits, tile)
 
@@ -203,7 +206,9 @@ class PASDPipeline:
         on_tile=None,
         checkpoint_bytes: int = 0,
     ) -> torch.Tensor:
-        mean, std = self.vae.encode_moments(hint, tile=vae_tile, on_tile=on_tile, checkpoint_bytes=checkpoint_bytes)
+        mean, std = self.vae.encode_moments(
+            hint, tile=vae_tile, on_tile=on_tile, checkpoint_bytes=checkpoint_bytes, strips=not settings.exact
+        )
         draws = standard_normal_draws(mean.shape, torch.Generator("cpu").manual_seed(settings.seed))
         latents = initial_latents(
             mean,
@@ -421,6 +426,7 @@ class PASDPipeline:
                 tile,
                 on_tile=vae_progress["decode"],
                 checkpoint_bytes=checkpoints(tile),
+                strips=not settings.exact,
             ),
             vae_tile,
             max(height, width),

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from . import vae_attention
+from . import vae_attention, vae_strips
 from .limits import DeviceLimits, vae_elements_per_pixel
 from .vae_tiling import Box, Stage, TileProgress, run_chain
 
@@ -30,6 +30,10 @@ from .vae_tiling import Box, Stage, TileProgress, run_chain
 # Checked against the peak RSS of tiny-VAE passes on the CPU in float32: whole 1024x1024 decode
 # 336 MB measured / 396 estimated; 2048x2048 in 512-px tiles 235 / 264 MB.
 _LIVE_ACTIVATIONS = 6
+# The same, untiled with the full-resolution layers in row strips (vae_strips): a layer's input and
+# one intermediate, with room to spare. Measured for SD's VAE at 512x512 in float32: 1.9 (decode)
+# and 1.3 (encode) activations of the widest full-resolution layer's, against 3.5 and 2.4 stock.
+_LIVE_IN_STRIPS = 3
 # The middle block at latent resolution: input, normalised, q, k, v, output.
 _LIVE_MID = 6
 # Candidate tiles for the automatic choice, largest first.
@@ -59,6 +63,11 @@ class VaeCodec:
         if window != self.attention_window:
             vae_attention.install(self.vae, window)
             self.attention_window = window
+
+    @property
+    def runs_in_strips(self) -> bool:
+        """Whether `strips=True` runs both halves in row strips (stock layers throughout)."""
+        return vae_strips.supports_encoder(self.vae.encoder) and vae_strips.supports_decoder(self.vae.decoder)
 
     @property
     def scaling_factor(self) -> float:
@@ -96,13 +105,18 @@ class VaeCodec:
         exact: bool = True,
         on_tile: TileProgress | None = None,
         checkpoint_bytes: int = 0,
+        strips: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`image` in [0, 1] or uint8, (1, 3, H, W) -> posterior mean and std, (1, 4, H/8, W/8).
         `tile` is the side of a tile's core in pixels; 0 or at least the image: untiled.
-        `checkpoint_bytes` may hold whole-image activations between blocks (vae_tiling)."""
+        `checkpoint_bytes` may hold whole-image activations between blocks (vae_tiling).
+        `strips`: untiled, the down blocks run in row strips (as `decode`'s)."""
         height, width = image.shape[-2:]
         vae = self.vae
-        if self._covers(tile, height, width):
+        if self._covers(tile, height, width) and strips and vae_strips.supports_encoder(vae.encoder):
+            features = vae_strips.run_down_blocks(vae.encoder, _to_pixels(image, None, vae.dtype, vae.device))
+            posterior = DiagonalGaussianDistribution(self._encoder_tail(features))
+        elif self._covers(tile, height, width):
             posterior = vae.encode(_to_pixels(image, None, vae.dtype, vae.device)).latent_dist
         else:
             features = run_chain(
@@ -162,6 +176,13 @@ class VaeCodec:
                 stages.append(Stage(run, parts, block.resnets[-1].out_channels, scale))
         return stages
 
+    def _decoder_head(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decoder up to its up blocks, at latent resolution."""
+        vae, decoder = self.vae, self.vae.decoder
+        if vae.post_quant_conv is not None:
+            latents = vae.post_quant_conv(latents)
+        return decoder.mid_block(decoder.conv_in(latents), None)
+
     def decode(
         self,
         latents: torch.Tensor,
@@ -169,19 +190,21 @@ class VaeCodec:
         exact: bool = True,
         on_tile: TileProgress | None = None,
         checkpoint_bytes: int = 0,
+        strips: bool = False,
     ) -> torch.Tensor:
         """Unscaled latents -> decoder output in about [-1, 1], before clamping, float32.
-        `tile` is the side of a tile's core in output pixels; 0 or at least the image: untiled."""
+        `tile` is the side of a tile's core in output pixels; 0 or at least the image: untiled.
+        `strips`: untiled, the up blocks run in row strips (vae_strips: less memory, equal up to
+        float rounding) where the decoder is built of stock layers."""
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype)
         height, width = latents.shape[-2:]
         factor = self.factor
         if self._covers(tile, height * factor, width * factor):
+            if strips and vae_strips.supports_decoder(vae.decoder):
+                return vae_strips.run_up_blocks(vae.decoder, self._decoder_head(latents)).float()
             return vae.decode(latents).sample.float()
-        decoder = vae.decoder
-        if vae.post_quant_conv is not None:
-            latents = vae.post_quant_conv(latents)
-        features = decoder.mid_block(decoder.conv_in(latents), None)
+        features = self._decoder_head(latents)
         out = torch.empty(
             (latents.shape[0], vae.config.out_channels, height * factor, width * factor),
             dtype=torch.float32,
@@ -213,15 +236,18 @@ def _tile_pixels(config, height: int, width: int, tile: int = 0) -> int:
     return min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
 
 
-def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0) -> int:
+def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int = 0, strips: bool = False) -> int:
     """Rough peak memory of a VAE pass over an image of height x width pixels, untiled or with
     tiles of `tile` pixels (their halo included). The middle block runs on the whole latent
-    before (decoder) or after (encoder) the tiles, which meanwhile hold one copy of its tensor."""
+    before (decoder) or after (encoder) the tiles, which meanwhile hold one copy of its tensor.
+    `strips`: an untiled pass runs in row strips (VaeCodec.runs_in_strips)."""
     channels = list(config.block_out_channels)
     factor = 2 ** (len(channels) - 1)
     mid = channels[-1] * (height // factor) * (width // factor)
     tile_pixels = _tile_pixels(config, height, width, tile)
-    full = _LIVE_ACTIVATIONS * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
+    untiled = tile <= 0 or tile >= max(height, width)
+    live = _LIVE_IN_STRIPS if strips and untiled else _LIVE_ACTIVATIONS
+    full = live * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
     return max(_LIVE_MID * mid, full + mid) * dtype_bytes
 
 
@@ -248,16 +274,23 @@ def cap_vae_tile(config, height: int, width: int, dtype_bytes: int, limits: Devi
 
 
 def choose_vae_tile(
-    config, height: int, width: int, dtype_bytes: int, budget: int, limits: DeviceLimits | None = None
+    config,
+    height: int,
+    width: int,
+    dtype_bytes: int,
+    budget: int,
+    limits: DeviceLimits | None = None,
+    strips: bool = False,
 ) -> int:
     """0 (untiled) when the whole image fits the memory budget, else the largest tile that does;
     with `limits`, also the largest whose every tensor fits the device's per-tensor limits.
+    `strips`: untiled passes run in row strips, which need less memory.
 
     Tiling is exact, so this choice changes the cost, not the result."""
     limits = limits or DeviceLimits()
 
     def fits(tile: int) -> bool:
-        return vae_peak_bytes(config, height, width, dtype_bytes, tile) <= budget and vae_tile_fits(
+        return vae_peak_bytes(config, height, width, dtype_bytes, tile, strips) <= budget and vae_tile_fits(
             config, height, width, dtype_bytes, limits, tile
         )
 

@@ -32,6 +32,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from .group_stats import GroupStats, normalise
+
 # (top, left, height, width)
 Box = tuple[int, int, int, int]
 TileProgress = Callable[[int, int], None]
@@ -39,31 +41,6 @@ TileProgress = Callable[[int, int], None]
 
 class _StopPass(Exception):
     """Raised by the GroupNorm being measured: nothing after it is needed in this pass."""
-
-
-@dataclass
-class _GroupStats:
-    """Per (batch, group) count, mean and sum of squared deviations, float64 on the CPU."""
-
-    count: torch.Tensor | None = None
-    mean: torch.Tensor | None = None
-    m2: torch.Tensor | None = None
-
-    def add(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        # To the CPU first: MPS has no float64.
-        mean, m2 = mean.cpu().double(), var.cpu().double() * count
-        if self.count is None:
-            self.count, self.mean, self.m2 = torch.full_like(mean, count), mean, m2
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
-        self.count = total
-
-    @property
-    def var(self) -> torch.Tensor:
-        return self.m2 / self.count
 
 
 @dataclass
@@ -80,7 +57,7 @@ class PooledGroupNorm(nn.Module):
         self.norm = norm
         self.section = section
         self.mode = "native"  # native | collect | apply
-        self.stats = _GroupStats()
+        self.stats = GroupStats()
         self._scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,30 +84,17 @@ class PooledGroupNorm(nn.Module):
     def _collect(self, x: torch.Tensor) -> None:
         core = self._core(x)
         groups = self.norm.num_groups
-        values = core.float().reshape(core.shape[0], groups, -1)
-        var, mean = torch.var_mean(values, dim=-1, unbiased=False)
-        self.stats.add(values.shape[-1], mean, var)
+        self.stats.add_values(core, groups)
 
     def finish(self) -> None:
         """Turn the pooled statistics into a per-channel scale and shift."""
         norm = self.norm
-        rstd = torch.rsqrt(self.stats.var + norm.eps)
-        per_channel = norm.num_channels // norm.num_groups
-        scale = rstd.repeat_interleave(per_channel, dim=1)
-        shift = -self.stats.mean.repeat_interleave(per_channel, dim=1) * scale
-        if norm.affine:
-            weight, bias = norm.weight.detach().cpu().double(), norm.bias.detach().cpu().double()
-            scale, shift = scale * weight, shift * weight + bias
-        device = norm.weight.device if norm.affine else None
-        self._scale_shift = tuple(t.float().to(device)[:, :, None, None] for t in (scale, shift))
+        self._scale_shift = self.stats.scale_shift(norm, norm.weight.device if norm.affine else None)
         self.mode = "apply"
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self._scale_shift
-        scale, shift = scale.to(x.device), shift.to(x.device)
-        if x.dtype == torch.float32:
-            return torch.addcmul(shift, x, scale)
-        return torch.addcmul(shift, x.float(), scale).to(x.dtype)
+        return normalise(x, scale, shift)
 
 
 class _Probe:

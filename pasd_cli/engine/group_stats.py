@@ -1,0 +1,62 @@
+"""GroupNorm with statistics gathered piecewise: over the tiles or row strips of a tensor that is
+never normalised whole. Pieces merge in float64 (Chan et al.), so the statistics are those of
+the whole tensor up to rounding, and the result that of nn.GroupNorm up to float rounding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GroupStats:
+    """Per (batch, group) count, mean and sum of squared deviations, float64 on the CPU."""
+
+    count: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        # To the CPU first: MPS has no float64.
+        mean, m2 = mean.cpu().double(), var.cpu().double() * count
+        if self.count is None:
+            self.count, self.mean, self.m2 = torch.full_like(mean, count), mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+    def add_values(self, piece: torch.Tensor, groups: int) -> None:
+        """A piece (N, C, ...) of the tensor, in any dtype."""
+        values = piece.float().reshape(piece.shape[0], groups, -1)
+        var, mean = torch.var_mean(values, dim=-1, unbiased=False)
+        self.add(values.shape[-1], mean, var)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / self.count
+
+    def scale_shift(self, norm: nn.GroupNorm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`norm` as a per-channel affine map, float32 (N, C, 1, 1): normalised = x * scale + shift,
+        the form nn.GroupNorm's kernels compute."""
+        rstd = torch.rsqrt(self.var + norm.eps)
+        per_channel = norm.num_channels // norm.num_groups
+        scale = rstd.repeat_interleave(per_channel, dim=1)
+        shift = -self.mean.repeat_interleave(per_channel, dim=1) * scale
+        if norm.affine:
+            weight, bias = norm.weight.detach().cpu().double(), norm.bias.detach().cpu().double()
+            scale, shift = scale * weight, shift * weight + bias
+        scale_f, shift_f = (t.float().to(device)[:, :, None, None] for t in (scale, shift))
+        return scale_f, shift_f
+
+
+def normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift in float32, back in x's dtype (a new tensor)."""
+    scale, shift = scale.to(x.device), shift.to(x.device)
+    if x.dtype == torch.float32:
+        return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x.float(), scale).to(x.dtype)

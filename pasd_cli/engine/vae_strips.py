@@ -1,0 +1,236 @@
+"""The VAE's full-resolution layers run layer by layer in row strips, to hold fewer whole-image
+tensors: the decoder's up blocks and the encoder's down blocks (the middle blocks work at latent
+resolution, which is small, and run stock).
+
+Stock, a full-resolution resnet holds its input, the normalised and the activated copy and the
+convolution's output at once: about 1 GB above the weights for SD's VAE decoding 512x512 in
+float32, the peak of a whole default run on the CPU. Here every GroupNorm + SiLU + 3x3
+convolution runs over strips of rows with a row of halo, the GroupNorm with the statistics of
+the whole tensor (group_stats), and each resnet adds its shortcut strip by strip, writing into
+its input's memory where the output is no wider. A layer then holds its input, one
+intermediate and a strip. The encoder, stock, peaks at about 0.65 GB there.
+
+Every layer is diffusers' own module, called on strips (weight hooks apply); only float
+rounding differs from the stock networks (GroupNorm's statistics, the convolution's algorithm on
+a strip's shape). `supports_decoder` and `supports_encoder` say which qualify; others run stock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UpDecoderBlock2D
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+from .group_stats import GroupStats, normalise
+
+# Bytes of one strip of a layer's input. Small enough that a strip's few temporaries are noise
+# next to the whole-image tensors, large enough that a convolution's rows amortise its halo.
+STRIP_BYTES = 16 << 20
+
+
+def _plain_conv(conv: nn.Module, reach: int | None = None) -> bool:
+    """A stride-1 zero-padded convolution whose padding equals its reach (output size = input)."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.kernel_size[0] == 2 * conv.padding[0] + 1
+        and conv.kernel_size[1] == 2 * conv.padding[1] + 1
+        and (reach is None or conv.padding[0] == reach)
+    )
+
+
+def _plain_resnet(block: nn.Module) -> bool:
+    return (
+        type(block) is ResnetBlock2D
+        and block.upsample is None
+        and block.downsample is None
+        and block.time_emb_proj is None
+        and type(block.norm1) is nn.GroupNorm
+        and type(block.norm2) is nn.GroupNorm
+        and type(block.nonlinearity) is nn.SiLU
+        and _plain_conv(block.conv1, 1)
+        and _plain_conv(block.conv2, 1)
+        and (block.conv_shortcut is None or _plain_conv(block.conv_shortcut, 0))
+    )
+
+
+def _plain_upsampler(upsampler: nn.Module) -> bool:
+    return (
+        type(upsampler) is Upsample2D
+        and upsampler.norm is None
+        and not upsampler.use_conv_transpose
+        and upsampler.interpolate
+        and upsampler.use_conv
+        and _plain_conv(upsampler.conv, 1)
+    )
+
+
+def _plain_downsampler(downsampler: nn.Module) -> bool:
+    conv = downsampler.conv
+    return (
+        type(downsampler) is Downsample2D
+        and downsampler.norm is None
+        and downsampler.use_conv
+        and downsampler.padding == 0  # then its forward pads one zero row and column after
+        and isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (2, 2)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+    )
+
+
+def supports_encoder(encoder: nn.Module) -> bool:
+    """Whether `encoder` is a stock VAE encoder built of the layers this module runs in strips."""
+    return (
+        type(encoder) is Encoder
+        and _plain_conv(encoder.conv_in)
+        and all(type(block) is DownEncoderBlock2D for block in encoder.down_blocks)
+        and all(_plain_resnet(resnet) for block in encoder.down_blocks for resnet in block.resnets)
+        and all(_plain_downsampler(down) for block in encoder.down_blocks for down in block.downsamplers or ())
+    )
+
+
+def supports_decoder(decoder: nn.Module) -> bool:
+    """Whether `decoder` is a stock VAE decoder built of the layers this module runs in strips."""
+    return (
+        type(decoder) is Decoder
+        and all(type(block) is UpDecoderBlock2D for block in decoder.up_blocks)
+        and all(_plain_resnet(resnet) for block in decoder.up_blocks for resnet in block.resnets)
+        and all(_plain_upsampler(up) for block in decoder.up_blocks for up in block.upsamplers or ())
+        and type(decoder.conv_norm_out) is nn.GroupNorm
+        and type(decoder.conv_act) is nn.SiLU
+        and _plain_conv(decoder.conv_out, 1)
+    )
+
+
+def _strip_rows(x: torch.Tensor, channels: int) -> int:
+    batch, _, _, width = x.shape
+    return max(1, STRIP_BYTES // (batch * channels * width * x.element_size()))
+
+
+def _strips(height: int, rows: int):
+    for top in range(0, height, rows):
+        yield top, min(top + rows, height)
+
+
+def _conv_rows(
+    conv: nn.Conv2d, source: torch.Tensor, top: int, bottom: int, prepare: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Rows [top, bottom) of conv(prepare(source)), from a strip of source with the conv's halo:
+    inside the image the halo rows are real neighbours; at its border the conv's zero padding
+    is the whole convolution's own."""
+    reach = conv.padding[0]
+    start, stop = max(top - reach, 0), min(bottom + reach, source.shape[-2])
+    out = conv(prepare(source[:, :, start:stop]))
+    return out[:, :, top - start : bottom - start]
+
+
+def _norm_act(x: torch.Tensor, norm: nn.GroupNorm, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """SiLU(GroupNorm(piece)) for pieces of x, with the statistics of the whole of x."""
+    stats = GroupStats()
+    for top, bottom in _strips(x.shape[-2], rows):
+        stats.add_values(x[:, :, top:bottom], norm.num_groups)
+    scale, shift = stats.scale_shift(norm, x.device)
+    return lambda piece: F.silu(normalise(piece, scale, shift), inplace=True)
+
+
+def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
+    """ResnetBlock2D.forward without a time embedding. Consumes x: the output may be written
+    into x's memory."""
+    batch, channels, height, width = x.shape
+    out_channels = block.conv2.out_channels
+    rows = _strip_rows(x, max(channels, out_channels))
+    hidden = x.new_empty((batch, block.conv1.out_channels, height, width))
+    prepare = _norm_act(x, block.norm1, rows)
+    for top, bottom in _strips(height, rows):
+        hidden[:, :, top:bottom] = _conv_rows(block.conv1, x, top, bottom, prepare)
+    # Output row r overwrites only row r of some plane of x (every plane is height x width),
+    # and each strip reads its rows of x before writing them, later strips only later rows.
+    if x.is_contiguous() and out_channels <= channels:
+        out = x.view(-1)[: batch * out_channels * height * width].view(batch, out_channels, height, width)
+    else:
+        out = x.new_empty((batch, out_channels, height, width))
+    prepare = _norm_act(hidden, block.norm2, rows)
+    for top, bottom in _strips(height, rows):
+        residual = x[:, :, top:bottom]
+        if block.conv_shortcut is not None:
+            residual = block.conv_shortcut(residual)
+        out[:, :, top:bottom] = (residual + _conv_rows(block.conv2, hidden, top, bottom, prepare)) / (
+            block.output_scale_factor
+        )
+    return out
+
+
+def _upsample(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x, then the 3x3 convolution, by strips of output rows."""
+    batch, _, height, width = x.shape
+    channels = upsampler.conv.out_channels
+    out = x.new_empty((batch, channels, 2 * height, 2 * width))
+    rows = _strip_rows(x, 4 * max(x.shape[1], channels))
+
+    def upsampled(piece: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(piece, scale_factor=2.0, mode="nearest")
+
+    for top, bottom in _strips(height, rows):
+        # Output rows [2 top, 2 bottom) need upsampled rows one beyond: one input row of halo.
+        start, stop = max(top - 1, 0), min(bottom + 1, height)
+        strip = upsampler.conv(upsampled(x[:, :, start:stop]))
+        out[:, :, 2 * top : 2 * bottom] = strip[:, :, 2 * (top - start) : 2 * (bottom - start)]
+    return out
+
+
+def run_up_blocks(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
+    """Decoder.forward after the middle block: up blocks, norm, activation, output conv.
+    Consumes x."""
+    for block in decoder.up_blocks:
+        for resnet in block.resnets:
+            x = _resnet(resnet, x)
+        for upsampler in block.upsamplers or ():
+            x = _upsample(upsampler, x)
+    batch, _, height, width = x.shape
+    out = x.new_empty((batch, decoder.conv_out.out_channels, height, width))
+    rows = _strip_rows(x, x.shape[1])
+    prepare = _norm_act(x, decoder.conv_norm_out, rows)
+    for top, bottom in _strips(height, rows):
+        out[:, :, top:bottom] = _conv_rows(decoder.conv_out, x, top, bottom, prepare)
+    return out
+
+
+def _downsample(downsampler: Downsample2D, x: torch.Tensor) -> torch.Tensor:
+    """Downsample2D with padding 0: one zero row and column after, then the stride-2 3x3
+    convolution, by strips of output rows. Output row i reads input rows 2i to 2i + 2."""
+    batch, _, height, width = x.shape
+    conv = downsampler.conv
+    out_height, out_width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
+    out = x.new_empty((batch, conv.out_channels, out_height, out_width))
+    rows = max(1, _strip_rows(x, x.shape[1]) // 2)
+    for top, bottom in _strips(out_height, rows):
+        stop = 2 * bottom + 1
+        piece = F.pad(x[:, :, 2 * top : min(stop, height)], (0, 1, 0, max(0, stop - height)))
+        out[:, :, top:bottom] = conv(piece)
+    return out
+
+
+def run_down_blocks(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """Encoder.forward before the middle block: input conv, down blocks."""
+    batch, _, height, width = pixels.shape
+    x = pixels.new_empty((batch, encoder.conv_in.out_channels, height, width))
+    rows = _strip_rows(x, x.shape[1])
+    for top, bottom in _strips(height, rows):
+        x[:, :, top:bottom] = _conv_rows(encoder.conv_in, pixels, top, bottom, lambda piece: piece)
+    for block in encoder.down_blocks:
+        for resnet in block.resnets:
+            x = _resnet(resnet, x)
+        for downsampler in block.downsamplers or ():
+            x = _downsample(downsampler, x)
+    return x
