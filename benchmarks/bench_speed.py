@@ -18,7 +18,8 @@ configurations alternate when repeated (medians are shown). Per configuration:
 - s/step (denoising steps, measured), VAE encode and decode seconds, the run's total;
 - `total at N steps`: load + prompt + encode + N x s/step + decode with each configuration's own
   step count (the default's 20, --fast's 4), projected from the measured steps;
-- peak RSS of the whole child (CUDA: torch.cuda.max_memory_allocated too);
+- peak RSS of the whole child, and per stage (prompts and VAE encode, the denoising steps, the
+  decode), CUDA: torch.cuda.max_memory_allocated too;
 - UNet evaluations (samples through the UNet, counted by a forward hook) and TFLOPs;
 - the output's deviation from the baseline's, in 8-bit levels (mean, max).
 Ratios are to the baseline column (`--baseline`, the exact mode), measured in the same run.
@@ -290,12 +291,22 @@ def child(name: str, args: dict) -> dict:
     marks: dict[str, list[float]] = {}
     cpu_marks: dict[str, list[float]] = {}
 
+    # Peak RSS per stage (CPU, Linux): read and restarted at each stage's end. A stage ends at the
+    # first mark after it: prompts and encode at the initial latents, the steps at the last one.
+    stage_ends = {"initial_latents": "encode", "latents_after_step": "steps", "decoded": "decode"}
+    stage_peaks: dict[str, int] = {}
+    resettable = not cuda and _reset_peak_rss()
+
     def trace(mark: str, value) -> None:
         if mark in ("prompt_embeds", "initial_latents", "latents_after_step", "decoded"):
             if cuda:
                 torch.cuda.synchronize()
             marks.setdefault(mark, []).append(time.perf_counter())
             cpu_marks.setdefault(mark, []).append(time.process_time())
+        if resettable and mark in stage_ends:
+            stage = stage_ends[mark]
+            stage_peaks[stage] = max(stage_peaks.get(stage, 0), _peak_rss())
+            _reset_peak_rss()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -334,7 +345,9 @@ def child(name: str, args: dict) -> dict:
         "weights_bytes": weights,
         "rss_before_load": rss_before_load,
         "load_peak_rss": load_peak_rss,
-        "peak_rss": _peak_rss(),
+        # Restarted per stage: the whole run's peak is the largest (the load's included).
+        "peak_rss": max(load_peak_rss, _peak_rss(), *stage_peaks.values()),
+        **{f"{stage}_peak_rss": peak for stage, peak in stage_peaks.items()},
         "load_cuda_peak": load_cuda_peak,
         "cuda_peak": torch.cuda.max_memory_allocated() if cuda else None,
         "unet_evaluations": evaluations[0],
@@ -528,6 +541,7 @@ def table(names: list[str], results: dict[str, dict], baseline: str) -> str:
         ("weights (GB)", "weights_gb", 2, True),
         ("peak RSS while loading (GB)", "load_peak_rss_gb", 2, True),
         ("peak RSS (GB)", "peak_rss_gb", 2, True),
+        ("peak RSS: prompts + encode / steps / decode (GB)", "stage_peaks_gb", 2, False),
         ("CUDA peak allocated (GB)", "cuda_peak_gb", 2, True),
         ("UNet evaluations", "unet_evaluations", 0, True),
         ("TFLOP, measured steps", "tflop", 2, True),
@@ -545,7 +559,7 @@ def table(names: list[str], results: dict[str, dict], baseline: str) -> str:
             if value is None:
                 cells.append("-")
                 continue
-            text = f"{value:.{digits}f}"
+            text = value if isinstance(value, str) else f"{value:.{digits}f}"
             if ratio and n != baseline and base.get(key):
                 text += f" ({value / base[key]:.2f}x)"
             cells.append(text)
@@ -687,6 +701,8 @@ def main() -> None:
         )
         for key in ("load_peak_rss", "peak_rss", "cuda_peak"):
             summary[f"{key}_gb"] = summary[key] / 2**30 if summary.get(key) is not None else None
+        stages = [summary.get(f"{stage}_peak_rss") for stage in ("encode", "steps", "decode")]
+        summary["stage_peaks_gb"] = None if None in stages else " / ".join(f"{peak / 2**30:.2f}" for peak in stages)
         summary["weights_gb"] = summary["weights_bytes"] / 2**30
         settings = settings_for(config, child_args)
         flops = census.image(settings, size[1], size[0], summary["steps"], args.device)

@@ -113,6 +113,13 @@ def supports_decoder(decoder: nn.Module) -> bool:
     )
 
 
+def _empty(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """A whole-image buffer in x's memory layout (channels-last where the networks are: CUDA)."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((x.shape[0], channels, height, width), dtype=x.dtype, device=x.device, memory_format=layout)
+
+
 def _strip_rows(x: torch.Tensor, channels: int) -> int:
     batch, _, _, width = x.shape
     return max(1, STRIP_BYTES // (batch * channels * width * x.element_size()))
@@ -150,16 +157,17 @@ def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
     batch, channels, height, width = x.shape
     out_channels = block.conv2.out_channels
     rows = _strip_rows(x, max(channels, out_channels))
-    hidden = x.new_empty((batch, block.conv1.out_channels, height, width))
+    hidden = _empty(x, block.conv1.out_channels, height, width)
     prepare = _norm_act(x, block.norm1, rows)
     for top, bottom in _strips(height, rows):
         hidden[:, :, top:bottom] = _conv_rows(block.conv1, x, top, bottom, prepare)
-    # Output row r overwrites only row r of some plane of x (every plane is height x width),
-    # and each strip reads its rows of x before writing them, later strips only later rows.
+    # In NCHW, output row r overwrites only row r of some plane of x (every plane is height x
+    # width), and each strip reads its rows of x before writing them, later strips only later
+    # rows. (Not so channels-last, where rows of one image follow those of the previous one.)
     if x.is_contiguous() and out_channels <= channels:
         out = x.view(-1)[: batch * out_channels * height * width].view(batch, out_channels, height, width)
     else:
-        out = x.new_empty((batch, out_channels, height, width))
+        out = _empty(x, out_channels, height, width)
     prepare = _norm_act(hidden, block.norm2, rows)
     for top, bottom in _strips(height, rows):
         residual = x[:, :, top:bottom]
@@ -173,9 +181,9 @@ def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
 
 def _upsample(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
     """Nearest 2x, then the 3x3 convolution, by strips of output rows."""
-    batch, _, height, width = x.shape
+    _, _, height, width = x.shape
     channels = upsampler.conv.out_channels
-    out = x.new_empty((batch, channels, 2 * height, 2 * width))
+    out = _empty(x, channels, 2 * height, 2 * width)
     rows = _strip_rows(x, 4 * max(x.shape[1], channels))
 
     def upsampled(piece: torch.Tensor) -> torch.Tensor:
@@ -197,8 +205,8 @@ def run_up_blocks(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
             x = _resnet(resnet, x)
         for upsampler in block.upsamplers or ():
             x = _upsample(upsampler, x)
-    batch, _, height, width = x.shape
-    out = x.new_empty((batch, decoder.conv_out.out_channels, height, width))
+    _, _, height, width = x.shape
+    out = _empty(x, decoder.conv_out.out_channels, height, width)
     rows = _strip_rows(x, x.shape[1])
     prepare = _norm_act(x, decoder.conv_norm_out, rows)
     for top, bottom in _strips(height, rows):
@@ -209,10 +217,10 @@ def run_up_blocks(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
 def _downsample(downsampler: Downsample2D, x: torch.Tensor) -> torch.Tensor:
     """Downsample2D with padding 0: one zero row and column after, then the stride-2 3x3
     convolution, by strips of output rows. Output row i reads input rows 2i to 2i + 2."""
-    batch, _, height, width = x.shape
+    _, _, height, width = x.shape
     conv = downsampler.conv
     out_height, out_width = (height - 2) // 2 + 1, (width - 2) // 2 + 1
-    out = x.new_empty((batch, conv.out_channels, out_height, out_width))
+    out = _empty(x, conv.out_channels, out_height, out_width)
     rows = max(1, _strip_rows(x, x.shape[1]) // 2)
     for top, bottom in _strips(out_height, rows):
         stop = 2 * bottom + 1
@@ -223,8 +231,8 @@ def _downsample(downsampler: Downsample2D, x: torch.Tensor) -> torch.Tensor:
 
 def run_down_blocks(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
     """Encoder.forward before the middle block: input conv, down blocks."""
-    batch, _, height, width = pixels.shape
-    x = pixels.new_empty((batch, encoder.conv_in.out_channels, height, width))
+    _, _, height, width = pixels.shape
+    x = _empty(pixels, encoder.conv_in.out_channels, height, width)
     rows = _strip_rows(x, x.shape[1])
     for top, bottom in _strips(height, rows):
         x[:, :, top:bottom] = _conv_rows(encoder.conv_in, pixels, top, bottom, lambda piece: piece)
