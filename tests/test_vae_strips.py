@@ -48,19 +48,18 @@ def test_every_layer_of_the_sd_structure_runs_in_strips(codec):
     assert vae_strips.supports_decoder(codec.vae.decoder)
 
 
-# Measured in a child with the heap tuned as the command line tunes it: buffers of 4 MB or more
-# are mapped on their own and unmapped when freed (glibc otherwise keeps freed blocks of up to
-# 32 MB for reuse, still resident), so RSS follows the whole-image tensors (8 MB here), and the
-# peak above the starting RSS is what a pass holds at once.
+# Measured in a child whose allocator maps every buffer of 1 MB or more on its own and unmaps it
+# when freed: the command line's heap tuning (cli.runtime.limit_heap_fragmentation, 4 MB) at this
+# test's scale, where whole-image tensors are 8 MB and strips 1 MB. Then RSS follows the live
+# tensors, and the peak above the starting RSS is what a pass holds at once.
 _CHILD = textwrap.dedent(
     """
     import json, sys, torch, psutil
     from diffusers import AutoencoderKL
-    from pasd_cli.cli.runtime import limit_heap_fragmentation, peak_rss
+    from pasd_cli.cli.runtime import peak_rss
     from pasd_cli.engine import vae_strips
     from pasd_cli.engine.vae import VaeCodec
 
-    limit_heap_fragmentation()
     vae_strips.STRIP_BYTES = 1 << 20
     torch.manual_seed(0)
     # Full-resolution layers as wide as the deeper ones, so whole-image tensors dominate memory.
@@ -91,13 +90,16 @@ _CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak RSS reset")
 def test_strips_hold_fewer_whole_image_tensors():
-    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     peaks = json.loads(proc.stdout)
     tensor = 32 * 256 * 256 * 4  # one full-resolution activation
     print({name: round(peak / tensor, 2) for name, peak in peaks.items()})
     assert peaks["decode in strips"] < 0.6 * peaks["decode"]
-    assert peaks["encode in strips"] < 0.6 * peaks["encode"]
+    # The encoder's float input and its conversion's temporaries (3 channels each, up to 0.3 of a
+    # 32-channel activation at once) weigh the same in both, so its ratio is closer to 1.
+    assert peaks["encode in strips"] < 0.7 * peaks["encode"]
 
 
 @torch.inference_mode()
