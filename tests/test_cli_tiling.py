@@ -44,10 +44,12 @@ def _upscale(tmp_path, name, *options):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli-tiling")
     return {
-        # 75 MB for the VAE: the whole 600x360 image would need ~80 MB, a 256-px tile ~68 (and
-        # every larger automatic tile covers the whole image).
-        "auto": _upscale(tmp, "auto", "--latent-tile", "32", "--vae-memory", "75"),
-        "vae off": _upscale(tmp, "off", "--latent-tile", "32", "--vae-memory", "75", "--vae-tile", "0"),
+        # The VAE's estimates for the 600x360 image: whole ~80 MB stock, ~40 MB in row strips
+        # (what the defaults run); a 256-px tile ~68 MB (every larger tile covers the image). In
+        # 35 MB nothing fits, so the smallest automatic tile is taken; in 75 MB the whole image
+        # runs in strips, where stock passes would have tiled.
+        "auto": _upscale(tmp, "auto", "--latent-tile", "32", "--vae-memory", "35"),
+        "vae whole": _upscale(tmp, "whole", "--latent-tile", "32", "--vae-memory", "75"),
         "latent off": _upscale(tmp, "latent-off", "--latent-tile", "75", "--vae-tile", "0"),
     }
 
@@ -58,11 +60,14 @@ def test_tiling_is_chosen_automatically(runs):
     assert vae == "256 px"
 
 
+def test_row_strips_keep_the_vae_whole_in_less_memory(runs):
+    assert runs["vae whole"][2] == "untiled"
+
+
 def test_options_turn_tiling_off(runs):
-    assert runs["vae off"][2] == "untiled"
     assert runs["latent off"][1:] == (1, "untiled")
 
 
 def test_vae_tiling_does_not_change_the_image(runs):
-    diff = (runs["auto"][0].int() - runs["vae off"][0].int()).abs()
+    diff = (runs["auto"][0].int() - runs["vae whole"][0].int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.01

@@ -32,6 +32,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("size", [(200, 152), (203, 150)])
 def test_strips_compute_the_stock_vae(codec, monkeypatch, strip_bytes, size):
     monkeypatch.setattr(vae_strips, "STRIP_BYTES", strip_bytes)
+    monkeypatch.setattr(vae_strips, "MIN_STRIP_ROWS", 1)
     g = torch.Generator().manual_seed(5)
     image = torch.randint(0, 256, (1, 3, *size), generator=g, dtype=torch.uint8)
     mean, std = codec.encode_moments(image)
@@ -107,6 +108,7 @@ def test_strips_keep_a_channels_last_layout(monkeypatch):
     """On CUDA the networks run channels-last (PASDPipeline.optimize): strips then allocate in
     that layout, and never write an output into its input's memory (unsafe in that layout)."""
     monkeypatch.setattr(vae_strips, "STRIP_BYTES", 4000)
+    monkeypatch.setattr(vae_strips, "MIN_STRIP_ROWS", 1)
     codec = VaeCodec(sd_structured_vae().to(memory_format=torch.channels_last))
     g = torch.Generator().manual_seed(3)
     image = torch.randint(0, 256, (2, 3, 96, 80), generator=g, dtype=torch.uint8)

@@ -31,10 +31,17 @@ class GroupStats:
         self.count = total
 
     def add_values(self, piece: torch.Tensor, groups: int) -> None:
-        """A piece (N, C, ...) of the tensor, in any dtype."""
-        values = piece.float().reshape(piece.shape[0], groups, -1)
-        var, mean = torch.var_mean(values, dim=-1, unbiased=False)
-        self.add(values.shape[-1], mean, var)
+        """A piece (N, C, ...) of the tensor, in any dtype, in any layout. Per channel first: a
+        slice of rows cannot be viewed as groups, and reshaping it would copy it."""
+        batch, channels = piece.shape[:2]
+        values = piece if piece.dtype == torch.float32 else piece.float()
+        var, mean = torch.var_mean(values, dim=tuple(range(2, piece.dim())), unbiased=False)
+        # Channels of a group hold equally many values: the group's mean is their means' mean,
+        # its variance their variances' mean plus their means' variance.
+        mean = mean.cpu().double().reshape(batch, groups, -1)
+        var = var.cpu().double().reshape(batch, groups, -1)
+        group_var = var.mean(-1) + mean.var(-1, unbiased=False)
+        self.add(values[0, 0].numel() * (channels // groups), mean.mean(-1), group_var)
 
     @property
     def var(self) -> torch.Tensor:

@@ -33,6 +33,9 @@ from .group_stats import GroupStats, normalise
 # Bytes of one strip of a layer's input. Small enough that a strip's few temporaries are noise
 # next to the whole-image tensors, large enough that a convolution's rows amortise its halo.
 STRIP_BYTES = 16 << 20
+# Each strip computes its halo rows again (one above, one below, per convolution): at least this
+# many rows keep that under 6% however wide the image.
+MIN_STRIP_ROWS = 32
 
 
 def _plain_conv(conv: nn.Module, reach: int | None = None) -> bool:
@@ -113,25 +116,27 @@ def supports_decoder(decoder: nn.Module) -> bool:
     )
 
 
-def _layout(conv: nn.Conv2d) -> torch.memory_format:
-    """The networks' layout: channels-last where their weights are (CUDA: PASDPipeline.optimize).
-    The input is put in it first: the middle block's attention hands over a channels-last view on
-    the CPU too, which would otherwise carry that layout into every whole-image buffer."""
-    weight = conv.weight
-    channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    channels_last = not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _networks_layout(conv: nn.Conv2d) -> torch.memory_format:
+    """Channels-last where the networks' weights are (CUDA: PASDPipeline.optimize). The input is
+    put in it first: the middle block's attention hands over a channels-last view on the CPU
+    too, which would otherwise carry that layout into every whole-image buffer."""
+    return _layout(conv.weight)
 
 
 def _empty(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
     """A whole-image buffer in x's memory layout."""
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((x.shape[0], channels, height, width), dtype=x.dtype, device=x.device, memory_format=layout)
+    shape = (x.shape[0], channels, height, width)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
 
 
 def _strip_rows(x: torch.Tensor, channels: int) -> int:
     batch, _, _, width = x.shape
-    return max(1, STRIP_BYTES // (batch * channels * width * x.element_size()))
+    return max(MIN_STRIP_ROWS, STRIP_BYTES // (batch * channels * width * x.element_size()))
 
 
 def _strips(height: int, rows: int):
@@ -209,7 +214,7 @@ def _upsample(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
 def run_up_blocks(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
     """Decoder.forward after the middle block: up blocks, norm, activation, output conv.
     Consumes x."""
-    x = x.contiguous(memory_format=_layout(decoder.conv_out))
+    x = x.contiguous(memory_format=_networks_layout(decoder.conv_out))
     for block in decoder.up_blocks:
         for resnet in block.resnets:
             x = _resnet(resnet, x)
@@ -242,7 +247,7 @@ def _downsample(downsampler: Downsample2D, x: torch.Tensor) -> torch.Tensor:
 def run_down_blocks(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
     """Encoder.forward before the middle block: input conv, down blocks."""
     _, _, height, width = pixels.shape
-    pixels = pixels.contiguous(memory_format=_layout(encoder.conv_in))
+    pixels = pixels.contiguous(memory_format=_networks_layout(encoder.conv_in))
     x = _empty(pixels, encoder.conv_in.out_channels, height, width)
     rows = _strip_rows(x, x.shape[1])
     for top, bottom in _strips(height, rows):
