@@ -113,11 +113,14 @@ class VaeCodec:
         `strips`: untiled, the down blocks run in row strips (as `decode`'s)."""
         height, width = image.shape[-2:]
         vae = self.vae
-        if self._covers(tile, height, width) and strips and vae_strips.supports_encoder(vae.encoder):
-            features = vae_strips.run_down_blocks(vae.encoder, _to_pixels(image, None, vae.dtype, vae.device))
-            posterior = DiagonalGaussianDistribution(self._encoder_tail(features))
-        elif self._covers(tile, height, width):
-            posterior = vae.encode(_to_pixels(image, None, vae.dtype, vae.device)).latent_dist
+        if self._covers(tile, height, width):
+            pixels = _to_pixels(image, None, vae.dtype, vae.device)
+            if strips and vae_strips.supports_encoder(vae.encoder):
+                posterior = DiagonalGaussianDistribution(
+                    self._encoder_tail(vae_strips.run_down_blocks(vae.encoder, pixels))
+                )
+            else:
+                posterior = vae.encode(pixels).latent_dist
         else:
             features = run_chain(
                 self._encoder_stages(),
