@@ -85,9 +85,16 @@ class Reporter:
             self._line(f"warning: {text}")
 
     # -- results
+    def _result(self, line: str) -> None:
+        """One line on stdout in one write: print() writes the text and the newline apart, and
+        with unbuffered output (PYTHONUNBUFFERED) workers sharing a pipe under torchrun could
+        join two records on one line. A single write below the pipe's atomic size cannot."""
+        self.stdout.write(line + "\n")
+        self.stdout.flush()
+
     def record(self, record: JobRecord) -> None:
         if self.json_lines:
-            print(json.dumps(record.to_json(), ensure_ascii=False, default=str), file=self.stdout, flush=True)
+            self._result(json.dumps(record.to_json(), ensure_ascii=False, default=str))
         status = record.status
         if status in (FAILED, COLLISION):
             self._line(f"error: {record.input}: {record.reason}")  # errors show even with -q
@@ -95,7 +102,7 @@ class Reporter:
             self.info(f"stopped {record.input}: nothing written")
         elif status == DONE:
             if self.paths_to_stdout:
-                print(record.output, file=self.stdout, flush=True)
+                self._result(str(record.output))
             note = f" ({record.extra['notes']})" if record.extra.get("notes") else ""
             self.debug(f"done {record.input} -> {record.output} in {record.seconds:.1f}s{note}")
         elif status == SKIPPED:  # a re-run over a big folder would mail one line per old output
@@ -112,7 +119,7 @@ class Reporter:
             self._live.stop()
             self._live = None
         if self.json_lines:
-            print(json.dumps(summary.to_json(), default=str), file=self.stdout, flush=True)
+            self._result(json.dumps(summary.to_json(), default=str))
         counts = summary.counts
         other = summary.extra.get(SKIPPED_OTHER_SETTINGS) or 0
         notes = {
