@@ -65,6 +65,9 @@ class Config:
     settings: dict = field(default_factory=dict)
     real_steps: int = 20  # the configuration's own step count, for the projected total and FLOPs
     compile: bool = False
+    # The command line's heap for the denoising loop on the CPU (cli/runtime.py); without it, the
+    # steps' tensors are mapped and zeroed afresh each time, as before that existed.
+    heap_reuse: bool = True
 
 
 def configs() -> dict[str, Config]:
@@ -85,6 +88,8 @@ def configs() -> dict[str, Config]:
             Config("fast", "--fast", "auto", fast=True, settings=fast, real_steps=FAST_STEPS),
             Config("fast-bf16", "--fast --dtype bf16", "bf16", fast=True, settings=fast, real_steps=FAST_STEPS),
             Config("compile", "--compile", "auto", compile=True),
+            Config("default-mapped", "(no flags), steps not in the heap (before)", "auto", heap_reuse=False),
+            Config("exact-mapped", "--exact, steps not in the heap (before)", "fp32", settings=exact, heap_reuse=False),
         )
     }
 
@@ -235,6 +240,7 @@ def child(name: str, args: dict) -> dict:
     import torch
 
     from pasd_cli.cli.runtime import (
+        heap_reused_while_denoising,
         keeps_half_weights,
         limit_heap_fragmentation,
         memory_budget,
@@ -279,6 +285,8 @@ def child(name: str, args: dict) -> dict:
         for p in model.parameters()
     )
     pipeline.memory_budget = memory_budget(device)
+    if device.type == "cpu" and config.heap_reuse:  # as the command line does
+        pipeline.denoise_scope = heap_reused_while_denoising
     settings = settings_for(config, args)
 
     evaluations = [0]
@@ -465,8 +473,9 @@ class FlopCensus:
             shapes = [(latent_h, latent_w)]
         window = vae_window(settings, self.vae.config, latent_h, latent_w, device)
         per_step = 0
-        for first in range(0, len(shapes), settings.tile_batch):
-            batch = shapes[first : first + settings.tile_batch]
+        per_pass = settings.tile_batch or 1  # batches group the tiles; FLOPs stay per tile
+        for first in range(0, len(shapes), per_pass):
+            batch = shapes[first : first + per_pass]
             h, w = batch[0]
             per_step += self.denoiser(copies * len(batch), h, w)
         return {
@@ -509,6 +518,27 @@ def hint_size(input_size: tuple[int, int], scale: float, process_size: int) -> t
 # ---------------------------------------------------------------------------------- the table
 
 
+def matmul_peak(device: str, dtype_name: str) -> float:
+    """FLOP/s of one large matrix product on `device` in `dtype_name`, all threads: the most any
+    step of mostly matrix products and convolutions could reach there."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    n = 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(6):  # the best of several: what the hardware gives when nothing interferes
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def _median(rows: list[dict], key: str):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -531,6 +561,8 @@ def table(names: list[str], results: dict[str, dict], baseline: str) -> str:
         ("to first step (s)", "to_first_step_s", 1, True),
         ("first step (s)", "first_step_s", 1, True),
         ("s/step (after the first)", "step_s", 1, True),
+        ("s/step at the matmul peak (floor)", "step_floor_s", 1, True),
+        ("achieved, % of the matmul peak", "peak_percent", 0, False),
         ("CPU s: load", "load_cpu_s", 1, True),
         ("CPU s/step (after the first)", "step_cpu_s", 1, True),
         ("CPU s: total, measured steps", "total_cpu_s", 1, True),
@@ -679,6 +711,7 @@ def main() -> None:
             )
 
     census = FlopCensus()
+    peaks: dict[str, float] = {}  # matmul FLOP/s per compute dtype, measured once the runs are over
     size = hint_size((args.input_size, args.input_size), args.scale, args.process_size)
     results: dict[str, dict] = {}
     for name in names:
@@ -708,12 +741,28 @@ def main() -> None:
         flops = census.image(settings, size[1], size[0], summary["steps"], args.device)
         summary["tflop"] = sum(flops.values()) / 1e12
         summary["tflop_own"] = sum(census.image(settings, size[1], size[0], own_steps, args.device).values()) / 1e12
+        step_flops = (
+            census.image(settings, size[1], size[0], 2, args.device)["denoise"]
+            - census.image(settings, size[1], size[0], 1, args.device)["denoise"]
+        )
+        # The dtype the child computed in ("float32 (16-bit weights kept)", "bfloat16", ...).
+        compute = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[summary["dtype"].split()[0]]
+        if compute not in peaks:
+            peaks[compute] = matmul_peak(args.device, compute)
+        summary["step_floor_s"] = step_flops / peaks[compute]
+        summary["peak_percent"] = 100 * summary["step_floor_s"] / summary["step_s"]
         summary["flops"] = flops
         results[name] = summary
     for name in names:
         results[name]["levels"] = _levels(results[name]["output"], results[args.baseline]["output"])
 
     print(table(names, results, args.baseline))
+    print()
+    print(
+        "Matmul peak (2048x2048, best of 6): "
+        + ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in peaks.items())
+        + ". The floor is a step's FLOPs at that rate."
+    )
     print()
     sizes = [int(s) for s in args.flops_sizes.split(",") if s]
     if sizes:

@@ -183,6 +183,7 @@ class ColorizeCommand(DiffusionCommand):
             **chosen.provenance(),
             "luma_shift": result.luma_shift,
             "latent_tiles": result.latent_tiles,
+            "tile_batch": result.tile_batch,
             "vae_tile": result.vae_tile,
             **self.attention_window(result.vae_attention_window),
         }

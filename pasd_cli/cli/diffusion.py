@@ -181,7 +181,7 @@ class DiffusionCommand(ImageCommand):
 
     def load(self, reporter: Reporter) -> None:
         from .faults import reach
-        from .runtime import memory_budget
+        from .runtime import heap_reused_while_denoising, memory_budget
 
         reach("load")
         assert self.resolution is not None
@@ -199,6 +199,8 @@ class DiffusionCommand(ImageCommand):
             identity = {**identity, "compiled": True}
         mb = self.models.vae_memory_mb  # measured with the models in place
         pipeline.memory_budget = mb * 2**20 if mb else memory_budget(runtime.device)
+        if runtime.device.type == "cpu":
+            pipeline.denoise_scope = heap_reused_while_denoising
         self.pipeline, self._reporter = pipeline, reporter
         self._models_fingerprint = None  # what the outputs record: the models as loaded (maybe just fetched)
         self._identity = {
@@ -232,7 +234,11 @@ class DiffusionCommand(ImageCommand):
         memory.start()
         result = upscale_image(self.pipeline, rgb, self.settings, job, progress, warn, chosen.pipeline_args())
         # The JSON record also gets `chosen.to_json()`, from the pre-pass.
-        tiles: dict[str, Any] = {"latent_tiles": result.latent_tiles, "vae_tile": result.vae_tile}
+        tiles: dict[str, Any] = {
+            "latent_tiles": result.latent_tiles,
+            "tile_batch": result.tile_batch,
+            "vae_tile": result.vae_tile,
+        }
         tiles.update(self.attention_window(result.vae_attention_window))
         if result.dtype is not None and result.dtype != self.runtime().dtype:  # after an overflow
             tiles["dtype"] = dtype_name(result.dtype)

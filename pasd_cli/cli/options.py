@@ -82,7 +82,7 @@ class LatentBlend(str, Enum):  # engine.settings.BLENDS
 
 # Options that take a whole number or "auto" (the settings' None: the engine chooses).
 AUTO = "auto"
-AUTO_NUMBERS = ("latent_tile", "latent_overlap", "vae_attention_window")
+AUTO_NUMBERS = ("latent_tile", "latent_overlap", "tile_batch", "vae_attention_window")
 
 
 def auto_number(flag: str, text: str) -> int | None:
@@ -542,12 +542,12 @@ def diffusion_options(preset: Any, extra: Sequence[Param] = (), omit: Sequence[s
         ),
         option(
             "tile_batch",
-            int,
+            str,
             d.tile_batch,
             "--tile-batch",
-            metavar="N",
+            metavar="N|auto",
             panel=TILING,
-            help="Latent tiles per forward pass.",
+            help="Latent tiles per forward pass; auto: as many as memory holds on CUDA, else 1 (--exact: 1).",
         ),
         option(
             "vae_tile",

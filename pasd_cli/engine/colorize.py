@@ -47,6 +47,7 @@ class ColorizeResult:
     # with the exact merge, up to tens of levels with the released one.
     luma_shift: int = 0
     latent_tiles: int = 1
+    tile_batch: int = 1
     vae_tile: int = 0
     vae_attention_window: int = 0
 
@@ -141,6 +142,7 @@ def colorize(
         pixels16=pixels16,
         luma_shift=max_luma_shift(rgb, gray_uint8),
         latent_tiles=generated.latent_tiles,
+        tile_batch=generated.tile_batch,
         vae_tile=generated.vae_tile,
         vae_attention_window=generated.vae_attention_window,
     )

@@ -63,9 +63,18 @@ class TileShrinker:
         self.warned = False
 
     def run(
-        self, stage: Callable[[int], T], tile: int, whole: int, minimum: int, what: str, changes_result: bool = False
+        self,
+        stage: Callable[[int], T],
+        tile: int,
+        whole: int,
+        minimum: int,
+        what: str,
+        changes_result: bool = False,
+        relieve: Callable[[], str | None] | None = None,
     ) -> tuple[T, int]:
-        """`stage(tile)`; `tile` <= 0 or >= `whole` means untiled. Returns (result, tile used)."""
+        """`stage(tile)`; `tile` <= 0 or >= `whole` means untiled. Returns (result, tile used).
+        `relieve`, after a failure, may first make the stage hold less at the same tile (e.g.
+        fewer tiles a pass): it says how ("one latent tile a pass"), or None where it cannot."""
         while True:
             failed = False
             try:
@@ -75,20 +84,26 @@ class TileShrinker:
                     raise
                 failed = True  # retry outside the handler, so the traceback's tensors are freed
             if failed:
+                free_device_cache(self.device)
+                relief = relieve() if relieve else None
+                if relief is not None:
+                    self._warn(f"out of memory on {self.device.type}; retrying with {relief}")
+                    continue
                 current = whole if tile <= 0 or tile >= whole else tile
                 smaller = current // 2
-                free_device_cache(self.device)
                 if smaller < minimum:
                     raise DeviceError(
                         f"out of memory on {self.device.type} even with {what} tiles of {current}",
                         hint="close other programs using the device, or ask for a smaller output",
                         field="scale",
                     )
-                if self.warn and not self.warned:
-                    note = "; the result will differ slightly from the requested tiling" if changes_result else ""
-                    self.warn(
-                        f"out of memory on {self.device.type}; retrying with smaller tiles "
-                        f"({what} tile {smaller}){note}"
-                    )
-                    self.warned = True
+                note = "; the result will differ slightly from the requested tiling" if changes_result else ""
+                self._warn(
+                    f"out of memory on {self.device.type}; retrying with smaller tiles ({what} tile {smaller}){note}"
+                )
                 tile = smaller
+
+    def _warn(self, message: str) -> None:
+        if self.warn and not self.warned:
+            self.warn(message)
+            self.warned = True

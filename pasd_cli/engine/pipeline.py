@@ -4,6 +4,7 @@ section 4). The engine takes plain values: a PIL image, settings, a device and a
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .prompts import build_prompt, prompt_embeddings
 from .resize import final_resize, make_hint
 from .schedulers import PortableUniPCScheduler, schedule_sigmas
 from .settings import MIN_VAE_TILE, RELEASED_LATENT_OVERLAP, UpscaleSettings
+from .tile_batch import auto_tile_batch
 from .tiling import TileGrid, auto_tiling, needs_tiling, shrunk_overlap
 from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, vae_peak_bytes
 from .vae_attention import auto_attention_window
@@ -48,6 +50,7 @@ class UpscaleResult:
     prompt: str
     hint_size: tuple[int, int]
     latent_tiles: int = 1  # tiles per denoising step (1: untiled)
+    tile_batch: int = 1  # latent tiles per denoiser pass
     vae_tile: int = 0  # VAE tile side in pixels (0: untiled)
     dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
     vae_attention_window: int = 0  # the VAE attention's window (0: exact global attention)
@@ -62,6 +65,7 @@ class Generated:
     vae_tile: int = 0
     dtype: torch.dtype | None = None  # the networks' dtype that made it (safer than asked after an overflow)
     vae_attention_window: int = 0
+    tile_batch: int = 1
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -88,7 +92,13 @@ def decoded_to_uint8(decoded: torch.Tensor, rows: int = 256) -> torch.Tensor:
 class PASDPipeline:
     """`memory_budget`: bytes the VAE may use on the device, measured by the caller; with it,
     `settings.vae_tile = None` picks VAE tiling by image size (exact either way). Without it,
-    the automatic choice is untiled."""
+    the automatic choice is untiled.
+
+    `denoise_scope`: a context each denoising loop runs in, set by the caller. Every step
+    allocates and frees the same tensors, so a host may, for instance, have its allocator keep
+    freed memory for the next step (the command line does: cli/runtime.py)."""
+
+    denoise_scope: Callable[[], AbstractContextManager[object]] = nullcontext
 
     def __init__(
         self, components: Components, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
@@ -170,7 +180,7 @@ class PASDPipeline:
         too large attention aborts the process, so no retry could catch it."""
         cap = None
         if self.limits.attention_materialised:
-            batch = (2 if settings.uses_cfg else 1) * settings.tile_batch
+            batch = (2 if settings.uses_cfg else 1) * (settings.tile_batch or 1)  # automatic: 1 there
             cap = latent_tile_cap(self.limits, attention_heads(self.unet.config), batch)
         if settings.latent_tile is None:
             plan = auto_tiling(height, width, settings.latent_overlap, cap)
@@ -178,6 +188,20 @@ class PASDPipeline:
         overlap = RELEASED_LATENT_OVERLAP if settings.latent_overlap is None else settings.latent_overlap
         tile = settings.latent_tile if cap is None else min(settings.latent_tile, cap)
         return tile, shrunk_overlap(overlap, settings.latent_tile, tile)
+
+    def tile_batch(self, settings: UpscaleSettings, height: int, width: int, tile: int, overlap: int) -> int:
+        """Latent tiles per denoiser pass for a height x width latent tiled by `tile` and
+        `overlap`: the settings' own, or when automatic (None) `auto_tile_batch`'s choice within
+        the memory budget."""
+        if settings.tile_batch is not None:
+            return settings.tile_batch
+        if not needs_tiling(height, width, tile):
+            return 1
+        tiles = len(TileGrid.build(height, width, tile, overlap).tiles)
+        copies = 2 if settings.uses_cfg else 1
+        return auto_tile_batch(
+            self.device.type, tiles, tile * tile, copies, self.unet.dtype.itemsize, self.memory_budget
+        )
 
     def vae_attention_window(self, settings: UpscaleSettings, height: int, width: int) -> int:
         """The VAE attention's window for an image of height x width pixels: the settings', or
@@ -222,13 +246,23 @@ class PASDPipeline:
         return latents * scheduler.init_noise_sigma
 
     def noise_predictor(
-        self, prompt_embeds, hint, settings, progress: Progress | None = None, latent_tile: int | None = None
+        self,
+        prompt_embeds,
+        hint,
+        settings,
+        progress: Progress | None = None,
+        latent_tile: int | None = None,
+        tile_batch: int | None = None,
     ):
         """The predictor for the latent of `hint`, tiled as `latent_tiling` plans it, or with
-        `latent_tile` (a retry's smaller tile) and the planned overlap made to fit it."""
+        `latent_tile` (a retry's smaller tile) and the planned overlap made to fit it; with
+        `tile_batch` tiles a pass, or as `self.tile_batch` decides."""
         on_tile = (lambda done, total: progress("tile", done, total)) if progress else None
-        planned, overlap = self.latent_tiling(settings, hint.shape[-2] // 8, hint.shape[-1] // 8)
+        height, width = hint.shape[-2] // 8, hint.shape[-1] // 8
+        planned, overlap = self.latent_tiling(settings, height, width)
         tile = latent_tile or planned
+        overlap = shrunk_overlap(overlap, planned, tile)
+        batch = tile_batch or self.tile_batch(settings, height, width, tile, overlap)
         return NoisePredictor(
             self.unet,
             self.controlnet,
@@ -236,8 +270,8 @@ class PASDPipeline:
             hint,
             Guidance(settings.guidance, settings.conditioning_scale),
             tile,
-            shrunk_overlap(overlap, planned, tile),
-            settings.tile_batch,
+            overlap,
+            batch,
             settings.latent_blend,
             dtype=self.unet.dtype,
             on_tile=on_tile,
@@ -252,16 +286,19 @@ class PASDPipeline:
         latent_tile: int | None = None,
         progress: Progress | None = None,
         trace: Trace = _no_trace,
+        tile_batch: int | None = None,
     ) -> torch.Tensor:
         scheduler = self.new_scheduler(settings.steps, settings.seed)  # fresh: a retry starts over
-        predict = self.noise_predictor(prompt_embeds, hint, settings, progress, latent_tile)
-        for index, t in enumerate(scheduler.timesteps):
-            eps = predict(latents, t)
-            latents = scheduler.step(eps, t, latents).prev_sample
-            trace("noise_pred", eps)
-            trace("latents_after_step", latents)
-            if progress:
-                progress("step", index + 1, len(scheduler.timesteps))
+        with self.denoise_scope():
+            predict = self.noise_predictor(prompt_embeds, hint, settings, progress, latent_tile, tile_batch)
+            for index, t in enumerate(scheduler.timesteps):
+                eps = predict(latents, t)
+                latents = scheduler.step(eps, t, latents).prev_sample
+                trace("noise_pred", eps)
+                trace("latents_after_step", latents)
+                if progress:
+                    progress("step", index + 1, len(scheduler.timesteps))
+            del predict  # its caches are freed inside the scope, whose end may hand memory back
         return latents
 
     def use_dtype(self, dtype: torch.dtype) -> None:
@@ -311,6 +348,7 @@ class PASDPipeline:
             prompt=prompt,
             hint_size=hint_image.size,
             latent_tiles=generated.latent_tiles,
+            tile_batch=generated.tile_batch,
             vae_tile=generated.vae_tile,
             dtype=generated.dtype,
             vae_attention_window=generated.vae_attention_window,
@@ -408,13 +446,23 @@ class PASDPipeline:
         # 4. Denoising loop (from the initial latents again if it runs out of memory).
         initial = latents
         planned_tile, planned_overlap = self.latent_tiling(settings, *latents.shape[-2:])
+        tile_batch = [self.tile_batch(settings, *latents.shape[-2:], planned_tile, planned_overlap)]
+
+        def one_tile_a_pass() -> str | None:
+            """Out of memory with a batch of tiles: one a pass first (the same result)."""
+            if tile_batch[0] == 1:
+                return None
+            tile_batch[0] = 1
+            return "one latent tile a pass"
+
         latents, latent_tile = shrink.run(
-            lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace),
+            lambda tile: self.denoise(initial, prompt_embeds, hint, settings, tile, progress, trace, tile_batch[0]),
             planned_tile,
             max(latents.shape[-2:]),
             MIN_LATENT_TILE,
             "latent",
             changes_result=True,
+            relieve=one_tile_a_pass,
         )
         # Decoded, NaN or inf would make a black or white image that looks like a result.
         require_finite(latents, "latents")
@@ -446,7 +494,8 @@ class PASDPipeline:
             if needs_tiling(latent_h, latent_w, latent_tile)
             else 1
         )
-        return Generated(sr_uint8, latent_tiles, 0 if vae_tile >= max(height, width) else vae_tile, self.dtype, window)
+        vae_tile = 0 if vae_tile >= max(height, width) else vae_tile
+        return Generated(sr_uint8, latent_tiles, vae_tile, self.dtype, window, min(tile_batch[0], latent_tiles))
 
     def colorize(
         self,

@@ -61,7 +61,9 @@ class UpscaleSettings:
     # with a given tile, the released overlap). A given tile is tiled as released.
     latent_tile: int | None = None
     latent_overlap: int | None = None
-    tile_batch: int = 1
+    # Latent tiles per denoiser pass; None: automatic (engine.tile_batch: by memory on CUDA,
+    # else one). A batch gives the same result up to float rounding.
+    tile_batch: int | None = None
     blend: str | None = None  # None: ramp (gaussian in exact mode)
     color_fix: str = "wavelet"
     # VAE tile side in image pixels: None = automatic (by image size and the device memory the
@@ -83,6 +85,7 @@ class UpscaleSettings:
                 "latent_overlap": RELEASED_LATENT_OVERLAP,
                 "blend": RELEASED_BLEND,
                 "vae_attention_window": 0,
+                "tile_batch": 1,
             }
             for name, value in released.items():
                 if getattr(self, name) is None:
@@ -108,7 +111,7 @@ class UpscaleSettings:
                     (RELEASED_LATENT_OVERLAP if overlap is None else overlap) < (tile or MIN_AUTO_TILE),
                     "latent overlap must be in [0, latent tile)",  # an automatic tile is at least MIN_AUTO_TILE
                 ),
-                (self.tile_batch >= 1, "tile batch must be at least 1"),
+                (self.tile_batch is None or self.tile_batch >= 1, "tile batch must be at least 1"),
                 (self.scale <= MAX_SCALE, f"scale must be at most {MAX_SCALE}"),
                 (self.blend is None or self.blend in BLENDS, f"blend must be one of {', '.join(BLENDS)}"),
                 (self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}"),
