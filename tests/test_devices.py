@@ -256,6 +256,21 @@ def test_latent_tiling_on_the_device(device, cpu_pipeline):
 
 @pytest.mark.gpu
 @on_accelerators
+def test_automatic_tile_batch_on_the_device(device, cpu_pipeline):
+    """The automatic batch with the device's measured budget: on CUDA several of the 12 tiles a
+    pass, elsewhere one; the same image as the CPU's one tile a pass, within rounding."""
+    settings = UpscaleSettings(**{**SMALL.__dict__, "latent_tile": 16, "latent_overlap": 4})
+    pipeline = device_pipeline(device)
+    pipeline.memory_budget = memory_budget(torch.device(device))
+    result = pipeline.upscale(Image.open(LR_INPUT), settings)
+    expected = cpu_pipeline.upscale(Image.open(LR_INPUT), settings)
+    assert result.latent_tiles == expected.latent_tiles == 12 and expected.tile_batch == 1
+    assert result.tile_batch > 1 if device.startswith("cuda") else result.tile_batch == 1
+    assert_close(pixels(result.image), pixels(expected.image))
+
+
+@pytest.mark.gpu
+@on_accelerators
 def test_automatic_vae_tiling_with_checkpoints_on_the_device(tmp_path, device):
     """A small --vae-memory on an 800x480 output: the budget fits 384-pixel tiles and leaves room
     for whole-image activations between the decoder's blocks (several sections, so the tiled
