@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -196,6 +197,7 @@ DENOISE_MMAP_THRESHOLD = 64 << 20
 DENOISE_TRIM_THRESHOLD = 256 << 20
 
 
+@functools.cache
 def _libc() -> Any:
     """glibc, or None where the C library is another (macOS, musl) and there is nothing to tune."""
     import ctypes
@@ -234,11 +236,12 @@ class _DenoisingHeap:
     steps that live on (the latents, libraries' caches) pin it. Later small allocations march
     through that range (glibc splits each from the last remainder), touching fresh pages that
     only a trim hands back: measured, 0.1-0.2 GB more at the VAE decode's peak. So outside the
-    loops a thread trims the heap every TRIM_EVERY seconds, which keeps the decode's peak at
-    what it was without the loop's heap (4.35-4.37 GB against 4.36-4.40 GB in the SD-size run),
-    for 1-2 s more system time per decode."""
+    loops a thread trims the heap every TRIM_EVERY seconds, which keeps the whole run's peak
+    where it was without the loop's heap (benchmarks/bench_speed.py: 4.16 GB against 4.17 GB).
+    Each trim hands back freed pages that the next allocations fault in again: five times a
+    second cost 5% on small in-process work (the test suite's), once a second about 1%."""
 
-    TRIM_EVERY = 0.2
+    TRIM_EVERY = 1.0
 
     def __init__(self, libc: Any):
         self.libc = libc
