@@ -87,7 +87,10 @@ class TileShrinker:
                 free_device_cache(self.device)
                 relief = relieve() if relieve else None
                 if relief is not None:
-                    self._warn(f"out of memory on {self.device.type}; retrying with {relief}")
+                    # Said apart from the once-per-image warning: a smaller tile may still follow,
+                    # and that one changes the result, so it must not go unsaid.
+                    if self.warn:
+                        self.warn(f"out of memory on {self.device.type}; retrying with {relief}")
                     continue
                 current = whole if tile <= 0 or tile >= whole else tile
                 smaller = current // 2
