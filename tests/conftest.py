@@ -9,7 +9,10 @@ import os
 # subprocesses that tests start inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
+import io
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +72,42 @@ def run_pasd(*args: str, timeout: float = 300, env: dict | None = None, **kwargs
         stdin=subprocess.DEVNULL,
         **kwargs,
     )
+
+
+def pasd_here(
+    *args: object, env: dict[str, str] | None = None, cwd: Path | None = None, text: bool = True
+) -> subprocess.CompletedProcess:
+    """`pasd ARGS` run by `main` in this process, answered as `run_pasd` answers: no interpreter
+    start and no second import of torch and diffusers (about 6 s a run here). For runs whose
+    subject is not the process itself (its imports, signals, terminal, stdin or a hub endpoint
+    that libraries read once at import). What `main` changes in the process (the environment,
+    the signal handlers, the working folder) is put back afterwards."""
+    from pasd_cli.cli.app import main
+
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    environ = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    here = Path.cwd()
+    code: object = 0
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    stdout, stderr = (stream.buffer.getvalue() for stream in (out, err))  # type: ignore[attr-defined]
+    if text:
+        stdout, stderr = stdout.decode(), stderr.decode()
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["pasd", *map(str, args)], returncode, stdout, stderr)
 
 
 def tiny_model_args(pasd: Path = TINY_PASD, base: Path = TINY_BASE) -> list[str]:

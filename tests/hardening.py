@@ -3,13 +3,10 @@ in these runs, so a subprocess would only add its start-up)."""
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import dataclass
 
 import pytest
-
-from pasd_cli.cli.app import main
+from conftest import pasd_here
 
 
 @dataclass
@@ -27,19 +24,8 @@ class Outcome:
 
 
 def pasd_in_process(capsys: pytest.CaptureFixture[str], *args: object) -> Outcome:
-    """`pasd ARGS` as `main` runs it; what it changes in the process (the environment, e.g.
-    HF_HUB_OFFLINE for --offline, and the signal handlers) is put back afterwards."""
+    """`pasd ARGS` as `main` runs it, in this process (conftest's `pasd_here`); whatever the test
+    printed before is dropped from `capsys`."""
     capsys.readouterr()
-    environ = dict(os.environ)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    out, err = capsys.readouterr()
-    code = exit_.value.code
-    return Outcome(code if isinstance(code, int) else 1, out, err)
+    done = pasd_here(*args)
+    return Outcome(done.returncode, done.stdout, done.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 import png
 import pytest
 from batch_images import BAD, GOOD, HIDDEN, make_photo_folder
-from conftest import TINY_PASD, pasd_command, run_pasd, tiny_model_args
+from conftest import TINY_PASD, pasd_command, pasd_here, run_pasd, tiny_model_args
 from PIL import Image
 
 from pasd_cli.imageio.metadata import read_record
@@ -64,7 +64,7 @@ def folder_run(tmp_path_factory):
     before = tree_state(root)
     out = root / "out"
     command = ["upscale", photos, "-o", out, *NAMING, *FAST, *MODEL, "--json"]
-    proc = run_pasd(*command, cwd=work)
+    proc = pasd_here(*command, cwd=work)
     return {
         "root": root,
         "photos": photos,
@@ -336,12 +336,7 @@ def test_lock_refuses_a_second_run(tmp_path):
 
 def test_single_result_to_stdout(tmp_path):
     photo = _make(tmp_path / "a.webp", size=(16, 12), fmt="WEBP")
-    proc = subprocess.run(
-        [*pasd_command(), "upscale", str(photo), "-o", "-", *FAST, *MODEL],
-        capture_output=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = pasd_here("upscale", photo, "-o", "-", *FAST, *MODEL, cwd=tmp_path, text=False)
     assert proc.returncode == 0, proc.stderr.decode()
     with Image.open(io.BytesIO(proc.stdout)) as image:
         assert (image.format, image.size) == ("PNG", (32, 24))

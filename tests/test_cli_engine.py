@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, TINY_PASD, run_pasd, tiny_model_args
+from conftest import LR_INPUT, REFERENCE_ARGS, TINY_BASE, TINY_PASD, pasd_here, tiny_model_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -18,7 +18,7 @@ from pasd_cli.errors import ModelError
 
 
 def test_cli_reproduces_reference_final_image(tmp_path, reference):
-    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path, *tiny_model_args(), *REFERENCE_ARGS)
+    proc = pasd_here("upscale", LR_INPUT, "-o", tmp_path, *tiny_model_args(), *REFERENCE_ARGS)
     assert proc.returncode == 0, proc.stderr
     written = tmp_path / "lr_input.png"
     assert proc.stdout.strip() == str(written)
@@ -72,7 +72,7 @@ def test_wrong_key_set_is_refused_with_exit_3(tmp_path):
     """Through the command (one case: the others are the same error, checked in-process above)."""
     part, edit, key = BREAKAGES["paca key removed"]
     checkpoint = _broken_checkpoint(tmp_path, part, edit)
-    proc = run_pasd(
+    proc = pasd_here(
         "upscale",
         LR_INPUT,
         "-o",
@@ -110,7 +110,7 @@ def _one_line_error(proc) -> str:
 def test_unreadable_image_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("this is not a png")
-    proc = run_pasd("upscale", bad, "-o", tmp_path / "out", *tiny_model_args(), "--steps", "1")
+    proc = pasd_here("upscale", bad, "-o", tmp_path / "out", *tiny_model_args(), "--steps", "1")
     assert proc.returncode == 1
     assert "bad.png" in _one_line_error(proc)
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
@@ -124,6 +124,6 @@ def test_missing_folder_is_one_line_error(tmp_path, which):
         "--pasd": [LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(pasd=missing)],
         "--base": [LR_INPUT, "-o", tmp_path / "out", *tiny_model_args(base=missing)],
     }[which]
-    proc = run_pasd("upscale", *args)
+    proc = pasd_here("upscale", *args)
     assert proc.returncode != 0
     assert "does-not-exist" in _one_line_error(proc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LR_INPUT, run_pasd, tiny_model_args
+from conftest import LR_INPUT, pasd_here, tiny_model_args
 from PIL import Image
 
 from pasd_cli.engine.pipeline import image_to_tensor
@@ -33,7 +33,7 @@ BASE = [
 
 def _upscale(tmp_path, name, *options):
     out = tmp_path / name
-    proc = run_pasd("upscale", LR_INPUT, "-o", out, *tiny_model_args(), *BASE, *options)
+    proc = pasd_here("upscale", LR_INPUT, "-o", out, *tiny_model_args(), *BASE, *options)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.splitlines()[0])  # the image's record; the summary follows
     vae = f"{record['vae_tile']} px" if record["vae_tile"] else "untiled"

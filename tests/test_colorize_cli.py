@@ -10,7 +10,7 @@ import json
 import numpy as np
 import png
 import pytest
-from conftest import COLOR_INPUT, COLOR_REFERENCE, TINY_BASE, TINY_COLOR, TINY_LIGHT, run_pasd
+from conftest import COLOR_INPUT, COLOR_REFERENCE, TINY_BASE, TINY_COLOR, TINY_LIGHT, pasd_here, run_pasd
 from PIL import Image
 from test_batch_cli import imported_modules, json_lines
 
@@ -74,7 +74,7 @@ def mixed(tmp_path_factory, colour_source):
     (photos / "broken.png").write_text("not a picture")
     out = root / "out"
     command = ["colorize", photos, "-o", out, *RELEASED_RUN, *MODEL, "--json", "-v"]
-    proc = run_pasd(*command)
+    proc = pasd_here(*command)
     return {"photos": photos, "out": out, "command": command, "proc": proc}
 
 
@@ -90,7 +90,7 @@ def test_released_luma_matches_the_released_script(tmp_path, color_reference):
     gray16 = tmp_path / "gray16.png"
     Image.fromarray(gray16_picture()).save(gray16)
     out = tmp_path / "out"
-    proc = run_pasd("colorize", COLOR_INPUT, gray16, "-o", out, *RELEASED_RUN, *MODEL, "--luma", "released", "--json")
+    proc = pasd_here("colorize", COLOR_INPUT, gray16, "-o", out, *RELEASED_RUN, *MODEL, "--luma", "released", "--json")
     assert proc.returncode == 0, proc.stderr
     records, _ = by_name(proc.stdout)
     written = np.asarray(Image.open(out / "color_public_input.png")).astype(int)
@@ -189,7 +189,7 @@ def test_running_again_skips_everything_then_force_colours_the_colour_input(mixe
     assert records["colour.png"]["reason"].startswith("failed before and unchanged since: looks like a colour")
     assert "torch" not in imported_modules(again.stderr) and "loading PASD" not in again.stderr
 
-    forced = run_pasd(*mixed["command"], "--force")
+    forced = pasd_here(*mixed["command"], "--force")
     assert forced.returncode == 0, forced.stderr
     records, summary = by_name(forced.stdout)
     assert records["colour.png"]["status"] == "done" and records["colour.png"]["grayscale"] is False
@@ -245,7 +245,7 @@ def test_options_are_upscales_less_scale_colour_fix_and_added_prompt():
 
 
 def test_a_checkpoint_without_a_scheduler_beside_it_is_refused_before_any_image(tmp_path):
-    proc = run_pasd("colorize", COLOR_INPUT, "-o", tmp_path / "out", "--pasd", TINY_LIGHT, *MODEL[2:])
+    proc = pasd_here("colorize", COLOR_INPUT, "-o", tmp_path / "out", "--pasd", TINY_LIGHT, *MODEL[2:])
     assert proc.returncode == 3, proc.stderr
     assert "scheduler folder not found" in proc.stderr and "Traceback" not in proc.stderr
     assert "hint: --pasd names the colorization checkpoint folder" in proc.stderr
@@ -261,7 +261,7 @@ def test_upscale_says_once_that_colorize_exists_for_black_and_white_inputs(tmp_p
     Image.open(COLOR_INPUT).save(photos / "b_gray_rgb.png")
     Image.fromarray(colour_source).save(photos / "c_colour.png")
     upscale = ["upscale", photos, "-o", tmp_path / "out", "--pasd", TINY_PASD, *MODEL[2:]]
-    proc = run_pasd(*upscale, "--scale", "1", "--steps", "1", "--process-size", "16", "--json", "-v")
+    proc = pasd_here(*upscale, "--scale", "1", "--steps", "1", "--process-size", "16", "--json", "-v")
     assert proc.returncode == 0, proc.stderr
     records, _ = by_name(proc.stdout)
     for name in ("a_gray.png", "b_gray_rgb.png"):
@@ -274,7 +274,7 @@ def test_upscale_says_once_that_colorize_exists_for_black_and_white_inputs(tmp_p
 
 def test_a_caption_goes_to_the_engine_through_colorizes_prompt_rule(tmp_path, tiny_blip_dir):
     out = tmp_path / "out"
-    proc = run_pasd(
+    proc = pasd_here(
         "colorize",
         COLOR_INPUT,
         "-o",

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import LR_INPUT, run_pasd, tiny_model_args
+from conftest import LR_INPUT, pasd_here, tiny_model_args
 
 from pasd_cli.cli.diffusion import exact_precision
 from pasd_cli.cli.options import ModelChoice, colorize_settings_options, diffusion_options
@@ -72,7 +72,7 @@ def test_exact_mode_computes_in_fp32():
 
 
 def test_exact_with_another_dtype_is_a_usage_error(tmp_path):
-    proc = run_pasd("upscale", LR_INPUT, "-o", tmp_path, *tiny_model_args(), "--exact", "--dtype", "fp16")
+    proc = pasd_here("upscale", LR_INPUT, "-o", tmp_path, *tiny_model_args(), "--exact", "--dtype", "fp16")
     assert proc.returncode == 2, proc.stderr
     assert "error: --exact computes in fp32, not --dtype fp16" in proc.stderr and "hint:" in proc.stderr
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pasd_command, run_pasd, tiny_model_args
+from conftest import pasd_command, pasd_here, run_pasd, tiny_model_args
 from hardening import pasd_in_process
 from PIL import Image
 
@@ -113,7 +113,7 @@ def _check_interrupted(proc: subprocess.CompletedProcess, expected: int, out: Pa
 
 def _finish(photos: Path, out: Path, reference: dict) -> None:
     """Run until done: once, for the signals have all been sent."""
-    proc = run_pasd("upscale", photos, "-o", out, *ARGS, "--json")
+    proc = pasd_here("upscale", photos, "-o", out, *ARGS, "--json")
     assert proc.returncode == 0, proc.stderr
     assert not _temporaries(out)  # what a killed run left is gone
     outputs = _pixels(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_pasd, tiny_model_args
+from conftest import pasd_here, tiny_model_args
 from PIL import Image
 
 from pasd_cli.imageio.metadata import read_record
@@ -32,7 +32,7 @@ def encoded(tmp_path_factory):
         if (fmt, quality) not in runs:
             out = root / f"{fmt}-{quality}"
             extra = [] if quality is None else ["--quality", str(quality)]
-            proc = run_pasd("upscale", photo, "-o", out, "--format", fmt, *extra, "--json", *FAST, *MODEL)
+            proc = pasd_here("upscale", photo, "-o", out, "--format", fmt, *extra, "--json", *FAST, *MODEL)
             assert proc.returncode == 0, proc.stderr
             record = json.loads(proc.stdout.splitlines()[0])
             assert record["status"] == "done", record

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from conftest import pasd_command, run_pasd, tiny_model_args
+from conftest import pasd_command, pasd_here, run_pasd, tiny_model_args
 from PIL import Image
 
 MODEL = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
@@ -58,7 +58,7 @@ def _two_photos(folder: Path) -> list[Path]:
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     first, second = _two_photos(tmp_path / "in")
     out = tmp_path / "out"
-    proc = run_pasd("upscale", first, second, "-o", out, *FAST, *MODEL, env={"TERM": "xterm"})
+    proc = pasd_here("upscale", first, second, "-o", out, *FAST, *MODEL, env={"TERM": "xterm"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(out / "first.png"), str(out / "second.png")]  # results only
     assert not ANSI.search(proc.stderr) and not ANSI.search(proc.stdout), repr(proc.stderr)
@@ -73,7 +73,7 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
 def test_verbose_plain_progress_reports_every_step(tmp_path):
     photo = _photo(tmp_path / "a.png")
     out = tmp_path / "out"
-    proc = run_pasd("upscale", photo, "-o", out, "-v", *FAST, "--steps", "3", *MODEL)
+    proc = pasd_here("upscale", photo, "-o", out, "-v", *FAST, "--steps", "3", *MODEL)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(out / "a.png")]
     steps = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("step ")]

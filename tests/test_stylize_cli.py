@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT, run_pasd, tiny_stylize_args
+from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT, pasd_here, run_pasd, tiny_stylize_args
 from hub_server import FakeHub, Repo, clean_env
 from PIL import Image
 from tiny_bases import (
@@ -125,9 +125,8 @@ def pixels(path: Path) -> np.ndarray:
 def stylize(files, name: str, *args, env: dict | None = None) -> tuple[np.ndarray, dict]:
     """One `pasd stylize` run on the test image with the tiny model: (pixels, metadata record)."""
     out = files["root"] / name
-    proc = run_pasd(
-        "stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *args, env=env, cwd=files["root"] / "work"
-    )
+    run = run_pasd if env else pasd_here  # libraries read the hub's address once, at import
+    proc = run("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, *args, env=env, cwd=files["root"] / "work")
     assert proc.returncode == 0, proc.stderr
     written = out / "lr_input.png"
     assert proc.stdout.strip() == str(written) or '"status": "done"' in proc.stdout
@@ -140,7 +139,7 @@ def stylize(files, name: str, *args, env: dict | None = None) -> tuple[np.ndarra
 def plain(files):
     """The plain `pasd upscale` output with the stylize defaults spelled out."""
     out = files["root"] / "plain"
-    proc = run_pasd(
+    proc = pasd_here(
         "upscale",
         LR_INPUT,
         "-o",
@@ -392,7 +391,7 @@ def test_trusted_pickle_is_read_with_restricted_unpickling(files, tmp_path):
     marker = tmp_path / "payload-ran"
     evil = _malicious_pickle(tmp_path / "evil.ckpt", marker)
     out = tmp_path / "out"
-    proc = run_pasd("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, "--style", evil, "--trust-pickle")
+    proc = pasd_here("stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *RUN, "--style", evil, "--trust-pickle")
     assert "restricted unpickling refused" in one_error(proc)
     assert not marker.exists() and not (out / "lr_input.png").exists()
 
@@ -532,7 +531,7 @@ def test_a_folder_is_a_batch_with_json_records_and_a_rerun_skips_it_all(tmp_path
         "fp32",
         "--json",
     ]
-    proc = run_pasd(*command)
+    proc = pasd_here(*command)
     assert proc.returncode == 1, proc.stderr  # one input failed
     assert proc.stderr.count("loading PASD") == 1  # the model is loaded once for the whole batch
     objects = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -552,7 +551,7 @@ def test_a_folder_is_a_batch_with_json_records_and_a_rerun_skips_it_all(tmp_path
     assert (summary["total"], summary["done"], summary["failed"], summary["skipped"]) == (4, 3, 1, 0)
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = run_pasd(*command)
+    again = pasd_here(*command)
     assert again.returncode == 0, again.stderr  # the known failure is skipped while unchanged
     objects = [json.loads(line) for line in again.stdout.splitlines()]
     assert [r["status"] for r in objects[:-1]] == ["skipped"] * 4

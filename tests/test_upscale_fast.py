@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import LR_INPUT, TINY_BASE, TINY_PASD, run_pasd, tiny_model_args
+from conftest import LR_INPUT, TINY_BASE, TINY_PASD, pasd_here, run_pasd, tiny_model_args
 from hub_server import clean_env
 from PIL import Image
 from tiny_bases import kohya_name, lora_pair, write_kohya_lora
@@ -89,7 +89,7 @@ def test_upscale_fast_through_the_command(tmp_path, lcm_file):
     _store_with_lcm(tmp_path / "store", lcm_file)
     out = tmp_path / "out"
     args = ["upscale", LR_INPUT, "-o", out, *tiny_model_args(), *RUN, "--fast", "--offline", "--json"]
-    proc = run_pasd(*args, "--name", "{stem}_{steps}", env=env)
+    proc = pasd_here(*args, "--name", "{stem}_{steps}", env=env)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out / "lr_input_4.png") as image:
         record = read_record(image)
