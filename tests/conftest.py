@@ -74,6 +74,21 @@ def run_pasd(*args: str, timeout: float = 300, env: dict | None = None, **kwargs
     )
 
 
+def _put_the_allocator_back() -> None:
+    """The command line fixes glibc's mmap threshold at 4 MB and trims the heap from a thread
+    once a second (cli/runtime.py). Left in this process, every later test's large tensors would
+    be fresh pages: a tiny-VAE test took 27-30 s instead of 16. glibc's own thresholds rise with
+    use to 32 MB (mmap) and twice that (trim); that is what is put back (once set, they no longer
+    move by themselves)."""
+    from pasd_cli.cli import runtime
+
+    runtime.stop_heap_trimming()
+    libc = runtime._libc()
+    if libc is not None:
+        libc.mallopt(runtime._M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(runtime._M_TRIM_THRESHOLD, 64 << 20)
+
+
 def pasd_here(
     *args: object, env: dict[str, str] | None = None, cwd: Path | None = None, text: bool = True
 ) -> subprocess.CompletedProcess:
@@ -81,7 +96,8 @@ def pasd_here(
     start and no second import of torch and diffusers (about 6 s a run here). For runs whose
     subject is not the process itself (its imports, signals, terminal, stdin or a hub endpoint
     that libraries read once at import). What `main` changes in the process (the environment,
-    the signal handlers, the working folder) is put back afterwards."""
+    the signal handlers, the working folder, the allocator's settings) is put back
+    afterwards."""
     from pasd_cli.cli.app import main
 
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
@@ -103,6 +119,7 @@ def pasd_here(
         os.environ.update(environ)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        _put_the_allocator_back()
     stdout, stderr = (stream.buffer.getvalue() for stream in (out, err))  # type: ignore[attr-defined]
     if text:
         stdout, stderr = stdout.decode(), stderr.decode()
