@@ -5,6 +5,7 @@ pixel for pixel, at half the weights' memory."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from conftest import LR_INPUT, TINY_BASE, TINY_LIGHT, TINY_PASD
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_loading_dtype import mapped_file
 from tiny_bases import kohya_name, lora_pair, perturbed, stock_state, write_checkpoint, write_kohya_lora
 
 from pasd_cli.engine import LoraSpec, StylizeSettings, UpscaleSettings, load_pipeline, load_stylize_pipeline
@@ -82,6 +84,10 @@ def test_a_lora_merged_into_kept_half_weights_stays_float32(half_models, tmp_pat
         merged = half.unet.get_submodule(name).weight
         assert merged.dtype == torch.float32
         assert torch.equal(merged, full.unet.get_submodule(name).weight)
+    if sys.platform.startswith("linux"):
+        # No merge goes into the ControlNet: its weights stay the file's pages, not a read.
+        assert mapped_file(half.controlnet.conv_in.weight).endswith("diffusion_pytorch_model.safetensors")
+        assert mapped_file(half.unet.conv_in.weight) == ""  # read: merges replace its weights
     fast = UpscaleSettings(process_size=64, scale=2, seed=3, steps=2, guidance=1.0)
     run = [np.asarray(p.upscale(Image.open(LR_INPUT), fast).image) for p in (half, full)]
     assert np.array_equal(*run)

@@ -143,3 +143,28 @@ def test_a_mapped_tensor_written_in_place_leaves_the_file_as_it_was(tmp_path):
     mapped.add_(1)  # a merge into the weights
     assert path.read_bytes() == before
     assert torch.equal(read_tensors(path)["a"], torch.arange(6, dtype=torch.float16))
+
+
+def mapped_file(tensor: torch.Tensor) -> str:
+    """The file whose mapping holds the tensor's memory ("" for the allocator's memory), from
+    /proc/self/maps."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(n, 16) for n in fields[0].split("-"))
+            if start <= address < end:
+                name = fields[5].strip() if len(fields) == 6 else ""
+                return name if name.startswith("/") else ""  # not "[heap]" and the like
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_only_tensors_kept_in_half_precision_are_mapped(tmp_path):
+    """A float32 tensor used as stored is read into the allocator's memory: computed on at the
+    file's alignment, the matrix kernels' sums would differ in the last bit from a read load's."""
+    path = tmp_path / "w.safetensors"
+    save_file({"half": torch.ones(4, dtype=torch.float16), "full": torch.ones(4)}, str(path))
+    state = read_tensors(path, torch.float32, keep={torch.float16}, mapped=True)
+    assert mapped_file(state["half"]) == str(path) and mapped_file(state["full"]) == ""
+    assert state["full"].dtype == torch.float32 and state["half"].dtype == torch.float16

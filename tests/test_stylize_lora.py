@@ -217,3 +217,18 @@ def test_full_checkpoint_given_as_lora_is_refused_with_a_hint(tmp_path):
     with pytest.raises(ModelError, match="not a LoRA") as failure:
         apply_lora(components, path)
     assert "--style" in hint_for(failure.value)  # the command line names its option; the engine does not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_merge_sum_in_slices_is_the_float32_sum_bit_for_bit(dtype):
+    """The merge adds the weight to the scaled product in slices, in place (lora.MERGE_SLICE):
+    the very bits of widening the weight and adding the scaled product to it, across slice
+    borders too."""
+    from pasd_cli.engine.lora import MERGE_SLICE, _add_scaled_in_place
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(2 * MERGE_SLICE + 17, generator=generator).to(dtype).reshape(-1, 1, 1)
+    delta = torch.randn(weight.shape, generator=generator) * 1e-3
+    expected = weight.float() + 0.37 * delta
+    _add_scaled_in_place(delta, 0.37, weight)
+    assert torch.equal(delta, expected)

@@ -86,13 +86,13 @@ def load_components(
     weight cast as it is read: no copy of the model in the files' or any other dtype is made.
     `keep_half_weights` (with a float32 `dtype`): weights that the files store in float16 or
     bfloat16 stay so, for `PASDPipeline` to widen per layer (half_weights.py); without `merges`
-    (no LoRA or base to be merged into them) they are the files' pages, mapped, not read.
+    (no LoRA or base to be merged into them) they are the files' pages, mapped, not read. Merges
+    go into the UNet and the base parts only, so the ControlNet's weights are mapped either way.
     `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
     keep = HALF_DTYPES if keep_half_weights and dtype not in HALF_DTYPES else frozenset()
-    mapped = bool(keep) and not merges
-    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, mapped)
-    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, mapped)
+    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, bool(keep) and not merges)
+    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, bool(keep))
     vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)

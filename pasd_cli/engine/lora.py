@@ -171,6 +171,22 @@ def _targets(layers: dict[str, LoraLayer], find, source: Path, what: str) -> lis
     return pairs
 
 
+# Elements per slice of a merge's sum: a half-precision weight is widened a slice at a time, in
+# memory the allocator reuses (under the command line's 4 MB mmap threshold, cli/runtime.py).
+MERGE_SLICE = 1 << 19
+
+
+def _add_scaled_in_place(delta: torch.Tensor, scale: float, weight: torch.Tensor) -> None:
+    """delta <- scale * delta + weight, in delta: the merge's only new tensor. An SD-size
+    LCM-LoRA touches 610M weights; with a temporary per operand (the scaled product, the widened
+    weight, the sum: 7 GB of fresh pages) its merge took longer than the model's load. The same
+    float32 operations, so the same bits."""
+    delta.mul_(scale)
+    flat, source = delta.view(-1), weight.reshape(-1)
+    for start in range(0, flat.numel(), MERGE_SLICE):
+        flat[start : start + MERGE_SLICE].add_(source[start : start + MERGE_SLICE])
+
+
 def apply_lora(components: Components, path: Path, weight: float = 1.0, trust_pickle: bool = False) -> LoraReport:
     """Merge one LoRA file into the stock UNet and text encoder layers, in place."""
     path = Path(path)
@@ -188,10 +204,10 @@ def apply_lora(components: Components, path: Path, weight: float = 1.0, trust_pi
     )
     with torch.no_grad():
         for module, layer in pairs:
-            delta = (weight * layer.scale) * layer.delta(module.weight.shape)
             # Summed in float32 and rounded once: weights loaded in half precision lose no more
             # than their own rounding (a float32 weight takes the very same sum as before).
-            merged = module.weight.float() + delta.to(module.weight.device)
+            merged = layer.delta(module.weight.shape).to(module.weight.device)
+            _add_scaled_in_place(merged, weight * layer.scale, module.weight)
             if components.keeps_half_weights:
                 # Half only to be widened for float32 compute: the merge stays float32, as the
                 # float32 weights' would.

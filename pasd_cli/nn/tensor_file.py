@@ -78,9 +78,13 @@ class _Reader:
         if end - begin != nbytes or begin < 0 or self.start + end > self.size:
             raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not match its shape or the file")
         cast = dtype is not None and stored.is_floating_point and stored != dtype and stored not in keep
-        if not cast and self.mapped is not None and nbytes and (self.start + begin) % stored.itemsize == 0:
-            # Used as stored: the file's own pages, mapped copy-on-write (a later in-place merge
-            # makes private copies of the pages it writes; the file never changes).
+        kept = stored in keep and dtype is not None and stored != dtype
+        if kept and self.mapped is not None and nbytes and (self.start + begin) % stored.itemsize == 0:
+            # Kept in half precision, to be widened as each layer runs: the file's own pages,
+            # mapped copy-on-write (a later in-place merge makes private copies of the pages it
+            # writes; the file never changes). Only these: a float32 tensor used as stored would
+            # be computed on from the file's alignment, not the allocator's, and the matrix
+            # kernels' sums then differ in the last bit (1 level in the tiny model's output).
             raw = torch.frombuffer(self.mapped, dtype=torch.uint8, count=nbytes, offset=self.start + begin)
             return raw.view(stored).view(shape)
         if not cast:
@@ -105,10 +109,10 @@ def read_tensors(
     path: Path, dtype: torch.dtype | None = None, keep=frozenset(), mapped: bool = False
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the file on the CPU; floating-point ones cast to `dtype` (None: as
-    stored), except those stored in a dtype of `keep`. `mapped`: tensors not cast are the file's
-    pages, mapped (for weights used as they are: one that is replaced later, by a merge, would
-    leave the pages it was read from resident while the file stays mapped). Raises ValueError
-    for a damaged file."""
+    stored), except those stored in a dtype of `keep`. `mapped`: those kept are the file's pages,
+    mapped (for weights used as they are: one that is replaced later, by a merge, would leave
+    the pages it was read from resident while the file stays mapped). Raises ValueError for a
+    damaged file."""
     path = Path(path)
     size = path.stat().st_size
     state: dict[str, torch.Tensor] = {}
