@@ -13,7 +13,8 @@ import pytest
 from conftest import run_pasd, tiny_model_args
 from PIL import Image
 
-pytestmark = pytest.mark.slow
+# Beyond the suite's 10-minute limit per test (pytest-timeout), which would stop the run midway.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 3600)]
 
 
 def test_8k_output_in_under_6_gb(tmp_path):
@@ -51,6 +52,8 @@ def test_8k_output_in_under_6_gb(tmp_path):
         "cpu",
         "--dtype",
         "fp32",
+        "--max-pixels",
+        "70000000",  # 67.1 MP of working size: above the default limit of 64 MP
         timeout=3 * 3600,
     )
     assert proc.returncode == 0, proc.stderr
