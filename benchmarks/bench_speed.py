@@ -68,8 +68,6 @@ class Config:
     # The command line's heap for the denoising loop on the CPU (cli/runtime.py); without it, the
     # steps' tensors are mapped and zeroed afresh each time, as before that existed.
     heap_reuse: bool = True
-    # The command line's huge pages for large CPU tensors (cli/runtime.use_huge_pages).
-    huge_pages: bool = True
 
 
 def configs() -> dict[str, Config]:
@@ -92,8 +90,6 @@ def configs() -> dict[str, Config]:
             Config("compile", "--compile", "auto", compile=True),
             Config("default-mapped", "(no flags), steps not in the heap (before)", "auto", heap_reuse=False),
             Config("exact-mapped", "--exact, steps not in the heap (before)", "fp32", settings=exact, heap_reuse=False),
-            Config("default-small-pages", "(no flags), 4 KB pages (before)", "auto", huge_pages=False),
-            Config("exact-small-pages", "--exact, 4 KB pages (before)", "fp32", settings=exact, huge_pages=False),
         )
     }
 
@@ -241,9 +237,6 @@ def _import_the_loaders() -> None:
 
 def child(name: str, args: dict) -> dict:
     start = time.perf_counter()
-    from pasd_cli.cli.runtime import use_huge_pages
-
-    use_huge_pages()  # as the CLI does, before torch; the parent's environment may say no
     import torch
 
     from pasd_cli.cli.runtime import (
@@ -658,8 +651,6 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from pasd_cli.cli.runtime import TORCH_HUGE_PAGES
-
     known = configs()
     default_configs = "exact,default,fast,compile" if args.device.startswith("cuda") else "exact,default,bf16,fast"
     names = (args.configs or default_configs).split(",")
@@ -704,7 +695,6 @@ def main() -> None:
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
-                env=os.environ if known[name].huge_pages else {**os.environ, TORCH_HUGE_PAGES: "0"},
             )
             if proc.returncode != 0:
                 print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)

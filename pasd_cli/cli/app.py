@@ -19,7 +19,6 @@ from .colorize import colorize
 from .models import download_command, models_app
 from .option_groups import BATCH
 from .options import CHOICES
-from .runtime import use_huge_pages
 from .stylize import stylize
 from .upscale import upscale
 
@@ -145,7 +144,6 @@ def _fail(message: str, hint: str | None, code: int, epilogue: str | None = None
 def main(argv: Sequence[str] | None = None) -> None:
     # Our handlers replace KeyboardInterrupt, which the option parser would turn into exit code 1.
     install_interrupts()
-    use_huge_pages()  # before torch is imported
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = app(args=args, prog_name="pasd", standalone_mode=False)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError
@@ -197,30 +194,6 @@ HEAP_MMAP_THRESHOLD = 4 << 20
 # convolution weights of up to 59 MB), and up to this much free memory kept at its top.
 DENOISE_MMAP_THRESHOLD = 64 << 20
 DENOISE_TRIM_THRESHOLD = 256 << 20
-
-
-# torch's CPU allocator advises huge pages for buffers of 2 MB and more when this is set before
-# its first allocation (c10/core/alloc_cpu.cpp), and aligns them to the page.
-TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
-THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def use_huge_pages() -> None:
-    """Large CPU tensors in 2 MB pages, where Linux offers transparent huge pages: a fresh page
-    costs the kernel a fault to map and zero, and there are 512 times fewer of them. Measured on
-    the development machine (THP on `madvise`, the common default): 2.56 GB of fresh tensors
-    filled in 0.40 s instead of 1.85 s; the same numbers. Only where THP is `madvise`: with
-    `always` the kernel gives them unasked, with `never` it refuses them, and a kernel without THP
-    would fail the advice (torch warns). Must run before torch is imported; a value the user set
-    stays."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        setting = THP_SETTING.read_text()
-    except OSError:
-        return
-    if "[madvise]" in setting:
-        os.environ.setdefault(TORCH_HUGE_PAGES, "1")
 
 
 @functools.cache
