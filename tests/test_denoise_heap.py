@@ -79,9 +79,11 @@ def test_the_steps_reuse_freed_memory():
         # Each tensor is fresh memory (measured 0.88-1.0 of its pages, after the whole suite's work).
         assert mapped > 0.75 * pages
         with runtime.heap_reused_while_denoising():
-            _faults(1)  # the heap grows once
+            # The heap reaches its size over the first rounds (measured: fresh pages up to the
+            # fifth, from the remainders that alignment leaves), then holds.
+            _faults(4)
             reused = _faults()
-    # Measured over 22 runs: 0 to 0.31 of the faults outside.
+    # Measured over 10 runs: 0 to 0.06 of the faults outside (after one round only: up to 0.31).
     assert reused < 0.4 * mapped, (reused, mapped)
 
 
