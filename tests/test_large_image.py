@@ -1,8 +1,8 @@
 """An 8192x8192 output from the real command with the tiny model, in bounded memory.
 
 Slow: run with `-m slow` (22 minutes on the 2-core development CPU; 37 on one thread, as the
-suite's other tests run). benchmarks/bench_tiling.py reports the same run with stage times beside smaller
-sizes.
+suite's other tests run). benchmarks/bench_tiling.py reports the same run with stage times
+beside smaller sizes.
 """
 
 from __future__ import annotations
