@@ -6,6 +6,7 @@ kernel's page faults and the process's resident memory, on glibc."""
 from __future__ import annotations
 
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -70,19 +71,36 @@ def _as_the_command_line_starts() -> None:
     runtime._libc().malloc_trim(0)
 
 
-@glibc
-def test_the_steps_reuse_freed_memory():
+def _reuse_counts() -> tuple[int, int]:
+    """Faults of the same rounds outside and then inside the loop's heap."""
     _as_the_command_line_starts()
-    pages = 8 * 2 * 16 * MB // resource.getpagesize()
     with _small_pages():
         mapped = _faults()
-        # Each tensor is fresh memory (measured 0.88-1.0 of its pages, after the whole suite's work).
-        assert mapped > 0.75 * pages
         with runtime.heap_reused_while_denoising():
             # The heap reaches its size over the first rounds (measured: fresh pages up to the
             # fifth, from the remainders that alignment leaves), then holds.
             _faults(4)
             reused = _faults()
+    return mapped, reused
+
+
+@glibc
+def test_the_steps_reuse_freed_memory():
+    """Counted in a fresh interpreter, as a `pasd` process starts: in the suite's own process
+    the earlier tests leave free holes in the heap, and a 16 MB tensor that fits one is served
+    from it whatever the threshold (CI: 0.56 of the pages fresh; reproduced with a 20 MB hole)."""
+    counted = subprocess.run(
+        [sys.executable, "-c", "import test_denoise_heap as t; print(*t._reuse_counts())"],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    mapped, reused = map(int, counted.stdout.split()[-2:])
+    pages = 8 * 2 * 16 * MB // resource.getpagesize()
+    # Each tensor is fresh memory (measured 1.0 of its pages).
+    assert mapped > 0.75 * pages, counted.stderr
     # Measured over 10 runs: 0 to 0.06 of the faults outside (after one round only: up to 0.31).
     assert reused < 0.4 * mapped, (reused, mapped)
 
