@@ -22,7 +22,9 @@ from pasd_cli.store.hub import download
 MANIFESTS = load_manifests()
 PASD_REPO = "yangtao9009/PASD"
 COLOR_MODEL = TINY_COLOR.parent  # pasd_light_color/: checkpoint-180000/ and scheduler/
+# fp32 as the reference was made: --dtype auto is bf16 on a CPU with bf16 matrix instructions.
 RELEASED_RUN = ["--steps", "2", "--seed", "1234", "--guidance", "9", "--process-size", "64", "--luma", "released"]
+RELEASED_RUN += ["--dtype", "fp32"]
 
 
 def color_files(folder: str = "pasd_light_color", checkpoint: str = "checkpoint-180000") -> dict[str, bytes]:

@@ -21,7 +21,8 @@ from pasd_cli.store import LCM_LORA, load_manifests
 from pasd_cli.store.local import Record, Store, sha256_file
 
 LCM_LAYERS = ["down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.proj_in", "up_blocks.3.resnets.2.conv2"]
-RUN = ["--process-size", "64", "--scale", "2", "--seed", "3", "--caption", "none", "--device", "cpu"]
+# fp32 as the oracle computes: --dtype auto is bf16 on a CPU with bf16 matrix instructions.
+RUN = ["--process-size", "64", "--scale", "2", "--seed", "3", "--caption", "none", "--device", "cpu", "--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
