@@ -12,14 +12,13 @@ Single files are converted offline in `single_file.py`, with the configs of the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
-from ..nn.loading import check_state_dict
+from ..nn.loading import check_state_dict, read_json_config
 from .formats import DIFFUSERS_FOLDER, SINGLE_FILE, UNET_FOLDER, base_kind, weight_files  # noqa: F401
 from .loading import Components
 from .single_file import build_text_encoder, build_vae, read_single_file
@@ -119,15 +118,8 @@ def read_part(folder: Path, stem: str, trust_pickle: bool) -> dict[str, torch.Te
     return state
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
-
-
 def read_unet_folder(folder: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    config = _read_json(folder / "config.json")
+    config = read_json_config(folder / "config.json")
     kind = config.get("_class_name", "UNet2DConditionModel")
     if kind != "UNet2DConditionModel":
         raise ModelError(f"{folder} holds a {kind}, not a Stable Diffusion UNet")
@@ -154,7 +146,7 @@ def apply_diffusers_folder(
     if (folder / "vae").is_dir():
         vae = build_vae(
             read_part(folder / "vae", "diffusion_pytorch_model", trust_pickle),
-            _read_json(folder / "vae" / "config.json"),
+            read_json_config(folder / "vae" / "config.json"),
             folder / "vae",
             _part_dtype(components, components.vae),
         )

@@ -11,13 +11,13 @@ as released. The base model's scheduler is not used in this mode.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
+from ..nn.loading import read_json_config
 from .loading import Components, load_components
 
 SCHEDULER_FOLDER = "scheduler"
@@ -36,16 +36,7 @@ def read_scheduler_config(scheduler_dir: Path) -> dict:
         raise ModelError(
             f"colorization scheduler folder not found: {scheduler_dir} (it belongs beside the checkpoint folder)"
         )
-    path = scheduler_dir / SCHEDULER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"missing {path}") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path} does not hold a scheduler config")
-    return config
+    return read_json_config(scheduler_dir / SCHEDULER_CONFIG, "scheduler config")
 
 
 def load_colorize_components(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from ..errors import ModelError
 from ..nn.controlnet import PASDControlNet
-from ..nn.loading import load_pasd_controlnet, load_pasd_unet
+from ..nn.loading import load_pasd_controlnet, load_pasd_unet, read_json_config
 from ..nn.tensor_file import float_dtypes
 from ..nn.unet import PASDUNet
 from .half_weights import HALF_DTYPES
@@ -67,11 +66,7 @@ def load_base_parts(
         dtype=stored_dtype(base_dir / "text_encoder", keep) or dtype,
     )
     tokenizer = from_pretrained(CLIPTokenizer, base_dir / "tokenizer")
-    config_path = base_dir / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {config_path}: {exc}") from None
+    scheduler_config = read_json_config(base_dir / "scheduler" / "scheduler_config.json", "scheduler config")
     return vae, text_encoder, tokenizer, scheduler_config
 
 

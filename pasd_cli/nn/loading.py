@@ -47,14 +47,21 @@ def detect_rrdb_blocks(keys) -> int:
     return len(indices)
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+def read_json_config(path: Path, what: str = "config") -> dict:
+    """A model's JSON file (`what` it should hold), or a ModelError that names the file."""
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelError(f"missing {path}") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} does not hold a {what}")
+    return config
+
+
+def read_config(folder: Path) -> dict:
+    config = read_json_config(folder / "config.json")
     for key in _PASD_CONFIG_KEYS:
         config.pop(key, None)
     return config
