@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
 # The GPU check in one go: the gpu-marked tests, then the speed benchmark on CUDA, everything on
-# stdout. Run from anywhere on a fresh GPU machine after
-#     pip install torch==2.13.0 && pip install -e '.[test]'
+# stdout. Run from anywhere on a GPU machine with torch and the project installed
+#     pip install torch && pip install -e '.[test]'
+# or, where the machine has CUDA torch but no network (the lent machines), with the wheels that
+# `python benchmarks/device_wheels.py` gathers into .whl/ here: they are installed first, and the
+# project runs from this tree. PYTHON names the interpreter (default: python3).
 # Exit status: the tests' when they fail, else the benchmark's (a missing benchmark is reported,
-# not a failure); 2 when torch sees no GPU, since every gpu test would then be skipped.
+# not a failure); 2 when torch sees no GPU, since every gpu test would then be skipped; 3 when the
+# carried wheels do not install. Arguments go to the benchmark (e.g. --json FILE).
+#
+# On a lent machine, through the device tool (one call; about 78 GiB is plenty):
+#     python benchmarks/device_wheels.py          # here, once: .whl/, 37 MiB
+#     run(command="bash benchmarks/gpu_check.sh --json $OUT/bench.json | tee $OUT/gpu_check.log",
+#         carry=[".whl"], timeout_s=540)
 set -uo pipefail
 exec 2>&1
 cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+
+if [ -d .whl ]; then
+    echo "== installing the carried wheels (.whl/); the project runs from this tree"
+    # Named wheels replace the machine's versions; what they need comes from the machine, or from .whl.
+    "$py" -m pip install -q --no-index --find-links .whl --no-compile --disable-pip-version-check .whl/*.whl || exit 3
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # The tests' CPU references run beside the GPU; conftest would otherwise pin them to one thread.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 4)}"
 
 echo "== environment"
-python - <<'EOF'
+"$py" - <<'EOF'
 import platform, torch
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
 if torch.cuda.is_available():
@@ -24,7 +41,7 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 
 # PASD_TEST_GPU_DEVICE=cpu (see tests/test_devices.py) runs the whole check on the CPU, to check it.
-device=${PASD_TEST_GPU_DEVICE:-$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else '')")}
+device=${PASD_TEST_GPU_DEVICE:-$("$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else '')")}
 if [ -z "$device" ]; then
     echo "error: torch sees neither CUDA nor MPS; the gpu tests would all be skipped"
     exit 2
@@ -32,7 +49,7 @@ fi
 
 echo
 echo "== gpu tests: python -m pytest -m gpu -q"
-python -m pytest -m gpu -q -rs --durations=15
+"$py" -m pytest -m gpu -q -rs --durations=15
 tests_status=$?
 
 echo
@@ -42,8 +59,8 @@ if [ "$device" != "cuda" ]; then
 elif [ ! -f benchmarks/bench_speed.py ]; then
     echo "== speed benchmark: benchmarks/bench_speed.py is not in this tree; nothing to run"
 else
-    echo "== speed benchmark: python benchmarks/bench_speed.py --device cuda"
-    python benchmarks/bench_speed.py --device cuda
+    echo "== speed benchmark: python benchmarks/bench_speed.py --device cuda $*"
+    "$py" benchmarks/bench_speed.py --device cuda "$@"
     bench_status=$?
 fi
 
