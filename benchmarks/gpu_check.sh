@@ -7,14 +7,16 @@
 # project runs from this tree. PYTHON names the interpreter (default: python3).
 # Exit status: the tests' when they fail, else the benchmark's (a missing benchmark is reported,
 # not a failure); 2 when torch sees no GPU, since every gpu test would then be skipped; 3 when the
-# carried wheels do not install. Arguments go to the benchmark (e.g. --json FILE).
+# carried wheels do not install. Arguments go to the benchmark (e.g. --runs FILE, which keeps each
+# configuration's run as it ends: compile comes last, and a call cut off at its limit keeps the rest).
 #
 # On a lent machine, through the device tool (one call; about 78 GiB is plenty):
 #     python benchmarks/device_wheels.py          # here, once: .whl/, 37 MiB
-#     run(command="bash benchmarks/gpu_check.sh --json $OUT/bench.json | tee $OUT/gpu_check.log",
+#     run(command="bash benchmarks/gpu_check.sh --runs $OUT/runs.jsonl | tee $OUT/gpu_check.log",
 #         carry=[".whl"], timeout_s=540)
 set -uo pipefail
 exec 2>&1
+export PYTHONUNBUFFERED=1  # what ran is in the log even if the call is cut off
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 
