@@ -54,8 +54,7 @@ def closure(root: str = "pasd", extras: tuple[str, ...] = ("test",)) -> dict[str
         found[key] = dist.version
         for text in dist.requires or []:
             requirement = Requirement(text)
-            env = {"extra": ""}
-            if requirement.marker and not any(requirement.marker.evaluate({**env, "extra": e}) for e in ("", *wanted)):
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in ("", *wanted)):
                 continue
             child = canonical(requirement.name)
             if child in LEFT_OUT or child in DEV_TOOLS or child in found:
