@@ -117,3 +117,49 @@ def test_strips_keep_a_channels_last_layout(monkeypatch):
     decoded = codec.decode(mean, strips=True)
     _close(decoded, codec.decode(mean))
     assert decoded.is_contiguous(memory_format=torch.channels_last)
+
+
+_NARROWING_CHILD = textwrap.dedent(
+    """
+    import json, torch, psutil
+    from diffusers import AutoencoderKL
+    from pasd_cli.cli.runtime import peak_rss
+    from pasd_cli.engine import vae_strips
+    from pasd_cli.engine.vae import VaeCodec
+
+    vae_strips.STRIP_BYTES = 1 << 20
+    vae_strips.MIN_STRIP_ROWS = 8
+    torch.manual_seed(0)
+    # As SD's decoder ends: blocks whose first resnet halves the channels, the one before last
+    # with a 2x upsampler. No attention over the 256x256 latent, which would take minutes.
+    codec = VaeCodec(AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+        mid_block_add_attention=False,
+    ).eval())
+    latents = torch.randn(1, 4, 256, 256)
+    with torch.inference_mode():
+        codec.decode(latents, strips=True)
+        open("/proc/self/clear_refs", "w").write("5")
+        before = psutil.Process().memory_info().rss
+        codec.decode(latents, strips=True)
+        print(json.dumps(peak_rss() - before))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak RSS reset")
+def test_narrowing_blocks_hold_little_more_than_the_upsampled_tensor():
+    """The last upsampler's output (32 channels at 1024x1024) is the largest tensor. Its input
+    (32 channels at 512x512) gets memory of its own size, a quarter of that tensor, not the
+    64-channel memory its resnet wrote it into (half); the last block's first resnet writes its
+    intermediate and output over the upsampled tensor, where an intermediate of its own would
+    have added half of it. So about 1.25 of that tensor at the peak, not 1.5."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    child = [sys.executable, "-c", _NARROWING_CHILD]
+    proc = subprocess.run(child, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    upsampled = 32 * 1024 * 1024 * 4
+    ratio = json.loads(proc.stdout) / upsampled
+    print(f"peak: {ratio:.2f} of the upsampled tensor")
+    assert ratio < 1.4

@@ -165,32 +165,98 @@ def _norm_act(x: torch.Tensor, norm: nn.GroupNorm, rows: int) -> Callable[[torch
     return lambda piece: F.silu(normalise(piece, scale, shift), inplace=True)
 
 
+def _planes(x: torch.Tensor, first: int, batch: int, channels: int) -> torch.Tensor:
+    """A (batch, channels, H, W) NCHW tensor on x's memory, from x's plane `first` on (a plane is
+    one channel of one image, H x W); it may reach into memory after x's own planes."""
+    _, _, height, width = x.shape
+    plane = height * width
+    strides = (channels * plane, plane, width, 1)
+    return x.as_strided((batch, channels, height, width), strides, x.storage_offset() + first * plane)
+
+
+def _spare_planes(x: torch.Tensor) -> int:
+    """Whole planes of memory after a contiguous NCHW x's own, left by a resnet that narrowed
+    (the rest of its input's memory): free for a later layer's intermediate."""
+    if not x.is_contiguous():
+        return 0
+    used = (x.storage_offset() + x.numel()) * x.element_size()
+    return (x.untyped_storage().nbytes() - used) // (x.shape[-2] * x.shape[-1] * x.element_size())
+
+
+def _first_conv(block: ResnetBlock2D, x: torch.Tensor, hidden: torch.Tensor, rows: int) -> None:
+    prepare = _norm_act(x, block.norm1, rows)
+    for top, bottom in _strips(x.shape[-2], rows):
+        hidden[:, :, top:bottom] = _conv_rows(block.conv1, x, top, bottom, prepare)
+
+
+def _first_conv_over_input(block: ResnetBlock2D, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A narrowing resnet's conv1 output and shortcut, written over x's own planes as each strip
+    of x is used: (shortcut, hidden). A strip reads its rows of x, and conv1 one row beyond on
+    either side, before its results overwrite those rows (of other planes); the row above it,
+    already overwritten, was kept from the previous strip."""
+    batch, _, height, _ = x.shape
+    shortcut = _planes(x, 0, batch, block.conv2.out_channels)
+    hidden = _planes(x, batch * block.conv2.out_channels, batch, block.conv1.out_channels)
+    prepare = _norm_act(x, block.norm1, rows)  # the statistics of x before anything is written
+    reach = block.conv1.padding[0]
+    above = x[:, :, :0]  # the rows just above the strip, as they were
+    for top, bottom in _strips(height, rows):
+        source = torch.cat([above, x[:, :, top : min(bottom + reach, height)]], dim=2)
+        start = top - above.shape[2]
+        conv_rows = block.conv1(prepare(source))[:, :, top - start : bottom - start]
+        shortcut_rows = block.conv_shortcut(x[:, :, top:bottom])
+        above = x[:, :, max(bottom - reach, top) : bottom].clone()
+        shortcut[:, :, top:bottom] = shortcut_rows
+        hidden[:, :, top:bottom] = conv_rows
+    return shortcut, hidden
+
+
 def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
     """ResnetBlock2D.forward without a time embedding. Consumes x: the output may be written
-    into x's memory."""
+    into x's memory, and so may the intermediate (conv1's output), which at full resolution is
+    as large as a whole-image tensor: after x's own planes where a narrowing resnet left spare
+    memory, or over x itself where the resnet narrows. SD's decoder at 512x512 then holds one
+    256-channel tensor through its last block instead of that plus a 128-channel one."""
     batch, channels, height, width = x.shape
-    out_channels = block.conv2.out_channels
+    out_channels, hidden_channels = block.conv2.out_channels, block.conv1.out_channels
     rows = _strip_rows(x, max(channels, out_channels))
-    hidden = _empty(x, block.conv1.out_channels, height, width)
-    prepare = _norm_act(x, block.norm1, rows)
-    for top, bottom in _strips(height, rows):
-        hidden[:, :, top:bottom] = _conv_rows(block.conv1, x, top, bottom, prepare)
+    residual: torch.Tensor | None = None
+    if x.is_contiguous() and _spare_planes(x) >= batch * hidden_channels:
+        hidden = _planes(x, batch * channels, batch, hidden_channels)
+        _first_conv(block, x, hidden, rows)
+    elif x.is_contiguous() and block.conv_shortcut is not None and out_channels + hidden_channels <= channels:
+        residual, hidden = _first_conv_over_input(block, x, rows)
+    else:
+        hidden = _empty(x, hidden_channels, height, width)
+        _first_conv(block, x, hidden, rows)
     # In NCHW, output row r overwrites only row r of some plane of x (every plane is height x
     # width), and each strip reads its rows of x before writing them, later strips only later
     # rows. (Not so channels-last, where rows of one image follow those of the previous one.)
     if x.is_contiguous() and out_channels <= channels:
-        out = x.view(-1)[: batch * out_channels * height * width].view(batch, out_channels, height, width)
+        out = _planes(x, 0, batch, out_channels)
     else:
         out = _empty(x, out_channels, height, width)
     prepare = _norm_act(hidden, block.norm2, rows)
     for top, bottom in _strips(height, rows):
-        residual = x[:, :, top:bottom]
-        if block.conv_shortcut is not None:
-            residual = block.conv_shortcut(residual)
-        out[:, :, top:bottom] = (residual + _conv_rows(block.conv2, hidden, top, bottom, prepare)) / (
+        if residual is not None:
+            residual_rows = residual[:, :, top:bottom]
+        else:
+            residual_rows = x[:, :, top:bottom]
+            if block.conv_shortcut is not None:
+                residual_rows = block.conv_shortcut(residual_rows)
+        out[:, :, top:bottom] = (residual_rows + _conv_rows(block.conv2, hidden, top, bottom, prepare)) / (
             block.output_scale_factor
         )
     return out
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """x in memory of its own size. A resnet that narrows writes its output into the first
+    planes of its wider input, whose memory the output then keeps alive: beside a 2x upsampler's
+    output (4x x's size), the larger of the two would have made SD's decode peak."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.clone(memory_format=_layout(x))
+    return x
 
 
 def _upsample(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
@@ -198,27 +264,29 @@ def _upsample(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
     _, _, height, width = x.shape
     channels = upsampler.conv.out_channels
     out = _empty(x, channels, 2 * height, 2 * width)
-    rows = _strip_rows(x, 4 * max(x.shape[1], channels))
-
-    def upsampled(piece: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(piece, scale_factor=2.0, mode="nearest")
-
+    # Upsampled, a strip has twice the rows: half the usual rows keep its temporaries (the
+    # upsampled strip and its convolution, beside a whole-image output) as small.
+    rows = max(1, MIN_STRIP_ROWS // 4, _strip_rows(x, 4 * max(x.shape[1], channels)) // 4)
     for top, bottom in _strips(height, rows):
-        # Output rows [2 top, 2 bottom) need upsampled rows one beyond: one input row of halo.
+        # Output rows [2 top, 2 bottom) need one upsampled row beyond on either side.
         start, stop = max(top - 1, 0), min(bottom + 1, height)
-        strip = upsampler.conv(upsampled(x[:, :, start:stop]))
-        out[:, :, 2 * top : 2 * bottom] = strip[:, :, 2 * (top - start) : 2 * (bottom - start)]
+        upsampled = F.interpolate(x[:, :, start:stop], scale_factor=2.0, mode="nearest")
+        first, last = max(2 * top - 1, 0), min(2 * bottom + 1, 2 * height)
+        strip = upsampler.conv(upsampled[:, :, first - 2 * start : last - 2 * start])
+        out[:, :, 2 * top : 2 * bottom] = strip[:, :, 2 * top - first : 2 * bottom - first]
     return out
 
 
 def run_up_blocks(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
     """Decoder.forward after the middle block: up blocks, norm, activation, output conv.
     Consumes x."""
-    x = x.contiguous(memory_format=_networks_layout(decoder.conv_out))
+    # Whatever memory x's owner gave beyond x is not the resnets' to use.
+    x = _compact(x.contiguous(memory_format=_networks_layout(decoder.conv_out)))
     for block in decoder.up_blocks:
         for resnet in block.resnets:
             x = _resnet(resnet, x)
         for upsampler in block.upsamplers or ():
+            x = _compact(x)  # on its own: the old view must go before the upsampler allocates
             x = _upsample(upsampler, x)
     _, _, height, width = x.shape
     out = _empty(x, decoder.conv_out.out_channels, height, width)
