@@ -100,6 +100,7 @@ class PASDPipeline:
     freed memory for the next step (the command line does: cli/runtime.py)."""
 
     denoise_scope: Callable[[], AbstractContextManager[object]] = nullcontext
+    _compiled = False  # optimize(compile=True) was called
 
     def __init__(
         self, components: Components, device: torch.device, dtype: torch.dtype, memory_budget: int | None = None
@@ -146,8 +147,6 @@ class PASDPipeline:
             for model in (self.unet, self.controlnet):
                 model.compile(dynamic=False)
         self._compiled = self._compiled or compile
-
-    _compiled = False
 
     def _attention(self, settings: UpscaleSettings) -> AbstractContextManager[object]:
         """Blockwise attention for bfloat16 on the CPU, outside --exact (nn/blockwise_attention.py:

@@ -221,7 +221,7 @@ def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
     out_channels, hidden_channels = block.conv2.out_channels, block.conv1.out_channels
     rows = _strip_rows(x, max(channels, out_channels))
     residual: torch.Tensor | None = None
-    if x.is_contiguous() and _spare_planes(x) >= batch * hidden_channels:
+    if _spare_planes(x) >= batch * hidden_channels:
         hidden = _planes(x, batch * channels, batch, hidden_channels)
         _first_conv(block, x, hidden, rows)
     elif x.is_contiguous() and block.conv_shortcut is not None and out_channels + hidden_channels <= channels:
@@ -264,8 +264,8 @@ def _upsample(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
     _, _, height, width = x.shape
     channels = upsampler.conv.out_channels
     out = _empty(x, channels, 2 * height, 2 * width)
-    # Upsampled, a strip has twice the rows: half the usual rows keep its temporaries (the
-    # upsampled strip and its convolution, beside a whole-image output) as small.
+    # Upsampled, a strip has twice the rows and (with oneDNN's reordered copies) four
+    # temporaries beside a whole-image output: a quarter of the usual rows keeps them small.
     rows = max(1, MIN_STRIP_ROWS // 4, _strip_rows(x, 4 * max(x.shape[1], channels)) // 4)
     for top, bottom in _strips(height, rows):
         # Output rows [2 top, 2 bottom) need one upsampled row beyond on either side.
