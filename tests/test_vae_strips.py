@@ -39,7 +39,9 @@ def test_strips_compute_the_stock_vae(codec, monkeypatch, strip_bytes, size):
     strip_mean, strip_std = codec.encode_moments(image, strips=True)
     _close(strip_mean, mean)
     _close(strip_std, std)
-    latents = torch.cat([mean, std * torch.randn(mean.shape, generator=g)])  # a batch of two
+    # One image (channels-last on the CPU, written into its own memory) and a batch of two (planes).
+    _close(codec.decode(mean, strips=True), codec.decode(mean))
+    latents = torch.cat([mean, std * torch.randn(mean.shape, generator=g)])
     _close(codec.decode(latents, strips=True), codec.decode(latents))
 
 

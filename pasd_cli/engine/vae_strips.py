@@ -8,7 +8,12 @@ float32, the peak of a whole default run on the CPU. Here every GroupNorm + SiLU
 convolution runs over strips of rows with a row of halo, the GroupNorm with the statistics of
 the whole tensor (group_stats), and each resnet adds its shortcut strip by strip, writing into
 its input's memory where the output is no wider. A layer then holds its input, one
-intermediate and a strip. The encoder, stock, peaks at about 0.65 GB there.
+intermediate and a strip; a resnet that narrows, and those after it, not even the
+intermediate (`_resnet`). The encoder, stock, peaks at about 0.65 GB there.
+
+One image on the CPU runs channels-last, where oneDNN's convolutions are faster (`_layout`);
+writing into an input's memory then works on some of each pixel's channels instead of on whole
+planes (`_writable`, `_slot`).
 
 Every layer is diffusers' own module, called on strips (weight hooks apply); only float
 rounding differs from the stock networks (GroupNorm's statistics, the convolution's algorithm on
@@ -117,15 +122,20 @@ def supports_decoder(decoder: nn.Module) -> bool:
 
 
 def _layout(tensor: torch.Tensor) -> torch.memory_format:
-    channels_last = not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    """Channels-last where the channels are innermost: a channels-last tensor, or some of the
+    channels of one (a resnet's output written into a wider input's memory)."""
+    channels_last = not tensor.is_contiguous() and tensor.stride(1) == 1
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _networks_layout(conv: nn.Conv2d) -> torch.memory_format:
-    """Channels-last where the networks' weights are (CUDA: PASDPipeline.optimize). The input is
-    put in it first: the middle block's attention hands over a channels-last view on the CPU
-    too, which would otherwise carry that layout into every whole-image buffer."""
-    return _layout(conv.weight)
+def _networks_layout(conv: nn.Conv2d, x: torch.Tensor) -> torch.memory_format:
+    """Channels-last where the networks' weights are (CUDA: PASDPipeline.optimize), and for one
+    image on the CPU, where oneDNN's channels-last convolutions ran the VAE's 1.1-2x faster than
+    on planes (fp32, 128-512 channels, strips 512 wide). The input is put in it first: the
+    middle block's attention hands over a channels-last view on the CPU too, which would
+    otherwise carry that layout into every whole-image buffer."""
+    one_image_on_cpu = x.device.type == "cpu" and x.shape[0] == 1
+    return torch.channels_last if one_image_on_cpu else _layout(conv.weight)
 
 
 def _empty(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
@@ -165,21 +175,39 @@ def _norm_act(x: torch.Tensor, norm: nn.GroupNorm, rows: int) -> Callable[[torch
     return lambda piece: F.silu(normalise(piece, scale, shift), inplace=True)
 
 
-def _planes(x: torch.Tensor, first: int, batch: int, channels: int) -> torch.Tensor:
-    """A (batch, channels, H, W) NCHW tensor on x's memory, from x's plane `first` on (a plane is
-    one channel of one image, H x W); it may reach into memory after x's own planes."""
+def _writable(x: torch.Tensor) -> bool:
+    """Whether a layer may write into x's memory, strip by strip: where row r of every
+    same-shaped slot of it lies in x's row r. So in NCHW, where a slot is whole planes (a plane
+    is one channel of one image, H x W), and for one image channels-last, where a slot is some
+    of each pixel's channels; not for several images channels-last, where rows of one image
+    follow those of the previous one."""
+    if x.is_contiguous():
+        return True
     _, _, height, width = x.shape
-    plane = height * width
-    strides = (channels * plane, plane, width, 1)
-    return x.as_strided((batch, channels, height, width), strides, x.storage_offset() + first * plane)
+    pixel = x.stride(-1)
+    return x.shape[0] == 1 and x.stride(1) == 1 and x.stride(-2) == width * pixel and pixel >= x.shape[1]
 
 
-def _spare_planes(x: torch.Tensor) -> int:
-    """Whole planes of memory after a contiguous NCHW x's own, left by a resnet that narrowed
-    (the rest of its input's memory): free for a later layer's intermediate."""
-    if not x.is_contiguous():
+def _slot(x: torch.Tensor, first: int, batch: int, channels: int) -> torch.Tensor:
+    """A (batch, channels, H, W) tensor on the memory of a `_writable` x, from x's plane (NCHW)
+    or channel (one image, channels-last) `first` on; it may reach beyond x's own."""
+    _, _, height, width = x.shape
+    if x.is_contiguous():
+        plane = height * width
+        strides = (channels * plane, plane, width, 1)
+        return x.as_strided((batch, channels, height, width), strides, x.storage_offset() + first * plane)
+    pixel = x.stride(-1)
+    return x.as_strided((1, channels, height, width), (height * width * pixel, 1, width * pixel, pixel), first)
+
+
+def _spare(x: torch.Tensor) -> int:
+    """Slots (planes, or channels of each pixel) of memory beyond a `_writable` x's own, left by a
+    resnet that narrowed (the rest of its input's memory): free for a later intermediate."""
+    if not _writable(x) or x.storage_offset() != 0:
         return 0
-    used = (x.storage_offset() + x.numel()) * x.element_size()
+    if not x.is_contiguous():
+        return x.stride(-1) - x.shape[1]
+    used = x.numel() * x.element_size()
     return (x.untyped_storage().nbytes() - used) // (x.shape[-2] * x.shape[-1] * x.element_size())
 
 
@@ -190,13 +218,13 @@ def _first_conv(block: ResnetBlock2D, x: torch.Tensor, hidden: torch.Tensor, row
 
 
 def _first_conv_over_input(block: ResnetBlock2D, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A narrowing resnet's conv1 output and shortcut, written over x's own planes as each strip
-    of x is used: (shortcut, hidden). A strip reads its rows of x, and conv1 one row beyond on
-    either side, before its results overwrite those rows (of other planes); the row above it,
-    already overwritten, was kept from the previous strip."""
+    """A narrowing resnet's conv1 output and shortcut, written over a `_writable` x's own slots as
+    each strip of x is used: (shortcut, hidden). A strip reads its rows of x, and conv1 one row
+    beyond on either side, before its results overwrite those rows (of other slots); the row
+    above it, already overwritten, was kept from the previous strip."""
     batch, _, height, _ = x.shape
-    shortcut = _planes(x, 0, batch, block.conv2.out_channels)
-    hidden = _planes(x, batch * block.conv2.out_channels, batch, block.conv1.out_channels)
+    shortcut = _slot(x, 0, batch, block.conv2.out_channels)
+    hidden = _slot(x, batch * block.conv2.out_channels, batch, block.conv1.out_channels)
     prepare = _norm_act(x, block.norm1, rows)  # the statistics of x before anything is written
     reach = block.conv1.padding[0]
     above = x[:, :, :0]  # the rows just above the strip, as they were
@@ -221,19 +249,18 @@ def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
     out_channels, hidden_channels = block.conv2.out_channels, block.conv1.out_channels
     rows = _strip_rows(x, max(channels, out_channels))
     residual: torch.Tensor | None = None
-    if _spare_planes(x) >= batch * hidden_channels:
-        hidden = _planes(x, batch * channels, batch, hidden_channels)
+    if _spare(x) >= batch * hidden_channels:
+        hidden = _slot(x, batch * channels, batch, hidden_channels)
         _first_conv(block, x, hidden, rows)
-    elif x.is_contiguous() and block.conv_shortcut is not None and out_channels + hidden_channels <= channels:
+    elif _writable(x) and block.conv_shortcut is not None and out_channels + hidden_channels <= channels:
         residual, hidden = _first_conv_over_input(block, x, rows)
     else:
         hidden = _empty(x, hidden_channels, height, width)
         _first_conv(block, x, hidden, rows)
-    # In NCHW, output row r overwrites only row r of some plane of x (every plane is height x
-    # width), and each strip reads its rows of x before writing them, later strips only later
-    # rows. (Not so channels-last, where rows of one image follow those of the previous one.)
-    if x.is_contiguous() and out_channels <= channels:
-        out = _planes(x, 0, batch, out_channels)
+    # Output row r overwrites only row r of some slot of x, and each strip reads its rows of x
+    # before writing them, later strips only later rows.
+    if _writable(x) and out_channels <= channels:
+        out = _slot(x, 0, batch, out_channels)
     else:
         out = _empty(x, out_channels, height, width)
     prepare = _norm_act(hidden, block.norm2, rows)
@@ -254,7 +281,7 @@ def _compact(x: torch.Tensor) -> torch.Tensor:
     """x in memory of its own size. A resnet that narrows writes its output into the first
     planes of its wider input, whose memory the output then keeps alive: beside a 2x upsampler's
     output (4x x's size), the larger of the two would have made SD's decode peak."""
-    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+    if x.storage_offset() != 0 or x.untyped_storage().nbytes() > x.numel() * x.element_size():
         return x.clone(memory_format=_layout(x))
     return x
 
@@ -281,7 +308,7 @@ def run_up_blocks(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
     """Decoder.forward after the middle block: up blocks, norm, activation, output conv.
     Consumes x."""
     # Whatever memory x's owner gave beyond x is not the resnets' to use.
-    x = _compact(x.contiguous(memory_format=_networks_layout(decoder.conv_out)))
+    x = _compact(x.contiguous(memory_format=_networks_layout(decoder.conv_out, x)))
     for block in decoder.up_blocks:
         for resnet in block.resnets:
             x = _resnet(resnet, x)
@@ -315,7 +342,7 @@ def _downsample(downsampler: Downsample2D, x: torch.Tensor) -> torch.Tensor:
 def run_down_blocks(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
     """Encoder.forward before the middle block: input conv, down blocks."""
     _, _, height, width = pixels.shape
-    pixels = pixels.contiguous(memory_format=_networks_layout(encoder.conv_in))
+    pixels = pixels.contiguous(memory_format=_networks_layout(encoder.conv_in, pixels))
     x = _empty(pixels, encoder.conv_in.out_channels, height, width)
     rows = _strip_rows(x, x.shape[1])
     for top, bottom in _strips(height, rows):
