@@ -116,22 +116,35 @@ def test_fp32_on_cuda_without_the_new_precision_api_sets_the_legacy_flags():
 
 def test_images_reach_the_networks_contiguous(tiny_pipeline):
     """A permuted view of the interleaved pixels would be channels-last in memory, and the first
-    convolutions of the VAE and of the ControlNet's hint encoder would inherit it."""
+    convolutions of the VAE and of the ControlNet's hint encoder would inherit it. The VAE's
+    strips choose channels-last for one image on the CPU themselves (vae_strips._networks_layout),
+    so its first convolution sees exactly that layout, whatever the image tensor's."""
     image = Image.open(LR_INPUT)
     assert image_to_tensor(image).is_contiguous()
-    seen = []
+    seen: dict[str, list[tuple[bool, bool]]] = {}
 
-    def record(module, args, out):
-        seen.append((args[0].is_contiguous(), out.is_contiguous()))
+    def record(name, memory_format):
+        def hook(module, args, out):
+            seen.setdefault(name, []).append(
+                (args[0].is_contiguous(memory_format=memory_format), out.is_contiguous(memory_format=memory_format))
+            )
 
-    convs = (tiny_pipeline.vae.vae.encoder.conv_in, tiny_pipeline.controlnet.controlnet_cond_embedding.conv_in)
-    hooks = [conv.register_forward_hook(record) for conv in convs]
+        return hook
+
+    vae_conv = tiny_pipeline.vae.vae.encoder.conv_in
+    hint_conv = tiny_pipeline.controlnet.controlnet_cond_embedding.conv_in
+    assert tiny_pipeline.vae.runs_in_strips
+    hooks = [
+        vae_conv.register_forward_hook(record("vae", torch.channels_last)),
+        hint_conv.register_forward_hook(record("hint", torch.contiguous_format)),
+    ]
     try:
         tiny_pipeline.upscale(image, UpscaleSettings(steps=1, guidance=1.0, scale=2, process_size=112, vae_tile=0))
     finally:
         for hook in hooks:
             hook.remove()
-    assert len(seen) >= 2 and all(inputs and outputs for inputs, outputs in seen), seen
+    assert set(seen) == {"vae", "hint"}, seen
+    assert all(inputs and outputs for calls in seen.values() for inputs, outputs in calls), seen
 
 
 def test_the_cuda_budget_is_measured_after_emptying_the_cache(monkeypatch):

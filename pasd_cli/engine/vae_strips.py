@@ -197,7 +197,8 @@ def _slot(x: torch.Tensor, first: int, batch: int, channels: int) -> torch.Tenso
         strides = (channels * plane, plane, width, 1)
         return x.as_strided((batch, channels, height, width), strides, x.storage_offset() + first * plane)
     pixel = x.stride(-1)
-    return x.as_strided((1, channels, height, width), (height * width * pixel, 1, width * pixel, pixel), first)
+    strides = (height * width * pixel, 1, width * pixel, pixel)
+    return x.as_strided((1, channels, height, width), strides, x.storage_offset() + first)
 
 
 def _spare(x: torch.Tensor) -> int:
