@@ -243,8 +243,8 @@ def _first_conv_over_input(block: ResnetBlock2D, x: torch.Tensor, rows: int) -> 
 def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
     """ResnetBlock2D.forward without a time embedding. Consumes x: the output may be written
     into x's memory, and so may the intermediate (conv1's output), which at full resolution is
-    as large as a whole-image tensor: after x's own planes where a narrowing resnet left spare
-    memory, or over x itself where the resnet narrows. SD's decoder at 512x512 then holds one
+    as large as a whole-image tensor: in the slots after x's own where a narrowing resnet left
+    spare memory, or over x itself where the resnet narrows. SD's decoder at 512x512 then holds one
     256-channel tensor through its last block instead of that plus a 128-channel one."""
     batch, channels, height, width = x.shape
     out_channels, hidden_channels = block.conv2.out_channels, block.conv1.out_channels
@@ -280,7 +280,7 @@ def _resnet(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
 
 def _compact(x: torch.Tensor) -> torch.Tensor:
     """x in memory of its own size. A resnet that narrows writes its output into the first
-    planes of its wider input, whose memory the output then keeps alive: beside a 2x upsampler's
+    slots of its wider input, whose memory the output then keeps alive: beside a 2x upsampler's
     output (4x x's size), the larger of the two would have made SD's decode peak."""
     if x.storage_offset() != 0 or x.untyped_storage().nbytes() > x.numel() * x.element_size():
         return x.clone(memory_format=_layout(x))
