@@ -14,7 +14,10 @@ Each configuration runs in a child process of its own, so its peak memory is its
 configurations alternate when repeated (medians are shown). Per configuration:
 - load: reading the weights into the networks on the device (imports apart, those the engine
   makes lazily on its first load included), its peak RSS, and the networks' weights in their
-  dtypes; `to first step`: load, prompt and VAE encode;
+  dtypes; `to first step`: load, prompt and VAE encode. Weights converted to a half dtype are
+  kept converted, as the command line keeps them in its model store (nn/converted_weights.py):
+  a first load per configuration, before the rounds, converts and writes them (`first load`),
+  and the timed runs map them, as a user's later runs do;
 - s/step (denoising steps, measured), VAE encode and decode seconds, the run's total;
 - `total at N steps`: load + prompt + encode + N x s/step + decode with each configuration's own
   step count (the default's 20, --fast's 4), projected from the measured steps;
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -270,6 +274,7 @@ def child(name: str, args: dict) -> dict:
         lcm_lora=models["lcm"] if config.fast else None,
         # As the command line decides it (cli/runtime.py).
         keep_half_weights=keeps_half_weights(dtype, exact=bool(config.settings.get("exact")), compile=config.compile),
+        converted_dir=args["converted"],  # as the command line keeps them, in the model store
     )
     # As the command line does: NHWC on CUDA, --compile.
     pipeline.optimize(channels_last=cuda, compile=config.compile)
@@ -279,6 +284,8 @@ def child(name: str, args: dict) -> dict:
     load_cpu = time.process_time() - load_cpu
     load_peak_rss = _peak_rss()
     load_cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
+    if args.get("load_only"):
+        return {"config": name, "load_s": load, "load_cpu_s": load_cpu, "load_peak_rss": load_peak_rss}
     weights = sum(
         p.numel() * p.element_size()
         for model in (pipeline.unet, pipeline.controlnet, pipeline.text_encoder, pipeline.vae.vae)
@@ -559,6 +566,8 @@ def table(names: list[str], results: dict[str, dict], baseline: str) -> str:
     rows: list[tuple[str, str, int, bool]] = [
         ("imports (s)", "imports_s", 1, False),
         ("load (s)", "load_s", 1, True),
+        ("first load: converts, keeps the copy (s)", "first_load_s", 1, True),
+        ("peak RSS while first loading (GB)", "first_load_peak_rss_gb", 2, True),
         ("to first step (s)", "to_first_step_s", 1, True),
         ("first step (s)", "first_step_s", 1, True),
         ("s/step (after the first)", "step_s", 1, True),
@@ -612,6 +621,19 @@ def table(names: list[str], results: dict[str, dict], baseline: str) -> str:
         + " |"
     )
     return "\n".join(lines)
+
+
+def _run_child(name: str, child_args: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--child-args", json.dumps(child_args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -670,6 +692,7 @@ def main() -> None:
         "process_size": args.process_size,
         "steps": args.steps,
         "out": str(out),
+        "converted": str(args.models / "converted"),
     }
     print(
         f"SD-1.5-size random weights, {args.device}, {args.input_size}x{args.input_size} input, x{args.scale:g}, "
@@ -679,6 +702,15 @@ def main() -> None:
         flush=True,
     )
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    first_loads: dict[str, dict] = {}
+    if not args.no_run:
+        # The first load of a configuration that converts weights keeps the converted copy, and
+        # the timed runs map it, as a user's second run does: that first load is measured apart.
+        shutil.rmtree(child_args["converted"], ignore_errors=True)
+        for name in names:
+            row = _run_child(name, {**child_args, "load_only": True})
+            first_loads[name] = row
+            print(f"first load {name}: {row['load_s']:.1f} s", file=sys.stderr, flush=True)
     if args.no_run:
         if not args.runs:
             parser.error("--no-run needs --runs")
@@ -690,16 +722,7 @@ def main() -> None:
         names = [n for n in names if runs[n]]
     for round_ in range(0 if args.no_run else args.repeat):
         for name in names:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", name, "--child-args", json.dumps(child_args)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            if proc.returncode != 0:
-                print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
-                sys.exit(1)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = _run_child(name, child_args)
             runs[name].append(row)
             if args.runs:
                 with args.runs.open("a") as handle:
@@ -724,6 +747,9 @@ def main() -> None:
         }
         summary.update({k: rows[0][k] for k in ("dtype", "made_in", "latent_tiles", "output", "steps")})
         summary["flags"] = config.flags
+        if name in first_loads:
+            summary["first_load_s"] = first_loads[name]["load_s"]
+            summary["first_load_peak_rss_gb"] = first_loads[name]["load_peak_rss"] / 2**30
         own_steps = config.real_steps
         summary["projected_s"] = (
             summary["load_s"]

@@ -9,15 +9,23 @@ import os
 # subprocesses that tests start inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import atexit
 import contextlib
 import io
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# What commands keep in the model store (weights converted at load) goes to a store of the test
+# run's own, not the user's cache; tests of the store name theirs.
+if "PASD_HOME" not in os.environ:
+    os.environ["PASD_HOME"] = tempfile.mkdtemp(prefix="pasd-tests-store-")
+    atexit.register(shutil.rmtree, os.environ["PASD_HOME"], ignore_errors=True)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference"

@@ -108,7 +108,12 @@ class ColorizeCommand(DiffusionCommand):
 
         pasd = models.path(self.pasd_ref)
         pipeline = load_colorize_pipeline(
-            pasd, models.path(self.base_ref), runtime.device, runtime.dtype, keep_half_weights=runtime.half_weights
+            pasd,
+            models.path(self.base_ref),
+            runtime.device,
+            runtime.dtype,
+            keep_half_weights=runtime.half_weights,
+            converted_dir=runtime.converted_dir,
         )
         return pipeline, {"scheduler": str(colorize_scheduler_dir(pasd))}
 

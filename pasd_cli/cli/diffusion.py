@@ -10,6 +10,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..batch.command import ImageCommand, Pending, Progress
@@ -20,7 +21,16 @@ from ..batch.report import Reporter
 from ..batch.settings import BatchSettings
 from ..engine.settings import CAPTION_SEPARATOR, FAST_GUIDANCE, FAST_MAX_STEPS, FAST_STEPS, UpscaleSettings
 from ..errors import DeviceError, UsageError
-from ..store import Kind, ModelRef, Resolution, offline_requested, resolve, runs_at_terminal, store_root
+from ..store import (
+    Kind,
+    ModelRef,
+    Resolution,
+    converted_dir,
+    offline_requested,
+    resolve,
+    runs_at_terminal,
+    store_root,
+)
 from .options import ModelChoice
 from .runtime import EXACT_DTYPE_OPTION, PeakMemory, Runtime, dtype_name, pick_runtime
 
@@ -164,13 +174,14 @@ class DiffusionCommand(ImageCommand):
     def runtime(self) -> Runtime:
         """The device and dtype (--device, --dtype), chosen once."""
         if self._runtime is None:
-            self._runtime = pick_runtime(
+            runtime = pick_runtime(
                 self.models.device,
                 self.models.dtype,
                 self.models.local_rank,
                 exact=self.models.exact,
                 compile=self.models.compile,
             )
+            self._runtime = replace(runtime, converted_dir=converted_dir(self.models.models_dir))
         return self._runtime
 
     def meeting_device(self) -> Any:
@@ -189,7 +200,15 @@ class DiffusionCommand(ImageCommand):
         quiet_libraries()
         pasd_dir = self.resolution.path(self.pasd_ref)
         reporter.info(f"loading PASD from {pasd_dir} on {runtime.label}")
+        converted_before = _files_in(runtime.converted_dir)
         pipeline, identity = self.load_pipeline(self.resolution, runtime, reporter)
+        written = _files_in(runtime.converted_dir) - converted_before
+        if written:
+            size = sum(_size(path) for path in written) / 1e9
+            reporter.info(
+                f"kept the weights converted to {runtime.dtype_name} in {runtime.converted_dir} ({size:.1f} GB), "
+                "so that later runs load them without converting; deleting that folder frees the space"
+            )
         if pipeline.half_weights:
             reporter.debug("weights stored in 16 bits are kept so and widened to float32 as each layer runs")
         # NHWC on CUDA, where cuDNN's half-precision convolutions want it; elsewhere the
@@ -332,3 +351,17 @@ def run(command: DiffusionCommand, batch: BatchSettings) -> None:
     summary = run_batch(command, batch)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
+
+
+def _files_in(folder: Path | None) -> set[Path]:
+    try:
+        return set(folder.iterdir()) if folder is not None else set()
+    except OSError:
+        return set()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

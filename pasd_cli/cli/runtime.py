@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError
@@ -33,6 +34,9 @@ class Runtime:
     dtype: Any
     # Weights stored in 16 bits stay so and are widened per layer (engine/half_weights.py).
     half_weights: bool = False
+    # Where weights converted to a half dtype at load are kept for later loads to map
+    # (nn/converted_weights.py); None: converted at every load.
+    converted_dir: Path | None = None
 
     @property
     def dtype_name(self) -> str:

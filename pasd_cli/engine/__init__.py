@@ -122,6 +122,7 @@ def load_pipeline(
     lcm_lora: str | Path | None = None,
     trust_pickle: bool = False,
     keep_half_weights: bool = False,
+    converted_dir: str | Path | None = None,
 ) -> PASDPipeline:
     """The Real-ISR pipeline from a PASD checkpoint folder (with unet/ and controlnet/) and a
     Stable Diffusion 1.5 folder in diffusers layout, on `device` in `dtype` (default float32).
@@ -130,7 +131,9 @@ def load_pipeline(
     UNet, the LCM scheduler; run it with `FAST_STEPS` and `FAST_GUIDANCE`). The weights are read
     straight into `dtype`; the LoRA is merged in float32 layer by layer. `keep_half_weights`
     (float32 only): weights stored in float16 or bfloat16 stay so and are widened as each layer
-    runs: the same output, half the weights' memory (engine/half_weights.py)."""
+    runs: the same output, half the weights' memory (engine/half_weights.py). `converted_dir`:
+    a folder where the networks' weights, cast into a half `dtype` at the first load, are kept
+    converted for the next loads to map instead (the same output; nn/converted_weights.py)."""
     import torch
 
     from .loading import load_components
@@ -138,7 +141,14 @@ def load_pipeline(
     from .stylize import use_lcm
 
     dtype = dtype or torch.float32
-    components = load_components(Path(pasd), Path(base), dtype, keep_half_weights, merges=lcm_lora is not None)
+    components = load_components(
+        Path(pasd),
+        Path(base),
+        dtype,
+        keep_half_weights,
+        merges=lcm_lora is not None,
+        converted_dir=Path(converted_dir) if converted_dir is not None else None,
+    )
     if lcm_lora is not None:
         use_lcm(components, Path(lcm_lora), trust_pickle)
     return PASDPipeline(components, torch.device(device), dtype, memory_budget)
@@ -241,10 +251,11 @@ def load_colorize_pipeline(
     memory_budget: int | None = None,
     scheduler: str | Path | None = None,
     keep_half_weights: bool = False,
+    converted_dir: str | Path | None = None,
 ) -> PASDPipeline:
     """The pipeline of a PASD-light colorization checkpoint folder, with the scheduler config of
     the `scheduler/` folder beside it (or `scheduler`), on `device` in `dtype` (default float32).
-    `keep_half_weights` as `load_pipeline` has it."""
+    `keep_half_weights` and `converted_dir` as `load_pipeline` has them."""
     import torch
 
     from .colorize_loading import load_colorizer
@@ -257,6 +268,7 @@ def load_colorize_pipeline(
         memory_budget,
         scheduler,
         keep_half_weights=keep_half_weights,
+        converted_dir=Path(converted_dir) if converted_dir is not None else None,
     )
 
 

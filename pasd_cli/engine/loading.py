@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ModelError
 from ..nn.controlnet import PASDControlNet
+from ..nn.converted_weights import ConvertedWeights
 from ..nn.loading import load_pasd_controlnet, load_pasd_unet, read_json_config
 from ..nn.tensor_file import float_dtypes
 from ..nn.unet import PASDUNet
@@ -76,6 +77,7 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     keep_half_weights: bool = False,
     merges: bool = False,
+    converted_dir: Path | None = None,
 ) -> Components:
     """Everything on the CPU, the networks in `dtype` (the VAE as `model_dtypes` says), each
     weight cast as it is read: no copy of the model in the files' or any other dtype is made.
@@ -83,11 +85,16 @@ def load_components(
     bfloat16 stay so, for `PASDPipeline` to widen per layer (half_weights.py); without `merges`
     (no LoRA or base to be merged into them) they are the files' pages, mapped, not read. Merges
     go into the UNet and the base parts only, so the ControlNet's weights are mapped either way.
+    `converted_dir`: where the UNet's and ControlNet's weights, cast into a half `dtype`, are
+    kept converted after the first load, for later loads to map (nn/converted_weights.py).
     `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
     keep = HALF_DTYPES if keep_half_weights and dtype not in HALF_DTYPES else frozenset()
-    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, bool(keep) and not merges)
-    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, bool(keep))
+    # Only for half dtypes: float32 keeps half weights to widen instead (or, --exact, converts as
+    # the released code does), and a float32 copy would be twice the files.
+    converted = ConvertedWeights(converted_dir) if converted_dir is not None and dtype in HALF_DTYPES else None
+    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, not merges, converted)
+    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, True, converted)
     vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..errors import ModelError
 from .controlnet import PASDControlNet
+from .converted_weights import ConvertedWeights
 from .keys import read_keys
-from .tensor_file import read_tensors
+from .tensor_file import float_dtypes, read_tensors
 from .unet import FULL, LIGHT, PASDUNet
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -103,14 +104,34 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
         raise ModelError(f"{source} does not match {type(model).__name__}: {text}")
 
 
-def _load(model: nn.Module, path: Path, dtype: torch.dtype | None, keep: frozenset, mapped: bool) -> nn.Module:
+def _load(
+    model: nn.Module,
+    path: Path,
+    dtype: torch.dtype | None,
+    keep: frozenset,
+    mapped: bool,
+    converted: ConvertedWeights | None = None,
+) -> nn.Module:
+    """`converted`: where weights cast into `dtype` are kept converted, to be read (mapped, with
+    `mapped`) instead of converted again, or written after converting."""
     try:
-        state = read_tensors(path, dtype, keep, mapped)
+        cache = converted if dtype is not None and _converts(path, dtype, keep) else None
+        state = cache.read(path, dtype, mapped) if cache is not None and dtype is not None else None
+        fresh = state is None
+        if state is None:
+            state = read_tensors(path, dtype, keep, mapped)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     check_state_dict(model, state, path)
+    if fresh and cache is not None and dtype is not None:
+        cache.write(path, dtype, state)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _converts(path: Path, dtype: torch.dtype, keep: frozenset) -> bool:
+    """Whether reading the file into `dtype` casts some of its tensors."""
+    return bool(float_dtypes(path) - keep - {dtype})
 
 
 def build_pasd_unet(config: dict, variant: str) -> PASDUNet:
@@ -125,25 +146,41 @@ def build_pasd_controlnet(config: dict, rrdb_blocks: int) -> PASDControlNet:
     return controlnet
 
 
-def _load_folder(folder: Path, detect, build, dtype: torch.dtype | None, keep: frozenset, mapped: bool):
+def _load_folder(
+    folder: Path,
+    detect,
+    build,
+    dtype: torch.dtype | None,
+    keep: frozenset,
+    mapped: bool,
+    converted: ConvertedWeights | None = None,
+):
     """Detect the variant from the file's keys, build on the meta device, assign the weights:
     floating-point ones in `dtype`, but those stored in a dtype of `keep` as stored (`mapped`:
-    the file's pages, see read_tensors)."""
+    the file's pages, see read_tensors; `converted`: see _load)."""
     path = weights_path(folder)
     variant = detect(read_keys(path))
     config = read_config(folder)
     with torch.device("meta"):
         model = build(config, variant)
-    return _load(model, path, dtype, keep, mapped)
+    return _load(model, path, dtype, keep, mapped, converted)
 
 
 def load_pasd_unet(
-    folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset(), mapped: bool = False
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    keep: frozenset = frozenset(),
+    mapped: bool = False,
+    converted: ConvertedWeights | None = None,
 ) -> PASDUNet:
-    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep, mapped)
+    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep, mapped, converted)
 
 
 def load_pasd_controlnet(
-    folder: Path, dtype: torch.dtype | None = None, keep: frozenset = frozenset(), mapped: bool = False
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    keep: frozenset = frozenset(),
+    mapped: bool = False,
+    converted: ConvertedWeights | None = None,
 ) -> PASDControlNet:
-    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype, keep, mapped)
+    return _load_folder(folder, detect_rrdb_blocks, build_pasd_controlnet, dtype, keep, mapped, converted)

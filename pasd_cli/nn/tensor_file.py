@@ -33,6 +33,7 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 # A header larger than this is a damaged file, not a model (safetensors' own limit).
 _MAX_HEADER = 100_000_000
 
@@ -60,8 +61,9 @@ class _Reader:
     every such tensor reuses, so the only allocations that stay are the results: freed
     temporaries of many sizes would fragment the heap and keep the process's RSS up."""
 
-    def __init__(self, handle, start: int, size: int, mapped=None):
+    def __init__(self, handle, start: int, size: int, mapped=None, map_stored: int = 0):
         self.handle, self.start, self.size, self.mapped = handle, start, size, mapped
+        self.map_stored = map_stored
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def read(self, name: str, entry, dtype: torch.dtype | None, keep: frozenset = frozenset()) -> torch.Tensor:
@@ -85,8 +87,10 @@ class _Reader:
             # writes; the file never changes). Only these: a float32 tensor used as stored would
             # be computed on from the file's alignment, not the allocator's, and the matrix
             # kernels' sums then differ in the last bit (1 level in the tiny model's output).
-            raw = torch.frombuffer(self.mapped, dtype=torch.uint8, count=nbytes, offset=self.start + begin)
-            return raw.view(stored).view(shape)
+            return self._mapped(stored, shape, begin, nbytes)
+        if not cast and not kept and self.map_stored and self.mapped is not None and nbytes:
+            if (self.start + begin) % self.map_stored == 0:
+                return self._mapped(stored, shape, begin, nbytes)
         if not cast:
             out = torch.empty(shape, dtype=stored)
             self._fill(out.view(-1).view(torch.uint8), name)
@@ -97,6 +101,10 @@ class _Reader:
         self._fill(raw, name)
         return raw.view(stored).view(shape).to(dtype)
 
+    def _mapped(self, stored: torch.dtype, shape: list[int], begin: int, nbytes: int) -> torch.Tensor:
+        raw = torch.frombuffer(self.mapped, dtype=torch.uint8, count=nbytes, offset=self.start + begin)
+        return raw.view(stored).view(shape)
+
     def _fill(self, buffer: torch.Tensor, name: str) -> None:
         if not buffer.numel():
             return
@@ -106,19 +114,20 @@ class _Reader:
 
 
 def read_tensors(
-    path: Path, dtype: torch.dtype | None = None, keep=frozenset(), mapped: bool = False
+    path: Path, dtype: torch.dtype | None = None, keep=frozenset(), mapped: bool = False, map_stored: int = 0
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the file on the CPU; floating-point ones cast to `dtype` (None: as
     stored), except those stored in a dtype of `keep`. `mapped`: those kept are the file's pages,
     mapped (for weights used as they are: one that is replaced later, by a merge, would leave
-    the pages it was read from resident while the file stays mapped). Raises ValueError for a
-    damaged file."""
+    the pages it was read from resident while the file stays mapped); so are those used as
+    stored whose data starts at a multiple of `map_stored` bytes (a file written aligned as the
+    allocator aligns, converted_weights.py; 0: none). Raises ValueError for a damaged file."""
     path = Path(path)
     size = path.stat().st_size
     state: dict[str, torch.Tensor] = {}
     with path.open("rb", buffering=0) as handle:
         header, start = read_header(handle)
-        reader = _Reader(handle, start, size, _map(handle, size) if mapped else None)
+        reader = _Reader(handle, start, size, _map(handle, size) if mapped else None, map_stored)
         # In file order, so the reads go forward through the file.
         for name, entry in sorted(header.items(), key=lambda item: _begin(item[1])):
             if _begin(entry) >= 0:

@@ -6,6 +6,7 @@ from .identity import model_identity
 from .local import (
     Record,
     Store,
+    converted_dir,
     fetch_command,
     may_download,
     not_fetched_because,
@@ -51,6 +52,7 @@ __all__ = [
     "Resolution",
     "ResolvedModel",
     "Store",
+    "converted_dir",
     "default_models",
     "fetch_command",
     "get_manifest",

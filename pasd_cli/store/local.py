@@ -5,6 +5,8 @@ Layout of the store (`--models-dir`, else `PASD_HOME`, else the user's cache fol
     <root>/<name>/<subfolder>/<files...>    the files, in the hub repo's layout
     <root>/<name>/pasd-model.json           the install record, written atomically, last
     <root>/<name>/.cache/huggingface/       huggingface_hub's local_dir bookkeeping
+    <root>/.converted/                      weights converted to a half dtype at a first load,
+                                            mapped by later loads; safe to delete
 
 A model is installed only when its record exists and every recorded file has the recorded size
 (and, when its modification time changed since the record was written, the recorded sha256).
@@ -31,6 +33,7 @@ from ..errors import ModelError
 from .manifests import Manifest, get_manifest, load_manifests
 
 RECORD_NAME = "pasd-model.json"
+CONVERTED_FOLDER = ".converted"
 RECORD_FORMAT = 1
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -59,6 +62,11 @@ def store_root(models_dir: str | Path | None = None, env: Mapping[str, str] | No
     if env.get("PASD_HOME"):
         return Path(env["PASD_HOME"]).expanduser()
     return user_cache_dir(env)
+
+
+def converted_dir(models_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """Where weights converted at load are kept (nn/converted_weights.py)."""
+    return store_root(models_dir, env) / CONVERTED_FOLDER
 
 
 def offline_requested(flag: bool = False, env: Mapping[str, str] | None = None) -> bool:
