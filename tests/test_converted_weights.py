@@ -116,6 +116,23 @@ def test_a_changed_source_gets_a_new_copy_in_place_of_the_old(tmp_path):
     assert len(set(after) - set(before)) == 1  # the UNet's copy, made anew; the old one is gone
 
 
+def test_copies_of_removed_models_and_part_written_copies_are_removed(tmp_path):
+    converted = ConvertedWeights(tmp_path / "converted")
+    gone, kept = tmp_path / "gone.safetensors", tmp_path / "kept.safetensors"
+    for source in (gone, kept):
+        source.write_bytes(b"the source's bytes")
+    tensors = {"w": torch.ones(3, dtype=BF16)}
+    orphan = converted.write(gone, BF16, tensors)
+    assert orphan is not None and orphan.is_file()
+    gone.unlink()  # its model was removed
+    part = converted.folder / ".abc.safetensors.k3j9x0qz.part"  # a writer killed mid-copy
+    part.write_bytes(b"half a copy")
+    copy = converted.write(kept, BF16, tensors)
+    assert _copies(converted.folder) == [copy]
+    assert not part.exists()
+    assert torch.equal(converted.read(kept, BF16, mapped=False)["w"], tensors["w"])
+
+
 def test_a_damaged_copy_is_converted_again(tmp_path):
     converted = tmp_path / "converted"
     expected = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted_dir=converted))

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_atomic
+from ..atomic import remove_stale, write_atomic
 from ..errors import PasdError
 from .tensor_file import DTYPE_NAMES, read_tensors
 
 ALIGN = 64
 PAD_PREFIX = "__pasd_pad__."
 FORMAT = "1"
+# A header this long is read whole to find a copy's source (an SD UNet's is about 200 KB).
+_MAX_METADATA_HEADER = 16 << 20
 SUFFIX = ".safetensors"
 
 
@@ -68,18 +70,21 @@ class ConvertedWeights:
         or None where it could not be written (a read-only or full disk: loading goes on)."""
         try:
             path = self.path_for(source, dtype)
+            if self.folder.is_dir():
+                remove_stale(self.folder)  # a writer killed outright left its part-written copy
             write_atomic(path, lambda handle: write_aligned(handle, state, _metadata(source, dtype)))
         except (OSError, PasdError):
             return None
-        self._remove_older(path)
+        self._remove_outdated(path)
         return path
 
-    def _remove_older(self, kept: Path) -> None:
-        """Earlier copies of the same source file: a new version of it, or another dtype, makes
-        a file of its own, and only the newest is kept."""
+    def _remove_outdated(self, kept: Path) -> None:
+        """Earlier copies of the same source file (a new version of it, or another dtype, makes a
+        file of its own; only the newest is kept), and copies whose source file is gone or
+        changed (a model removed or updated)."""
         where = kept.name.split("-", 1)[0]
-        for other in self.folder.glob(f"{where}-*{SUFFIX}"):
-            if other != kept:
+        for other in self.folder.glob(f"*{SUFFIX}"):
+            if other != kept and (other.name.startswith(f"{where}-") or not _source_unchanged(other)):
                 _remove_quietly(other)
 
 
@@ -127,6 +132,18 @@ def _metadata(source: Path, dtype: torch.dtype) -> dict[str, str]:
         "source_mtime_ns": str(stat.st_mtime_ns),
         "dtype": _dtype_name(dtype),
     }
+
+
+def _source_unchanged(copy: Path) -> bool:
+    """Whether the source file `copy` was converted from is still there, as it was."""
+    try:
+        with copy.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            recorded = json.loads(handle.read(min(length, _MAX_METADATA_HEADER)))["__metadata__"]
+        stat = Path(recorded["source"]).stat()
+        return (str(stat.st_size), str(stat.st_mtime_ns)) == (recorded["source_size"], recorded["source_mtime_ns"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
