@@ -151,6 +151,24 @@ def reference():
     return torch.load(REFERENCE / "reference_public.pt")
 
 
+# The layers of the tiny UNet that `lcm_file`, a stand-in for the LCM-LoRA, merges into.
+LCM_LAYERS = ["down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.proj_in", "up_blocks.3.resnets.2.conv2"]
+
+
+@pytest.fixture(scope="session")
+def lcm_file(tmp_path_factory):
+    from tiny_bases import kohya_name, lora_pair, write_kohya_lora
+
+    from pasd_cli.engine.loading import load_components
+
+    unet = load_components(TINY_PASD, TINY_BASE).unet
+    layers = {}
+    for i, name in enumerate(LCM_LAYERS):
+        down, up = lora_pair(unet.get_submodule(name).weight, 4, 90 + i)
+        layers[kohya_name(name)] = (0.2 * down, up, 2.0)
+    return write_kohya_lora(tmp_path_factory.mktemp("lcm") / "pytorch_lora_weights.safetensors", layers)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline():
     import torch

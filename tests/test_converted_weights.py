@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from test_loading_dtype import mapped_file
 
-from pasd_cli.engine import UpscaleSettings, load_pipeline
+from pasd_cli.engine import FAST_GUIDANCE, FAST_STEPS, UpscaleSettings, load_pipeline
 from pasd_cli.nn.converted_weights import ALIGN, PAD_PREFIX, ConvertedWeights, write_aligned
 
 SETTINGS = UpscaleSettings(process_size=64, scale=2, seed=3, steps=2)
@@ -63,6 +63,34 @@ def test_a_later_load_maps_the_converted_weights_and_makes_the_same_pixels(tmp_p
     pixels = _image(plain)
     assert np.array_equal(_image(first), pixels)
     assert np.array_equal(_image(later), pixels)
+
+
+@on_linux
+def test_a_later_fast_load_reads_the_unet_with_the_lcm_lora_merged(tmp_path, lcm_file):
+    lcm = tmp_path / "lcm.safetensors"
+    shutil.copy(lcm_file, lcm)
+    converted = tmp_path / "converted"
+    plain = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm)
+    first = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted)
+    assert len(_copies(converted)) == 3  # the UNet, the UNet with the LoRA merged, the ControlNet
+    later = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted)
+    assert first.unet.applied_merges == () and later.unet.applied_merges == ((lcm, 1.0),)
+    assert mapped_file(later.unet.conv_in.weight) in {str(p) for p in _copies(converted)}
+    expected = _weights(plain)
+    for pipeline in (first, later):
+        weights = _weights(pipeline)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    fast = UpscaleSettings(process_size=64, scale=2, seed=3, steps=FAST_STEPS, guidance=FAST_GUIDANCE)
+    pixels = [np.asarray(p.upscale(Image.open(LR_INPUT), fast).image) for p in (plain, later)]
+    assert np.array_equal(*pixels)
+
+    # Another LoRA file at the same path: merged anew, and its copy replaces the old one.
+    stat = lcm.stat()
+    os.utime(lcm, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted)
+    assert again.unet.applied_merges == ()
+    assert len(_copies(converted)) == 3
+    assert load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted).unet.applied_merges
 
 
 def test_every_tensor_starts_aligned_and_the_library_reads_the_file():

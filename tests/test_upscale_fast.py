@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
-from conftest import LR_INPUT, TINY_BASE, TINY_PASD, pasd_here, run_pasd, tiny_model_args
+from conftest import LCM_LAYERS, LR_INPUT, TINY_BASE, TINY_PASD, pasd_here, run_pasd, tiny_model_args
 from hub_server import clean_env
 from PIL import Image
-from tiny_bases import kohya_name, lora_pair, write_kohya_lora
 
 from pasd_cli.engine import FAST_GUIDANCE, FAST_STEPS, UpscaleSettings, load_pipeline
 from pasd_cli.engine.loading import load_components
@@ -20,19 +18,8 @@ from pasd_cli.imageio.metadata import read_record
 from pasd_cli.store import LCM_LORA, load_manifests
 from pasd_cli.store.local import Record, Store, sha256_file
 
-LCM_LAYERS = ["down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.proj_in", "up_blocks.3.resnets.2.conv2"]
 # fp32 as the oracle computes: --dtype auto is bf16 on a CPU with bf16 matrix instructions.
 RUN = ["--process-size", "64", "--scale", "2", "--seed", "3", "--caption", "none", "--device", "cpu", "--dtype", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def lcm_file(tmp_path_factory):
-    unet = load_components(TINY_PASD, TINY_BASE).unet
-    layers = {}
-    for i, name in enumerate(LCM_LAYERS):
-        down, up = lora_pair(unet.get_submodule(name).weight, 4, 90 + i)
-        layers[kohya_name(name)] = (0.2 * down, up, 2.0)
-    return write_kohya_lora(tmp_path_factory.mktemp("lcm") / "pytorch_lora_weights.safetensors", layers)
 
 
 def _unet_evaluations(pipeline, settings) -> tuple[int, np.ndarray]:

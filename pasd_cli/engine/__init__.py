@@ -136,21 +136,19 @@ def load_pipeline(
     converted for the next loads to map instead (the same output; nn/converted_weights.py)."""
     import torch
 
-    from .loading import load_components
+    from .loading import keep_merged_unet, load_components
     from .pipeline import PASDPipeline
-    from .stylize import use_lcm
+    from .stylize import LCM_WEIGHT, use_lcm
 
     dtype = dtype or torch.float32
+    converted = Path(converted_dir) if converted_dir is not None else None
+    lcm = ((Path(lcm_lora), LCM_WEIGHT),) if lcm_lora is not None else ()
     components = load_components(
-        Path(pasd),
-        Path(base),
-        dtype,
-        keep_half_weights,
-        merges=lcm_lora is not None,
-        converted_dir=Path(converted_dir) if converted_dir is not None else None,
+        Path(pasd), Path(base), dtype, keep_half_weights, merges=bool(lcm), converted_dir=converted, unet_merges=lcm
     )
     if lcm_lora is not None:
         use_lcm(components, Path(lcm_lora), trust_pickle)
+        keep_merged_unet(components, Path(pasd), converted, lcm)
     return PASDPipeline(components, torch.device(device), dtype, memory_budget)
 
 

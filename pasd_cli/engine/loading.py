@@ -9,8 +9,8 @@ import torch
 
 from ..errors import ModelError
 from ..nn.controlnet import PASDControlNet
-from ..nn.converted_weights import ConvertedWeights
-from ..nn.loading import load_pasd_controlnet, load_pasd_unet, read_json_config
+from ..nn.converted_weights import ConvertedWeights, Merges
+from ..nn.loading import load_pasd_controlnet, load_pasd_unet, read_json_config, weights_path
 from ..nn.tensor_file import float_dtypes
 from ..nn.unet import PASDUNet
 from .half_weights import HALF_DTYPES
@@ -32,6 +32,9 @@ class Components:
     # Weights stored in half precision were read as stored, to be widened per layer as they run
     # (half_weights.py); merges into them must then be kept in float32.
     keeps_half_weights: bool = False
+    # Files whose merge the UNet's weights already hold: read from a converted copy made after
+    # an earlier load merged them (nn/converted_weights.py), so the merge is not repeated.
+    unet_merged: tuple = ()
 
 
 def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
@@ -78,6 +81,7 @@ def load_components(
     keep_half_weights: bool = False,
     merges: bool = False,
     converted_dir: Path | None = None,
+    unet_merges: Merges = (),
 ) -> Components:
     """Everything on the CPU, the networks in `dtype` (the VAE as `model_dtypes` says), each
     weight cast as it is read: no copy of the model in the files' or any other dtype is made.
@@ -86,19 +90,38 @@ def load_components(
     (no LoRA or base to be merged into them) they are the files' pages, mapped, not read. Merges
     go into the UNet and the base parts only, so the ControlNet's weights are mapped either way.
     `converted_dir`: where the UNet's and ControlNet's weights, cast into a half `dtype`, are
-    kept converted after the first load, for later loads to map (nn/converted_weights.py).
-    `PASDPipeline` moves it to the chosen device."""
+    kept converted after the first load, for later loads to map (nn/converted_weights.py);
+    `unet_merges`: files about to be merged into the UNet, whose merged copy `converted_dir` may
+    hold (`Components.unet_merged`). `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
     keep = HALF_DTYPES if keep_half_weights and dtype not in HALF_DTYPES else frozenset()
     # Only for half dtypes: float32 keeps half weights to widen instead (or, --exact, converts as
     # the released code does), and a float32 copy would be twice the files.
     converted = ConvertedWeights(converted_dir) if converted_dir is not None and dtype in HALF_DTYPES else None
-    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, not merges, converted)
+    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, not merges, converted, unet_merges)
     controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, True, converted)
     vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)
-    return Components(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, keeps_half_weights=bool(keep))
+    return Components(
+        unet,
+        controlnet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler_config,
+        keeps_half_weights=bool(keep),
+        unet_merged=unet.applied_merges,
+    )
+
+
+def keep_merged_unet(components: Components, pasd_dir: Path, converted_dir: Path | None, merges: Merges) -> None:
+    """After `merges` went into a UNet converted to a half dtype: its weights, kept as a copy
+    that later loads read instead of converting and merging again."""
+    dtype = components.unet.dtype
+    if converted_dir is None or dtype not in HALF_DTYPES or components.unet_merged or components.keeps_half_weights:
+        return
+    ConvertedWeights(converted_dir).write(weights_path(pasd_dir / "unet"), dtype, components.unet.state_dict(), merges)
 
 
 def stored_dtype(folder: Path, keep: frozenset) -> torch.dtype | None:

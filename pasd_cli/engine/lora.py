@@ -187,19 +187,22 @@ def _add_scaled_in_place(delta: torch.Tensor, scale: float, weight: torch.Tensor
         flat[start : start + MERGE_SLICE].add_(source[start : start + MERGE_SLICE])
 
 
-def apply_lora(components: Components, path: Path, weight: float = 1.0, trust_pickle: bool = False) -> LoraReport:
-    """Merge one LoRA file into the stock UNet and text encoder layers, in place."""
+def apply_lora(
+    components: Components, path: Path, weight: float = 1.0, trust_pickle: bool = False, unet: bool = True
+) -> LoraReport:
+    """Merge one LoRA file into the stock UNet (not with `unet` false: its weights hold the merge
+    already) and text encoder layers, in place."""
     path = Path(path)
     if not torch.isfinite(torch.tensor(weight)):
         raise ValueError("LoRA weight must be finite")
     lora = read_lora(path, components.unet.config, trust_pickle)
-    unet, text_encoder = components.unet, components.text_encoder
-    stock = set(stock_unet_keys(unet))
+    model, text_encoder = components.unet, components.text_encoder
+    stock = set(stock_unet_keys(model))
 
     def find_unet(name):
-        return unet.get_submodule(name) if f"{name}.weight" in stock else None
+        return model.get_submodule(name) if f"{name}.weight" in stock else None
 
-    pairs = _targets(lora.unet, find_unet, path, "stock UNet") + _targets(
+    pairs = (_targets(lora.unet, find_unet, path, "stock UNet") if unet else []) + _targets(
         lora.text_encoder, lambda n: _text_encoder_module(text_encoder, n), path, "text encoder"
     )
     with torch.no_grad():

@@ -24,9 +24,15 @@ class PersonalizeReport:
     lcm: LoraReport | None = None
 
 
+# The LCM-LoRA is fused at full strength.
+LCM_WEIGHT = 1.0
+
+
 def use_lcm(components: Components, lcm_lora: Path, trust_pickle: bool = False) -> LoraReport:
-    """Fast mode: fuse the LCM-LoRA at full strength and sample with the LCM scheduler."""
-    report = apply_lora(components, Path(lcm_lora), 1.0, trust_pickle)
+    """Fast mode: fuse the LCM-LoRA at full strength and sample with the LCM scheduler. Into a
+    UNet read with it already merged (`Components.unet_merged`), its text-encoder layers only."""
+    unet_merged = (Path(lcm_lora), LCM_WEIGHT) in components.unet_merged
+    report = apply_lora(components, Path(lcm_lora), LCM_WEIGHT, trust_pickle, unet=not unet_merged)
     components.scheduler_class = SeededLCMScheduler
     return report
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .controlnet import PASDControlNet
-from .converted_weights import ConvertedWeights
+from .converted_weights import ConvertedWeights, Merges
 from .keys import read_keys
 from .tensor_file import float_dtypes, read_tensors
 from .unet import FULL, LIGHT, PASDUNet
@@ -111,12 +111,21 @@ def _load(
     keep: frozenset,
     mapped: bool,
     converted: ConvertedWeights | None = None,
+    merged: Merges = (),
 ) -> nn.Module:
     """`converted`: where weights cast into `dtype` are kept converted, to be read (mapped, with
-    `mapped`) instead of converted again, or written after converting."""
+    `mapped`) instead of converted again, or written after converting. `merged`: files the
+    caller merges into these weights next; where `converted` holds a copy with them already
+    merged, that is read instead, and the model's `applied_merges` says so (else it is empty)."""
+    model.applied_merges = ()
     try:
-        cache = converted if dtype is not None and _converts(path, dtype, keep) else None
-        state = cache.read(path, dtype, mapped) if cache is not None and dtype is not None else None
+        state = None
+        if converted is not None and dtype is not None and merged:
+            state = converted.read(path, dtype, True, merged)  # no merge follows: mapped
+            model.applied_merges = tuple(merged) if state is not None else ()
+        cache = converted if state is None and dtype is not None and _converts(path, dtype, keep) else None
+        if cache is not None and dtype is not None:
+            state = cache.read(path, dtype, mapped)
         fresh = state is None
         if state is None:
             state = read_tensors(path, dtype, keep, mapped)
@@ -154,16 +163,17 @@ def _load_folder(
     keep: frozenset,
     mapped: bool,
     converted: ConvertedWeights | None = None,
+    merged: Merges = (),
 ):
     """Detect the variant from the file's keys, build on the meta device, assign the weights:
     floating-point ones in `dtype`, but those stored in a dtype of `keep` as stored (`mapped`:
-    the file's pages, see read_tensors; `converted`: see _load)."""
+    the file's pages, see read_tensors; `converted` and `merged`: see _load)."""
     path = weights_path(folder)
     variant = detect(read_keys(path))
     config = read_config(folder)
     with torch.device("meta"):
         model = build(config, variant)
-    return _load(model, path, dtype, keep, mapped, converted)
+    return _load(model, path, dtype, keep, mapped, converted, merged)
 
 
 def load_pasd_unet(
@@ -172,8 +182,9 @@ def load_pasd_unet(
     keep: frozenset = frozenset(),
     mapped: bool = False,
     converted: ConvertedWeights | None = None,
+    merged: Merges = (),
 ) -> PASDUNet:
-    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep, mapped, converted)
+    return _load_folder(folder, detect_unet_variant, build_pasd_unet, dtype, keep, mapped, converted, merged)
 
 
 def load_pasd_controlnet(
