@@ -9,6 +9,7 @@ own KeyboardInterrupt."""
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -40,7 +41,12 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 @contextmanager
 def deferred() -> Iterator[None]:
     """Run the block to its end whatever signal arrives; an interrupt that came meanwhile is
-    raised as the block is left."""
+    raised as the block is left. Signals are handled in the main thread only, so a block in
+    another thread (a background write's clean-up) holds nothing back: it must not make the main
+    thread's interrupt wait, nor take it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _State.depth += 1
     try:
         yield

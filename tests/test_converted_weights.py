@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from test_loading_dtype import mapped_file
 
 from pasd_cli.engine import FAST_GUIDANCE, FAST_STEPS, UpscaleSettings, load_pipeline
+from pasd_cli.nn import converted_weights
 from pasd_cli.nn.converted_weights import ALIGN, PAD_PREFIX, ConvertedWeights, write_aligned
 
 SETTINGS = UpscaleSettings(process_size=64, scale=2, seed=3, steps=2)
@@ -44,9 +46,9 @@ def _copies(folder) -> list:
 def test_a_later_load_maps_the_converted_weights_and_makes_the_same_pixels(tmp_path):
     converted = tmp_path / "converted"
     plain = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16)
-    first = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted_dir=converted)
+    first = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted=converted)
     assert len(_copies(converted)) == 2  # the UNet's and the ControlNet's
-    later = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted_dir=converted)
+    later = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted=converted)
 
     # Converted in memory, the first load's tensors are the allocator's; the later load's are
     # the converted files' pages.
@@ -71,9 +73,9 @@ def test_a_later_fast_load_reads_the_unet_with_the_lcm_lora_merged(tmp_path, lcm
     shutil.copy(lcm_file, lcm)
     converted = tmp_path / "converted"
     plain = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm)
-    first = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted)
+    first = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted=converted)
     assert len(_copies(converted)) == 3  # the UNet, the UNet with the LoRA merged, the ControlNet
-    later = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted)
+    later = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted=converted)
     assert first.unet.applied_merges == () and later.unet.applied_merges == ((lcm, 1.0),)
     assert mapped_file(later.unet.conv_in.weight) in {str(p) for p in _copies(converted)}
     expected = _weights(plain)
@@ -87,10 +89,33 @@ def test_a_later_fast_load_reads_the_unet_with_the_lcm_lora_merged(tmp_path, lcm
     # Another LoRA file at the same path: merged anew, and its copy replaces the old one.
     stat = lcm.stat()
     os.utime(lcm, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    again = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted)
+    again = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted=converted)
     assert again.unet.applied_merges == ()
     assert len(_copies(converted)) == 3
-    assert load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted_dir=converted).unet.applied_merges
+    assert load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm, converted=converted).unet.applied_merges
+
+
+def test_copies_written_in_the_background_are_whole_once_waited_for(tmp_path, lcm_file, monkeypatch):
+    """As the command line writes them: the load goes on while its copies are written; the
+    LoRA's merge waits for the UNet's plain copy, whose weights it changes in place."""
+    write = converted_weights.write_aligned
+
+    def slow_disk(*args):  # as SD size's 2.9 GB take seconds: the merge would come first
+        time.sleep(0.5)
+        write(*args)
+
+    monkeypatch.setattr(converted_weights, "write_aligned", slow_disk)
+    copies = ConvertedWeights(tmp_path / "converted", background=True)
+    fast = load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, lcm_lora=lcm_file, converted=copies)
+    copies.wait()
+    assert len(copies.written) == 3 and sorted(copies.written) == _copies(copies.folder)
+    plain = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16))
+    unet_file = TINY_PASD / "unet" / "diffusion_pytorch_model.safetensors"
+    stored = copies.read(unet_file, BF16, mapped=False)
+    assert stored is not None and all(torch.equal(stored[k], plain[f"unet.{k}"]) for k in stored)
+    merged = copies.read(unet_file, BF16, mapped=False, merged=((lcm_file, 1.0),))
+    weights = _weights(fast)
+    assert merged is not None and all(torch.equal(merged[k], weights[f"unet.{k}"]) for k in merged)
 
 
 def test_every_tensor_starts_aligned_and_the_library_reads_the_file():
@@ -133,12 +158,12 @@ def _write(raw: bytes):
 def test_a_changed_source_gets_a_new_copy_in_place_of_the_old(tmp_path):
     pasd = shutil.copytree(TINY_PASD, tmp_path / "pasd")
     converted = tmp_path / "converted"
-    load_pipeline(pasd, TINY_BASE, dtype=BF16, converted_dir=converted)
+    load_pipeline(pasd, TINY_BASE, dtype=BF16, converted=converted)
     before = _copies(converted)
     unet_file = pasd / "unet" / "diffusion_pytorch_model.safetensors"
     stat = unet_file.stat()
     os.utime(unet_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new version of the file
-    load_pipeline(pasd, TINY_BASE, dtype=BF16, converted_dir=converted)
+    load_pipeline(pasd, TINY_BASE, dtype=BF16, converted=converted)
     after = _copies(converted)
     assert len(after) == 2
     assert len(set(after) - set(before)) == 1  # the UNet's copy, made anew; the old one is gone
@@ -163,12 +188,12 @@ def test_copies_of_removed_models_and_part_written_copies_are_removed(tmp_path):
 
 def test_a_damaged_copy_is_converted_again(tmp_path):
     converted = tmp_path / "converted"
-    expected = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted_dir=converted))
+    expected = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted=converted))
     copies = _copies(converted)
     sizes = [p.stat().st_size for p in copies]
     with open(copies[0], "r+b") as handle:
         handle.truncate(sizes[0] // 2)
-    weights = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted_dir=converted))
+    weights = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted=converted))
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
     assert [p.stat().st_size for p in _copies(converted)] == sizes  # written whole again
 
@@ -177,14 +202,14 @@ def test_loads_go_on_where_no_copy_can_be_written(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the folder would be")
     expected = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16))
-    weights = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted_dir=blocked / "converted"))
+    weights = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted=blocked / "converted"))
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
     assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))
 
 
 def test_float32_and_unconverted_loads_keep_no_copy(tmp_path):
     converted = tmp_path / "converted"
-    load_pipeline(TINY_PASD, TINY_BASE, dtype=torch.float32, converted_dir=converted)
+    load_pipeline(TINY_PASD, TINY_BASE, dtype=torch.float32, converted=converted)
     assert not converted.exists()  # float32 files read into float32: nothing to convert
     ConvertedWeights(converted).write(NETWORK_FILES[0], BF16, {"x": torch.zeros(2, dtype=BF16)})
     assert len(_copies(converted)) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,33 @@ def test_a_signal_inside_a_deferred_block_waits_for_its_end(handlers):
             _signal_self(signal.SIGINT)
             finished.append(True)
     assert finished == [True]
+
+
+def test_a_deferred_block_in_another_thread_neither_holds_back_nor_takes_the_interrupt(handlers):
+    """A background write's clean-up runs in a deferred block of its own thread; a Ctrl-C that
+    arrives meanwhile is the main thread's, at once."""
+    inside, leave, outcome = threading.Event(), threading.Event(), []
+
+    def background():
+        try:
+            with deferred():
+                inside.set()
+                leave.wait(10)
+            outcome.append("left quietly")
+        except Interrupted:
+            outcome.append("took the interrupt")
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    inside.wait(10)
+    try:
+        with pytest.raises(Interrupted, match="SIGINT"):
+            _signal_self(signal.SIGINT)
+            time.sleep(5)  # the handler raises in this thread long before
+    finally:
+        leave.set()
+        worker.join(10)
+    assert outcome == ["left quietly"]
 
 
 @pytest.mark.parametrize("point", ["start:1:INT", "load:1:TERM:0.2"])

@@ -107,6 +107,11 @@ class Command(ABC):
     def work(self, job: Job, progress: Progress) -> JobResult:
         """One job, from its input to its written output."""
 
+    def close(self, reporter: Reporter) -> None:
+        """After the last job of a run that loaded the model and was not stopped: finish what
+        the model's loading left to do in the background."""
+        return None
+
 
 class ImageCommand(Command):
     """A command whose job is one image through a model: the batch reads the input, hands the

@@ -238,6 +238,8 @@ class _Run:
             self.todo_total = len(self.plan.todo)
             for job in self.plan.jobs:
                 self._step(job)
+            if self.loaded:
+                self.command.close(self.reporter)
         except (PasdError, Interrupted) as exc:
             failure = exc
             with deferred():  # a second Ctrl-C must not cut the account of the inputs short

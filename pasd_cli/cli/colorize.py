@@ -113,7 +113,7 @@ class ColorizeCommand(DiffusionCommand):
             runtime.device,
             runtime.dtype,
             keep_half_weights=runtime.half_weights,
-            converted_dir=runtime.converted_dir,
+            converted=runtime.converted,
         )
         return pipeline, {"scheduler": str(colorize_scheduler_dir(pasd))}
 

@@ -181,7 +181,11 @@ class DiffusionCommand(ImageCommand):
                 exact=self.models.exact,
                 compile=self.models.compile,
             )
-            self._runtime = replace(runtime, converted_dir=converted_dir(self.models.models_dir))
+            from ..nn.converted_weights import ConvertedWeights
+
+            # Written in the background: the first run does not wait for 3 GB to be written.
+            copies = ConvertedWeights(converted_dir(self.models.models_dir), background=True)
+            self._runtime = replace(runtime, converted=copies)
         return self._runtime
 
     def meeting_device(self) -> Any:
@@ -200,15 +204,7 @@ class DiffusionCommand(ImageCommand):
         quiet_libraries()
         pasd_dir = self.resolution.path(self.pasd_ref)
         reporter.info(f"loading PASD from {pasd_dir} on {runtime.label}")
-        converted_before = _files_in(runtime.converted_dir)
         pipeline, identity = self.load_pipeline(self.resolution, runtime, reporter)
-        written = _files_in(runtime.converted_dir) - converted_before
-        if written:
-            size = sum(_size(path) for path in written) / 1e9
-            reporter.info(
-                f"kept the weights converted to {runtime.dtype_name} in {runtime.converted_dir} ({size:.1f} GB), "
-                "so that later runs load them without converting; deleting that folder frees the space"
-            )
         if pipeline.half_weights:
             reporter.debug("weights stored in 16 bits are kept so and widened to float32 as each layer runs")
         # NHWC on CUDA, where cuDNN's half-precision convolutions want it; elsewhere the
@@ -232,6 +228,18 @@ class DiffusionCommand(ImageCommand):
             "half_weights": pipeline.half_weights,
             **identity,
         }
+
+    def close(self, reporter: Reporter) -> None:
+        copies = self.runtime().converted
+        if copies is None:
+            return
+        copies.wait()
+        if copies.written:
+            size = sum(_size(path) for path in copies.written) / 1e9
+            reporter.info(
+                f"kept the weights converted to {self.runtime().dtype_name} in {copies.folder} ({size:.1f} GB), "
+                "so that later runs load them without converting; deleting that folder frees the space"
+            )
 
     @abstractmethod
     def load_pipeline(
@@ -351,13 +359,6 @@ def run(command: DiffusionCommand, batch: BatchSettings) -> None:
     summary = run_batch(command, batch)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
-
-
-def _files_in(folder: Path | None) -> set[Path]:
-    try:
-        return set(folder.iterdir()) if folder is not None else set()
-    except OSError:
-        return set()
 
 
 def _size(path: Path) -> int:

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError
@@ -35,8 +34,8 @@ class Runtime:
     # Weights stored in 16 bits stay so and are widened per layer (engine/half_weights.py).
     half_weights: bool = False
     # Where weights converted to a half dtype at load are kept for later loads to map
-    # (nn/converted_weights.py); None: converted at every load.
-    converted_dir: Path | None = None
+    # (nn/converted_weights.ConvertedWeights); None: converted at every load.
+    converted: Any = None
 
     @property
     def dtype_name(self) -> str:

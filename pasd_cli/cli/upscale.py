@@ -72,7 +72,7 @@ class UpscaleCommand(DiffusionCommand):
             runtime.dtype,
             lcm_lora=lcm_lora,
             keep_half_weights=runtime.half_weights,
-            converted_dir=runtime.converted_dir,
+            converted=runtime.converted,
         )
         return pipeline, {"lcm_lora": str(lcm_lora)} if lcm_lora is not None else {}
 

@@ -53,12 +53,14 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from ..nn.converted_weights import ConvertedWeights
     from .captions import DescriberSpec, Description
     from .colorize import ColorizeResult
     from .pipeline import PASDPipeline, Progress, UpscaleResult
     from .stylize import PersonalizeReport, StageCallback
 
 __all__ = [
+    "ConvertedWeights",
     "ADDED_PROMPT",
     "BASE_BLEND",
     "BLENDS",
@@ -100,6 +102,7 @@ _LAZY = {
     "DescriberSpec": "captions",
     "Description": "captions",
     "ColorizeResult": "colorize",
+    "ConvertedWeights": "loading",
 }
 
 
@@ -122,7 +125,7 @@ def load_pipeline(
     lcm_lora: str | Path | None = None,
     trust_pickle: bool = False,
     keep_half_weights: bool = False,
-    converted_dir: str | Path | None = None,
+    converted: ConvertedWeights | str | Path | None = None,
 ) -> PASDPipeline:
     """The Real-ISR pipeline from a PASD checkpoint folder (with unet/ and controlnet/) and a
     Stable Diffusion 1.5 folder in diffusers layout, on `device` in `dtype` (default float32).
@@ -131,24 +134,27 @@ def load_pipeline(
     UNet, the LCM scheduler; run it with `FAST_STEPS` and `FAST_GUIDANCE`). The weights are read
     straight into `dtype`; the LoRA is merged in float32 layer by layer. `keep_half_weights`
     (float32 only): weights stored in float16 or bfloat16 stay so and are widened as each layer
-    runs: the same output, half the weights' memory (engine/half_weights.py). `converted_dir`:
-    a folder where the networks' weights, cast into a half `dtype` at the first load, are kept
-    converted for the next loads to map instead (the same output; nn/converted_weights.py)."""
+    runs: the same output, half the weights' memory (engine/half_weights.py). `converted`: a
+    folder where the networks' weights, cast into a half `dtype` at the first load, are kept
+    converted for the next loads to map instead (the same output), or ConvertedWeights that
+    may write them in the background (nn/converted_weights.py)."""
     import torch
 
-    from .loading import keep_merged_unet, load_components
+    from .loading import converted_weights, keep_merged_unet, load_components
     from .pipeline import PASDPipeline
     from .stylize import LCM_WEIGHT, use_lcm
 
     dtype = dtype or torch.float32
-    converted = Path(converted_dir) if converted_dir is not None else None
+    copies = converted_weights(converted)
     lcm = ((Path(lcm_lora), LCM_WEIGHT),) if lcm_lora is not None else ()
     components = load_components(
-        Path(pasd), Path(base), dtype, keep_half_weights, merges=bool(lcm), converted_dir=converted, unet_merges=lcm
+        Path(pasd), Path(base), dtype, keep_half_weights, merges=bool(lcm), converted=copies, unet_merges=lcm
     )
     if lcm_lora is not None:
+        if copies is not None:
+            copies.wait()  # the merge changes weights that a background copy may still be writing
         use_lcm(components, Path(lcm_lora), trust_pickle)
-        keep_merged_unet(components, Path(pasd), converted, lcm)
+        keep_merged_unet(components, Path(pasd), copies, lcm)
     return PASDPipeline(components, torch.device(device), dtype, memory_budget)
 
 
@@ -249,11 +255,11 @@ def load_colorize_pipeline(
     memory_budget: int | None = None,
     scheduler: str | Path | None = None,
     keep_half_weights: bool = False,
-    converted_dir: str | Path | None = None,
+    converted: ConvertedWeights | str | Path | None = None,
 ) -> PASDPipeline:
     """The pipeline of a PASD-light colorization checkpoint folder, with the scheduler config of
     the `scheduler/` folder beside it (or `scheduler`), on `device` in `dtype` (default float32).
-    `keep_half_weights` and `converted_dir` as `load_pipeline` has them."""
+    `keep_half_weights` and `converted` as `load_pipeline` has them."""
     import torch
 
     from .colorize_loading import load_colorizer
@@ -266,7 +272,7 @@ def load_colorize_pipeline(
         memory_budget,
         scheduler,
         keep_half_weights=keep_half_weights,
-        converted_dir=Path(converted_dir) if converted_dir is not None else None,
+        converted=converted,
     )
 
 

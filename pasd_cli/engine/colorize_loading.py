@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from ..nn.converted_weights import ConvertedWeights
 from ..nn.loading import read_json_config
 from .loading import Components, load_components
 
@@ -45,14 +46,14 @@ def load_colorize_components(
     scheduler_dir: Path | str | None = None,
     dtype: torch.dtype = torch.float32,
     keep_half_weights: bool = False,
-    converted_dir: Path | None = None,
+    converted: ConvertedWeights | str | Path | None = None,
 ) -> Components:
     """The checkpoint, the base's VAE, text encoder and tokenizer, and the scheduler config from
     `scheduler_dir` (default: beside the checkpoint). The scheduler is checked first, before
     the networks are read."""
     scheduler_dir = Path(scheduler_dir) if scheduler_dir is not None else colorize_scheduler_dir(pasd_dir)
     config = read_scheduler_config(scheduler_dir)
-    components = load_components(Path(pasd_dir), Path(base_dir), dtype, keep_half_weights, converted_dir=converted_dir)
+    components = load_components(Path(pasd_dir), Path(base_dir), dtype, keep_half_weights, converted=converted)
     components.scheduler_config = config  # built as UniPC, the pipeline's default class
     return components
 
@@ -65,10 +66,10 @@ def load_colorizer(
     memory_budget: int | None = None,
     scheduler_dir: Path | str | None = None,
     keep_half_weights: bool = False,
-    converted_dir: Path | None = None,
+    converted: ConvertedWeights | str | Path | None = None,
 ):
     """A `PASDPipeline` ready for `colorize`."""
     from .pipeline import PASDPipeline
 
-    components = load_colorize_components(pasd_dir, base_dir, scheduler_dir, dtype, keep_half_weights, converted_dir)
+    components = load_colorize_components(pasd_dir, base_dir, scheduler_dir, dtype, keep_half_weights, converted)
     return PASDPipeline(components, device, dtype, memory_budget)

@@ -80,7 +80,7 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     keep_half_weights: bool = False,
     merges: bool = False,
-    converted_dir: Path | None = None,
+    converted: ConvertedWeights | str | Path | None = None,
     unet_merges: Merges = (),
 ) -> Components:
     """Everything on the CPU, the networks in `dtype` (the VAE as `model_dtypes` says), each
@@ -89,17 +89,17 @@ def load_components(
     bfloat16 stay so, for `PASDPipeline` to widen per layer (half_weights.py); without `merges`
     (no LoRA or base to be merged into them) they are the files' pages, mapped, not read. Merges
     go into the UNet and the base parts only, so the ControlNet's weights are mapped either way.
-    `converted_dir`: where the UNet's and ControlNet's weights, cast into a half `dtype`, are
-    kept converted after the first load, for later loads to map (nn/converted_weights.py);
-    `unet_merges`: files about to be merged into the UNet, whose merged copy `converted_dir` may
-    hold (`Components.unet_merged`). `PASDPipeline` moves it to the chosen device."""
+    `converted`: where the UNet's and ControlNet's weights, cast into a half `dtype`, are
+    kept converted after the first load, for later loads to map (a folder, or ConvertedWeights:
+    nn/converted_weights.py); `unet_merges`: files about to be merged into the UNet, whose merged
+    copy `converted` may hold (`Components.unet_merged`). `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
     keep = HALF_DTYPES if keep_half_weights and dtype not in HALF_DTYPES else frozenset()
     # Only for half dtypes: float32 keeps half weights to widen instead (or, --exact, converts as
     # the released code does), and a float32 copy would be twice the files.
-    converted = ConvertedWeights(converted_dir) if converted_dir is not None and dtype in HALF_DTYPES else None
-    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, not merges, converted, unet_merges)
-    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, True, converted)
+    copies = converted_weights(converted) if dtype in HALF_DTYPES else None
+    unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, not merges, copies, unet_merges)
+    controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, True, copies)
     vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)
@@ -115,13 +115,22 @@ def load_components(
     )
 
 
-def keep_merged_unet(components: Components, pasd_dir: Path, converted_dir: Path | None, merges: Merges) -> None:
+def keep_merged_unet(
+    components: Components, pasd_dir: Path, converted: ConvertedWeights | None, merges: Merges
+) -> None:
     """After `merges` went into a UNet converted to a half dtype: its weights, kept as a copy
     that later loads read instead of converting and merging again."""
     dtype = components.unet.dtype
-    if converted_dir is None or dtype not in HALF_DTYPES or components.unet_merged or components.keeps_half_weights:
+    if converted is None or dtype not in HALF_DTYPES or components.unet_merged or components.keeps_half_weights:
         return
-    ConvertedWeights(converted_dir).write(weights_path(pasd_dir / "unet"), dtype, components.unet.state_dict(), merges)
+    converted.write(weights_path(pasd_dir / "unet"), dtype, components.unet.state_dict(), merges)
+
+
+def converted_weights(where: ConvertedWeights | str | Path | None) -> ConvertedWeights | None:
+    """A folder as ConvertedWeights that write as loads go; ConvertedWeights as they are."""
+    if where is None or isinstance(where, ConvertedWeights):
+        return where
+    return ConvertedWeights(Path(where))
 
 
 def stored_dtype(folder: Path, keep: frozenset) -> torch.dtype | None:
