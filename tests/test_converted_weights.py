@@ -207,6 +207,15 @@ def test_loads_go_on_where_no_copy_can_be_written(tmp_path):
     assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))
 
 
+def test_no_copy_takes_the_space_a_run_needs(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    converted = ConvertedWeights(tmp_path / "converted", keep_free=free)  # copies would eat into it
+    expected = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16))
+    weights = _weights(load_pipeline(TINY_PASD, TINY_BASE, dtype=BF16, converted=converted))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert _copies(converted.folder) == [] and converted.written == []
+
+
 def test_float32_and_unconverted_loads_keep_no_copy(tmp_path):
     converted = tmp_path / "converted"
     load_pipeline(TINY_PASD, TINY_BASE, dtype=torch.float32, converted=converted)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ FORMAT = "1"
 # A header this long is read whole to find a copy's source (an SD UNet's is about 200 KB).
 _MAX_METADATA_HEADER = 16 << 20
 SUFFIX = ".safetensors"
+# Free space a copy must leave on its disk.
+KEEP_FREE = 2 << 30
 # Files merged into a copy after the conversion, each with its weight (a LoRA fused at 1.0).
 Merges = Sequence[tuple[Path, float]]
 
@@ -49,11 +52,13 @@ class ConvertedWeights:
     """Converted copies of weight files in `folder` (made on the first write). `background`:
     copies are written by a thread, one after another, while the caller goes on (writing SD
     size's 2.9 GB took 1-5 s here); the tensors must not change until `wait` returns, and a
-    process that exits first leaves a part-written file that the next write removes."""
+    process that exits first leaves a part-written file that the next write removes. A copy is
+    written only where the disk keeps `keep_free` bytes free after it."""
 
-    def __init__(self, folder: Path, background: bool = False):
+    def __init__(self, folder: Path, background: bool = False, keep_free: int = KEEP_FREE):
         self.folder = Path(folder)
         self.background = background
+        self.keep_free = keep_free
         self.written: list[Path] = []  # the copies written so far
         self._writers: list[threading.Thread] = []
 
@@ -116,14 +121,21 @@ class ConvertedWeights:
 
     def _write(self, path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path | None:
         try:
-            if self.folder.is_dir():
-                remove_stale(self.folder)  # a writer killed outright left its part-written copy
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.folder)  # a writer killed outright left its part-written copy
+            if not self._room_for(sum(t.numel() * t.element_size() for t in state.values())):
+                return None
             write_atomic(path, lambda handle: write_aligned(handle, state, metadata))
         except (OSError, PasdError):
             return None
         self._remove_outdated(path)
         self.written.append(path)
         return path
+
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether the disk keeps `keep_free` bytes free once the copy is written: a copy only
+        saves time, and must not take the space a run's outputs need."""
+        return shutil.disk_usage(self.folder).free - nbytes >= self.keep_free
 
     def _remove_outdated(self, kept: Path) -> None:
         """Earlier copies of the same source file (a new version of it, or another dtype, makes a
