@@ -60,7 +60,6 @@ if TYPE_CHECKING:
     from .stylize import PersonalizeReport, StageCallback
 
 __all__ = [
-    "ConvertedWeights",
     "ADDED_PROMPT",
     "BASE_BLEND",
     "BLENDS",
@@ -75,6 +74,7 @@ __all__ = [
     "CaptionSettings",
     "ColorizeResult",
     "ColorizeSettings",
+    "ConvertedWeights",
     "DescriberSpec",
     "Description",
     "LoraSpec",

@@ -4,7 +4,7 @@ Casting a network's weights into another dtype as they are read is bound by memo
 arithmetic: on a 2-core CPU, converting SD-1.5's UNet and ControlNet from float16 into bfloat16
 took 1.5 of the default's 2.0 s load, most of it the system zeroing the 3 GB of fresh pages the
 results go to. A file that already holds the converted tensors is mapped instead: its pages are
-the page cache's, and the load is the header and the model's construction (0.4 s). Converting
+the page cache's, and the load is the header and the model's construction (0.6 s). Converting
 per layer as each one runs would load as fast, but it costs every denoising step 13%.
 
 The fast mode merges the LCM-LoRA into the converted UNet at each load (1.2 s at SD size, most of
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..atomic import remove_stale, write_atomic
 from ..errors import PasdError
@@ -39,8 +40,6 @@ from .tensor_file import DTYPE_NAMES, read_tensors
 ALIGN = 64
 PAD_PREFIX = "__pasd_pad__."
 FORMAT = "1"
-# A header this long is read whole to find a copy's source (an SD UNet's is about 200 KB).
-_MAX_METADATA_HEADER = 16 << 20
 SUFFIX = ".safetensors"
 # Free space a copy must leave on its disk.
 KEEP_FREE = 2 << 30
@@ -75,7 +74,7 @@ class ConvertedWeights:
         where = _digest("\0".join(map(str, files)))
         versions = "\0".join(f"{stat.st_size}\0{stat.st_mtime_ns}" for stat in map(os.stat, files))
         weights = "\0".join(repr(float(weight)) for _, weight in merged)
-        version = _digest(f"{versions}\0{weights}\0{_dtype_name(dtype)}\0{FORMAT}")
+        version = _digest(f"{versions}\0{weights}\0{DTYPE_NAMES[dtype]}\0{FORMAT}")
         return self.folder / f"{where}-{version}{SUFFIX}"
 
     def read(
@@ -184,11 +183,10 @@ def write_aligned(handle, state: dict[str, torch.Tensor], metadata: dict[str, st
 def _source_unchanged(copy: Path) -> bool:
     """Whether the files `copy` was made from are all still there, as they were."""
     try:
-        with copy.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            recorded = json.loads(handle.read(min(length, _MAX_METADATA_HEADER)))["__metadata__"]
-        return all(_file_version(path) == version for path, version in json.loads(recorded["files"]).items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        with safe_open(str(copy), "pt") as stored:
+            recorded = json.loads((stored.metadata() or {})["files"])
+        return all(_file_version(path) == version for path, version in recorded.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError):
         return False
 
 
@@ -196,7 +194,7 @@ def _metadata(source: Path, dtype: torch.dtype, merged: Merges) -> dict[str, str
     files = [Path(source).resolve(), *(Path(path).resolve() for path, _ in merged)]
     return {
         "pasd_converted": FORMAT,
-        "dtype": _dtype_name(dtype),
+        "dtype": DTYPE_NAMES[dtype],
         # {path: [size, modification time in ns]}: the source file first, then the merged ones.
         "files": json.dumps({str(path): _file_version(path) for path in files}),
         "merged_weights": json.dumps([float(weight) for _, weight in merged]),
@@ -206,10 +204,6 @@ def _metadata(source: Path, dtype: torch.dtype, merged: Merges) -> dict[str, str
 def _file_version(path: Path | str) -> list[int]:
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]
 
 
 def _digest(text: str) -> str:
