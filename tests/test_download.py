@@ -358,6 +358,26 @@ def test_remove_and_path(tmp_path, hub):
     assert "not installed" in one_error(pasd("models", "verify", "sd15", env=env))
 
 
+def test_remove_also_removes_the_converted_copies_of_its_weights(tmp_path, hub):
+    import torch
+
+    from pasd_cli.nn.converted_weights import ConvertedWeights
+
+    env = clean_env(tmp_path)
+    store = install(hub, tmp_path / "store", names=("pasd", "sd15"))
+    copies = ConvertedWeights(store.root / ".converted")
+    tensors = {"w": torch.ones(2, dtype=torch.bfloat16)}
+    pasd_files = sorted(store.model_path("pasd").rglob("*.safetensors"))
+    kept = copies.write(next(store.model_path("sd15").rglob("*.safetensors")), torch.bfloat16, tensors)
+    for source in pasd_files:
+        copies.write(source, torch.bfloat16, tensors)
+    assert len(list(copies.folder.iterdir())) == len(pasd_files) + 1
+    proc = pasd("models", "remove", "pasd", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"also removed {len(pasd_files)} converted copies of its weights" in proc.stderr + proc.stdout
+    assert list(copies.folder.iterdir()) == [kept]  # another model's copy stays
+
+
 # ---- At a terminal, a missing model is fetched on the fly, with a progress bar ---------------------
 
 

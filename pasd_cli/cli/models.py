@@ -165,6 +165,7 @@ def remove(
     store = _store(models_dir)
     if remove_model(store, name):
         _say(f"{name}: removed from {store.root}")
+        _prune_converted(models_dir)
     else:
         _say(f"{name}: not in {store.root}; nothing to remove")
 
@@ -199,3 +200,18 @@ def import_(
     store = _store(models_dir)
     for name in import_bundle(store, file, say=_say):
         print(store.model_path(name), flush=True)
+
+
+def _prune_converted(models_dir: Optional[Path]) -> None:
+    """The converted copies of the weights a removal took away (nn/converted_weights.py)."""
+    from ..store import converted_dir
+
+    folder = converted_dir(models_dir)
+    if not folder.is_dir():  # nothing to prune: no torch to import
+        return
+    from ..nn.converted_weights import ConvertedWeights
+
+    removed = ConvertedWeights(folder).prune()
+    if removed:
+        copies = "1 converted copy" if len(removed) == 1 else f"{len(removed)} converted copies"
+        _say(f"also removed {copies} of its weights from {folder}")

@@ -138,12 +138,20 @@ class ConvertedWeights:
 
     def _remove_outdated(self, kept: Path) -> None:
         """Earlier copies of the same source file (a new version of it, or another dtype, makes a
-        file of its own; only the newest is kept), and copies whose source file is gone or
-        changed (a model removed or updated)."""
+        file of its own; only the newest is kept), and those `prune` removes."""
         where = kept.name.split("-", 1)[0]
-        for other in self.folder.glob(f"*{SUFFIX}"):
-            if other != kept and (other.name.startswith(f"{where}-") or not _source_unchanged(other)):
+        for other in self.folder.glob(f"{where}-*{SUFFIX}"):
+            if other != kept:
                 _remove_quietly(other)
+        self.prune()
+
+    def prune(self) -> list[Path]:
+        """Remove the copies whose source files are gone or changed (a model removed or
+        updated); returns them."""
+        removed = [copy for copy in self.folder.glob(f"*{SUFFIX}") if not _source_unchanged(copy)]
+        for copy in removed:
+            _remove_quietly(copy)
+        return removed
 
 
 def write_aligned(handle, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
