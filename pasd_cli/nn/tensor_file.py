@@ -84,13 +84,14 @@ class _Reader:
         if kept and self.mapped is not None and nbytes and (self.start + begin) % stored.itemsize == 0:
             # Kept in half precision, to be widened as each layer runs: the file's own pages,
             # mapped copy-on-write (a later in-place merge makes private copies of the pages it
-            # writes; the file never changes). Only these: a float32 tensor used as stored would
-            # be computed on from the file's alignment, not the allocator's, and the matrix
-            # kernels' sums then differ in the last bit (1 level in the tiny model's output).
+            # writes; the file never changes).
             return self._mapped(stored, shape, begin, nbytes)
-        if not cast and not kept and self.map_stored and self.mapped is not None and nbytes:
-            if (self.start + begin) % self.map_stored == 0:
-                return self._mapped(stored, shape, begin, nbytes)
+        # A tensor used as stored is mapped only where the file aligns it as the allocator would
+        # (`map_stored`): on the file's own alignment the matrix kernels' sums differ in the last
+        # bit (1 level in the tiny model's output).
+        aligned = self.map_stored and (self.start + begin) % self.map_stored == 0
+        if not cast and not kept and aligned and self.mapped is not None and nbytes:
+            return self._mapped(stored, shape, begin, nbytes)
         if not cast:
             out = torch.empty(shape, dtype=stored)
             self._fill(out.view(-1).view(torch.uint8), name)
