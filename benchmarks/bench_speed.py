@@ -280,6 +280,7 @@ def child(name: str, args: dict) -> dict:
         # As the command line decides it (cli/runtime.py).
         keep_half_weights=keeps_half_weights(dtype, exact=bool(config.settings.get("exact")), compile=config.compile),
         converted=copies,
+        bf16_vae=config.fast,  # as --fast has it
     )
     # As the command line does: NHWC on CUDA, --compile.
     pipeline.optimize(channels_last=cuda, compile=config.compile)

@@ -300,22 +300,9 @@ def test_fast_fuses_the_store_lcm_lora_with_4_steps_and_no_guidance(files, hub):
 
     fast = [a for a in RUN if a not in ("--steps", "2")]
     out = files["root"] / "fast" / "out"
-    proc = run_pasd(
-        "stylize",
-        LR_INPUT,
-        "-o",
-        out,
-        *tiny_stylize_args(),
-        *fast,
-        "--style",
-        files["same"],
-        "--fast",
-        "--offline",
-        "--json",
-        "--name",
-        "{stem}_{steps}",
-        env=env,
-    )
+    args = ["stylize", LR_INPUT, "-o", out, *tiny_stylize_args(), *fast, "--style", files["same"], "--fast"]
+    args.append("--offline")
+    proc = run_pasd(*args, "--json", "--name", "{stem}_{steps}", env=env)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out / "lr_input_4.png") as image:
         record = read_record(image)
@@ -327,6 +314,12 @@ def test_fast_fuses_the_store_lcm_lora_with_4_steps_and_no_guidance(files, hub):
     use_lcm(components, files["lcm"])
     oracle = render(components, seed=SEED, steps=4, guidance=1.0).astype(np.int16)
     assert np.array_equal(pixels(out / "lr_input_4.png"), oracle)
+
+    # In bfloat16 the VAE runs in bfloat16 too, as `pasd upscale --fast` has it.
+    proc = pasd_here(*args, "--dtype", "bf16", "--name", "{stem}_bf16", env=env)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "lr_input_bf16.png") as image:
+        assert read_record(image)["model"]["vae_dtype"] == "bfloat16"
 
 
 def test_fast_keeps_steps_and_guidance_given_on_the_command_line(files):

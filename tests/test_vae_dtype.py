@@ -53,3 +53,22 @@ def test_bf16_vae_deviation_before_and_after_the_upcast(latents_and_fp32_vae):
     upcast = load_components(TINY_PASD, TINY_BASE, torch.bfloat16).vae
     after = (_decoded_levels(upcast, latents) - reference).abs()
     assert after.max() == 0
+
+
+def test_bf16_vae_runs_beside_bf16_networks_only(latents_and_fp32_vae):
+    """The fast modes' choice: the VAE in bfloat16 beside bfloat16 networks (read straight into
+    it), the bfloat16 cast of the float32 VAE; beside float16 networks, where it would overflow,
+    and after an overflow retry's casts, the rule still holds."""
+    latents, vae32 = latents_and_fp32_vae
+    components = load_components(TINY_PASD, TINY_BASE, torch.bfloat16, bf16_vae=True)
+    assert components.vae.dtype == torch.bfloat16
+    pipeline = PASDPipeline(components, torch.device("cpu"), torch.bfloat16)
+    assert pipeline.vae.vae.dtype == torch.bfloat16
+    cast = _decoded_levels(copy.deepcopy(vae32).to(torch.bfloat16), latents)
+    assert torch.equal(_decoded_levels(pipeline.vae.vae, latents), cast)
+    pipeline.use_dtype(torch.float16)
+    assert pipeline.vae.vae.dtype == torch.float32
+    pipeline.use_dtype(torch.bfloat16)
+    assert pipeline.vae.vae.dtype == torch.bfloat16
+    half = load_components(TINY_PASD, TINY_BASE, torch.float16, bf16_vae=True)
+    assert half.vae.dtype == torch.float32

@@ -225,6 +225,7 @@ class DiffusionCommand(ImageCommand):
             "rrdb_blocks": pipeline.controlnet.rrdb_blocks,
             "device": str(runtime.device),
             "dtype": runtime.dtype_name,
+            "vae_dtype": dtype_name(pipeline.vae.vae.dtype),
             "half_weights": pipeline.half_weights,
             **identity,
         }

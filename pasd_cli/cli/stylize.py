@@ -105,6 +105,7 @@ class StylizeCommand(DiffusionCommand):
             dtype=runtime.dtype,
             on_stage=lambda what, source: reporter.info(f"applying {what} {source}"),
             keep_half_weights=runtime.half_weights,
+            bf16_vae=self.lcm_ref is not None,
         )
         return pipeline, self._identity_of(report, str(models.path(self.base_ref)))
 

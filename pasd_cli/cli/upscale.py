@@ -73,6 +73,7 @@ class UpscaleCommand(DiffusionCommand):
             lcm_lora=lcm_lora,
             keep_half_weights=runtime.half_weights,
             converted=runtime.converted,
+            bf16_vae=lcm_lora is not None,
         )
         return pipeline, {"lcm_lora": str(lcm_lora)} if lcm_lora is not None else {}
 

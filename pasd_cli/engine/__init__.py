@@ -126,6 +126,7 @@ def load_pipeline(
     trust_pickle: bool = False,
     keep_half_weights: bool = False,
     converted: ConvertedWeights | str | Path | None = None,
+    bf16_vae: bool = False,
 ) -> PASDPipeline:
     """The Real-ISR pipeline from a PASD checkpoint folder (with unet/ and controlnet/) and a
     Stable Diffusion 1.5 folder in diffusers layout, on `device` in `dtype` (default float32).
@@ -137,7 +138,9 @@ def load_pipeline(
     runs: the same output, half the weights' memory (engine/half_weights.py). `converted`: a
     folder where the networks' weights, cast into a half `dtype` at the first load, are kept
     converted for the next loads to map instead (the same output), or ConvertedWeights that
-    may write them in the background (nn/converted_weights.py)."""
+    may write them in the background (nn/converted_weights.py). `bf16_vae`: with a bfloat16
+    `dtype`, the VAE runs in bfloat16 too instead of float32, as the command line's --fast has it:
+    half the VAE's time on a CPU with bfloat16 instructions, a level or so from float32."""
     import torch
 
     from .loading import converted_weights, keep_merged_unet, load_components
@@ -148,7 +151,14 @@ def load_pipeline(
     copies = converted_weights(converted)
     lcm = ((Path(lcm_lora), LCM_WEIGHT),) if lcm_lora is not None else ()
     components = load_components(
-        Path(pasd), Path(base), dtype, keep_half_weights, merges=bool(lcm), converted=copies, unet_merges=lcm
+        Path(pasd),
+        Path(base),
+        dtype,
+        keep_half_weights,
+        merges=bool(lcm),
+        converted=copies,
+        unet_merges=lcm,
+        bf16_vae=bf16_vae,
     )
     if lcm_lora is not None:
         if copies is not None:
@@ -172,21 +182,24 @@ def load_stylize_pipeline(
     memory_budget: int | None = None,
     on_stage: StageCallback | None = None,
     keep_half_weights: bool = False,
+    bf16_vae: bool = False,
 ) -> tuple[PASDPipeline, PersonalizeReport]:
     """The pipeline of `load_pipeline` put on a personalized SD 1.5 base (spec section 6): `style`
     (a single-file checkpoint, a diffusers folder or a UNet folder) blended at `blend` into the
     stock UNet, then `loras` merged in order, then the LCM-LoRA and its scheduler (`lcm_lora`).
     Merges happen on the CPU in float32, before the move to `device`. Pickled weights are read
-    (with restricted unpickling) only with `trust_pickle`. `keep_half_weights` as `load_pipeline`
-    has it: what the merges change becomes float32, the rest stays as the files store it. Returns
-    the pipeline and a report of what was applied."""
+    (with restricted unpickling) only with `trust_pickle`. `keep_half_weights` and `bf16_vae` as
+    `load_pipeline` has them (what the merges change becomes float32, the rest stays as the files
+    store it). Returns the pipeline and a report of what was applied."""
     import torch
 
     from .loading import load_components
     from .pipeline import PASDPipeline
     from .stylize import personalize
 
-    components = load_components(Path(pasd), Path(base), keep_half_weights=keep_half_weights, merges=True)
+    components = load_components(
+        Path(pasd), Path(base), keep_half_weights=keep_half_weights, merges=True, bf16_vae=bf16_vae
+    )
     report = personalize(
         components,
         base=Path(style) if style is not None else None,

@@ -35,6 +35,8 @@ class Components:
     # Files whose merge the UNet's weights already hold: read from a converted copy made after
     # an earlier load merged them (nn/converted_weights.py), so the merge is not repeated.
     unet_merged: tuple = ()
+    # The VAE runs in bfloat16 too where the networks do (`vae_dtype`), rather than upcast.
+    bf16_vae: bool = False
 
 
 def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
@@ -46,22 +48,23 @@ def _require_dir(folder: Path, what: str, parts: tuple[str, ...]) -> None:
 
 
 def load_base_parts(
-    base_dir: Path, dtype: torch.dtype = torch.float32, keep: frozenset = frozenset()
+    base_dir: Path, dtype: torch.dtype = torch.float32, keep: frozenset = frozenset(), bf16_vae: bool = False
 ) -> tuple[object, object, object, dict]:
     """(vae, text_encoder, tokenizer, scheduler_config) from a diffusers SD 1.5 folder; the text
-    encoder in `dtype`, the VAE in the dtype it runs in beside networks in `dtype`; either in the
-    dtype its file stores, where that is one dtype of `keep`."""
+    encoder in `dtype`, the VAE in the dtype it runs in beside networks in `dtype` (`vae_dtype`);
+    either in the dtype its file stores, where that is one dtype of `keep`."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _require_dir(base_dir, "base model", BASE_PARTS)
     vae_config = from_pretrained_config(AutoencoderKL, base_dir / "vae")
+    runs_in = vae_dtype(dtype, vae_config.get("force_upcast", True), bf16_vae)
     # Straight into the dtype they run in: the libraries cast each tensor as they assign it.
     vae = from_pretrained(
         AutoencoderKL,
         base_dir / "vae",
         use_safetensors=True,
-        torch_dtype=stored_dtype(base_dir / "vae", keep) or vae_dtype(dtype, vae_config.get("force_upcast", True)),
+        torch_dtype=stored_dtype(base_dir / "vae", keep) or runs_in,
     )
     text_encoder = from_pretrained(
         CLIPTextModel,
@@ -82,6 +85,7 @@ def load_components(
     merges: bool = False,
     converted: ConvertedWeights | str | Path | None = None,
     unet_merges: Merges = (),
+    bf16_vae: bool = False,
 ) -> Components:
     """Everything on the CPU, the networks in `dtype` (the VAE as `model_dtypes` says), each
     weight cast as it is read: no copy of the model in the files' or any other dtype is made.
@@ -92,7 +96,8 @@ def load_components(
     `converted`: where the UNet's and ControlNet's weights, cast into a half `dtype`, are
     kept converted after the first load, for later loads to map (a folder, or ConvertedWeights:
     nn/converted_weights.py); `unet_merges`: files about to be merged into the UNet, whose merged
-    copy `converted` may hold (`Components.unet_merged`). `PASDPipeline` moves it to the chosen device."""
+    copy `converted` may hold (`Components.unet_merged`). `bf16_vae`: the VAE in bfloat16 beside
+    bfloat16 networks (`vae_dtype`). `PASDPipeline` moves it to the chosen device."""
     _require_dir(pasd_dir, "PASD checkpoint", ("unet", "controlnet"))
     keep = HALF_DTYPES if keep_half_weights and dtype not in HALF_DTYPES else frozenset()
     # Only for half dtypes: float32 keeps half weights to widen instead (or, --exact, converts as
@@ -100,7 +105,7 @@ def load_components(
     copies = converted_weights(converted) if dtype in HALF_DTYPES else None
     unet = load_pasd_unet(pasd_dir / "unet", dtype, keep, not merges, copies, unet_merges)
     controlnet = load_pasd_controlnet(pasd_dir / "controlnet", dtype, keep, True, copies)
-    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep)
+    vae, text_encoder, tokenizer, scheduler_config = load_base_parts(base_dir, dtype, keep, bf16_vae)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)
     return Components(
@@ -112,6 +117,7 @@ def load_components(
         scheduler_config,
         keeps_half_weights=bool(keep),
         unet_merged=unet.applied_merges,
+        bf16_vae=bf16_vae,
     )
 
 
@@ -146,19 +152,22 @@ def stored_dtype(folder: Path, keep: frozenset) -> torch.dtype | None:
     return found.pop() if len(found) == 1 and found <= keep else None
 
 
-def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+def vae_dtype(dtype: torch.dtype, force_upcast: bool, bf16_vae: bool = False) -> torch.dtype:
     """The VAE's dtype beside networks in `dtype`. The SD VAE overflows in float16, so it runs in
     float32 then, as diffusers pipelines do for VAEs flagged `force_upcast`. In bfloat16 it does
     not overflow but loses detail: its 8-bit mantissa moves decoded pixels by several levels
-    (tests/test_vae_dtype.py measures it), so it is upcast too."""
+    (tests/test_vae_dtype.py measures it), so it is upcast too, unless `bf16_vae` trades that
+    detail for speed (the fast modes: half the VAE's time on a CPU with bfloat16 instructions)."""
+    if dtype == torch.bfloat16 and bf16_vae:
+        return dtype
     if dtype in (torch.float16, torch.bfloat16) and force_upcast:
         return torch.float32
     return dtype
 
 
-def model_dtypes(dtype: torch.dtype, vae) -> tuple[torch.dtype, torch.dtype]:
+def model_dtypes(dtype: torch.dtype, vae, bf16_vae: bool = False) -> tuple[torch.dtype, torch.dtype]:
     """(networks dtype, VAE dtype)."""
-    return dtype, vae_dtype(dtype, getattr(vae.config, "force_upcast", False))
+    return dtype, vae_dtype(dtype, getattr(vae.config, "force_upcast", False), bf16_vae)
 
 
 def from_pretrained_config(loader, folder: Path) -> dict:

@@ -108,7 +108,8 @@ class PASDPipeline:
         self.memory_budget = memory_budget
         self.device, self.dtype = torch.device(device), dtype
         self.limits = device_limits(self.device)
-        net_dtype, vae_dtype = model_dtypes(dtype, components.vae)
+        self.bf16_vae = components.bf16_vae
+        net_dtype, vae_dtype = model_dtypes(dtype, components.vae, self.bf16_vae)
         self._scratch = Scratch(dtype, self.device)  # the networks run one at a time
         self.half_layers = 0  # layers that keep half weights (none where the files store float32)
         keep = components.keeps_half_weights
@@ -316,7 +317,7 @@ class PASDPipeline:
         """Cast the networks in place: their weights exist once, on the device. Outside inference
         mode whatever the caller's, so the weights stay ordinary tensors (later merges may change
         them in place)."""
-        net_dtype, vae_dtype = model_dtypes(dtype, self.vae.vae)
+        net_dtype, vae_dtype = model_dtypes(dtype, self.vae.vae, self.bf16_vae)
         with torch.inference_mode(False):
             for model in (self.unet, self.controlnet, self.text_encoder):
                 model.to(dtype=net_dtype)
