@@ -64,3 +64,20 @@ def test_group_norm_from_strips_is_group_norm(dtype):
     got = normalise(x, scale, shift).double()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the result's own rounding
     assert (got - expected).abs().max() < tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_bf16_normalise_is_the_float32_affine_map_rounded_once(channels_last):
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.randn(1, 64, 48, 80, generator=generator) * 4).to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for piece in (x, x[:, :, 4:20], x[:, 8:40]):  # dense, rows, a slot of the channels
+        scale, shift = (torch.randn(1, piece.shape[1], 1, 1, generator=generator) for _ in range(2))
+        got = normalise(piece, scale, shift)
+        expected = torch.addcmul(shift, piece.float(), scale).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        if piece.is_contiguous() or piece.is_contiguous(memory_format=torch.channels_last):
+            assert torch.equal(got, expected)
+        ulp = expected.float().abs() * 2**-7  # one bfloat16 unit or less
+        assert ((got.float() - expected.float()).abs() <= ulp).all()

