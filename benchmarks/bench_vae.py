@@ -3,8 +3,9 @@ row strips (engine.vae_strips, what the defaults run), side by side in one proce
 
     python benchmarks/bench_vae.py                    # 512x512, 3 alternating rounds
     python benchmarks/bench_vae.py --sizes 512 1024 --repeat 2
+    python benchmarks/bench_vae.py --dtype bf16       # as --fast runs it on bf16 CPUs
 
-The VAE is SD 1.5's architecture with random weights (seeded), float32 on the CPU, with the
+The VAE is SD 1.5's architecture with random weights (seeded), float32 (or --dtype) on the CPU, with the
 heap tuned as the command line tunes it (large blocks go back to the system when freed). Per
 pass: seconds (median), and how far the peak RSS rises above the RSS before the pass (the
 largest over the rounds; Linux only), each with its ratio to stock; and the strips' distance
@@ -56,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sides in pixels")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; stock and strips alternate")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the VAE's dtype")
     parser.add_argument("--strip-mb", type=float, help="bytes of a strip's input, in MiB (default: the engine's)")
     args = parser.parse_args()
     if args.strip_mb:
@@ -63,9 +65,10 @@ def main() -> None:
 
     limit_heap_fragmentation()
     torch.manual_seed(0)
-    codec = VaeCodec(AutoencoderKL.from_config(json.loads(VAE_CONFIG.read_text())).eval())
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    codec = VaeCodec(AutoencoderKL.from_config(json.loads(VAE_CONFIG.read_text())).eval().to(dtype))
     print(
-        f"SD 1.5 VAE, random weights, float32, cpu, {torch.get_num_threads()} threads, {args.repeat} rounds, "
+        f"SD 1.5 VAE, random weights, {dtype}, cpu, {torch.get_num_threads()} threads, {args.repeat} rounds, "
         f"strips of {vae_strips.STRIP_BYTES / 2**20:g} MiB"
     )
     print("| pass | size | stock s | strips s | stock peak above start | strips peak above start | strips from stock |")
