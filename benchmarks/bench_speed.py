@@ -245,7 +245,7 @@ def child(name: str, args: dict) -> dict:
     import torch
 
     from pasd_cli.cli.runtime import (
-        heap_reused_while_denoising,
+        heap_reused_while_computing,
         keeps_half_weights,
         limit_heap_fragmentation,
         memory_budget,
@@ -307,7 +307,7 @@ def child(name: str, args: dict) -> dict:
     )
     pipeline.memory_budget = memory_budget(device)
     if device.type == "cpu" and config.heap_reuse:  # as the command line does
-        pipeline.denoise_scope = heap_reused_while_denoising
+        pipeline.compute_scope = heap_reused_while_computing
     settings = settings_for(config, args)
 
     evaluations = [0]

@@ -1,5 +1,6 @@
-"""The denoising loop's heap on the CPU (cli/runtime.heap_reused_while_denoising): inside it,
-tensors freed by one step are reused by the next instead of being mapped and zeroed afresh;
+"""The heap of denoising loops and untiled VAE encodes on the CPU
+(cli/runtime.heap_reused_while_computing): inside it, tensors freed by one step are reused by the
+next instead of being mapped and zeroed afresh;
 afterwards the free memory is handed back, at once and then while no loop runs. Counted in the
 kernel's page faults and the process's resident memory, on glibc."""
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 from pasd_cli.cli import runtime
 from pasd_cli.engine import UpscaleSettings
+from pasd_cli.engine.settings import MIN_VAE_TILE
 
 glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or runtime._libc() is None, reason="glibc's allocator only"
@@ -76,7 +78,7 @@ def _reuse_counts() -> tuple[int, int]:
     _as_the_command_line_starts()
     with _small_pages():
         mapped = _faults()
-        with runtime.heap_reused_while_denoising():
+        with runtime.heap_reused_while_computing():
             # The heap reaches its size over the first rounds (measured: fresh pages up to the
             # fifth, from the remainders that alignment leaves), then holds.
             _faults(4)
@@ -108,7 +110,7 @@ def test_the_steps_reuse_freed_memory():
 @glibc
 def test_the_free_heap_is_handed_back_after_the_steps():
     _as_the_command_line_starts()
-    with runtime.heap_reused_while_denoising():
+    with runtime.heap_reused_while_computing():
         held = [torch.ones(12 * MB, dtype=torch.uint8) for _ in range(8)]  # 96 MB in the heap
         base = _resident_anonymous() - 96 * MB
         del held
@@ -123,16 +125,17 @@ def test_the_free_heap_is_handed_back_after_the_steps():
         pins.append(torch.ones(16 * 1024))
     base = _resident_anonymous() - 96 * MB
     del held
-    time.sleep(3 * runtime._DenoisingHeap.TRIM_EVERY)
+    time.sleep(3 * runtime._ComputeHeap.TRIM_EVERY)
     assert _resident_anonymous() - base < 32 * MB
     del pins
 
 
-def test_each_denoising_loop_runs_in_the_pipelines_scope(tiny_pipeline, monkeypatch):
-    """The UNet runs only inside `denoise_scope`, entered once per denoising loop; the VAE
-    passes run outside it."""
+@pytest.mark.parametrize("vae_tile", [0, MIN_VAE_TILE])
+def test_denoising_loops_and_untiled_vae_encodes_run_in_the_pipelines_scope(tiny_pipeline, monkeypatch, vae_tile):
+    """The UNet runs only inside `compute_scope`, entered once per denoising loop; the VAE's
+    encode runs inside it when untiled, outside when tiled; the decode, always outside."""
     inside = [False]
-    entered, unet_calls, decoder_calls = [], [], []
+    entered, unet_calls, encoder_calls, decoder_calls = [], [], [], []
 
     @contextmanager
     def scope():
@@ -143,28 +146,31 @@ def test_each_denoising_loop_runs_in_the_pipelines_scope(tiny_pipeline, monkeypa
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(tiny_pipeline, "denoise_scope", scope, raising=False)
+    monkeypatch.setattr(tiny_pipeline, "compute_scope", scope, raising=False)
+    vae = tiny_pipeline.vae.vae
     hooks = [
         tiny_pipeline.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(inside[0])),
-        tiny_pipeline.vae.vae.decoder.conv_out.register_forward_pre_hook(
-            lambda module, args: decoder_calls.append(inside[0])
-        ),
+        vae.encoder.conv_in.register_forward_pre_hook(lambda module, args: encoder_calls.append(inside[0])),
+        vae.decoder.conv_out.register_forward_pre_hook(lambda module, args: decoder_calls.append(inside[0])),
     ]
     try:
-        tiny_pipeline.upscale(
-            Image.open(LR_INPUT), UpscaleSettings(steps=3, guidance=1.0, scale=2, process_size=64, vae_tile=0)
+        result = tiny_pipeline.upscale(
+            Image.open(LR_INPUT), UpscaleSettings(steps=3, guidance=1.0, scale=2, process_size=64, vae_tile=vae_tile)
         )
     finally:
         for hook in hooks:
             hook.remove()
-    assert entered == [True]
+    assert result.vae_tile == vae_tile
     assert unet_calls == [True] * 3
-    assert decoder_calls and not any(decoder_calls)
+    assert encoder_calls and decoder_calls
+    untiled = vae_tile == 0
+    assert entered == [True] * (2 if untiled else 1)
+    assert set(encoder_calls) == {untiled} and not any(decoder_calls)
 
 
 def test_the_command_line_denoises_in_the_heap_on_the_cpu(tmp_path: Path, capsys, monkeypatch):
     entered = []
-    real = runtime.heap_reused_while_denoising
+    real = runtime.heap_reused_while_computing
 
     @contextmanager
     def counted():
@@ -172,12 +178,12 @@ def test_the_command_line_denoises_in_the_heap_on_the_cpu(tmp_path: Path, capsys
         with real():
             yield
 
-    monkeypatch.setattr(runtime, "heap_reused_while_denoising", counted)
+    monkeypatch.setattr(runtime, "heap_reused_while_computing", counted)
     args = [*tiny_model_args(), "--device", "cpu", "--dtype", "fp32", "--caption", "none"]
     args += ["--scale", "2", "--steps", "2", "--guidance", "1", "--process-size", "16"]
     done = pasd_in_process(capsys, "upscale", LR_INPUT, "-o", tmp_path, *args)
     assert done.code == 0, done.stderr
-    assert entered == [True]
+    assert entered == [True] * 2  # the encode, the denoising loop
     assert any(tmp_path.iterdir())
     # pasd_here stopped the run's trimming thread (runtime.stop_heap_trimming), as it must for
     # the tests after it.

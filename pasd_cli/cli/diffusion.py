@@ -196,7 +196,7 @@ class DiffusionCommand(ImageCommand):
 
     def load(self, reporter: Reporter) -> None:
         from .faults import reach
-        from .runtime import heap_reused_while_denoising, memory_budget
+        from .runtime import heap_reused_while_computing, memory_budget
 
         reach("load")
         assert self.resolution is not None
@@ -215,7 +215,7 @@ class DiffusionCommand(ImageCommand):
         mb = self.models.vae_memory_mb  # measured with the models in place
         pipeline.memory_budget = mb * 2**20 if mb else memory_budget(runtime.device)
         if runtime.device.type == "cpu":
-            pipeline.denoise_scope = heap_reused_while_denoising
+            pipeline.compute_scope = heap_reused_while_computing
         self.pipeline, self._reporter = pipeline, reporter
         self._models_fingerprint = None  # what the outputs record: the models as loaded (maybe just fetched)
         self._identity = {
