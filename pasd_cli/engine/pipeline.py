@@ -100,8 +100,8 @@ class PASDPipeline:
     strip's), so a host may, for instance, have its allocator keep freed memory for the next ones
     (the command line does: cli/runtime.py). Tiled VAE passes run outside it: their tiles'
     tensors, of many sizes beside whole-image ones that live on, would fragment memory kept that
-    way. So does the decode, whose peak is a run's: measured on the CPU at SD size, inside it the
-    decode took 0.8-1 s less and peaked 0.13 GB higher."""
+    way. The decode runs outside it too, since its peak is a run's: measured on the CPU at SD
+    size, inside it the decode took 0.8-1 s less but peaked 0.13 GB higher."""
 
     compute_scope: Callable[[], AbstractContextManager[object]] = nullcontext
     _compiled = False  # optimize(compile=True) was called
