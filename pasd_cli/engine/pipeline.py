@@ -28,7 +28,7 @@ from .schedulers import PortableUniPCScheduler, schedule_sigmas
 from .settings import MIN_VAE_TILE, RELEASED_LATENT_OVERLAP, UpscaleSettings
 from .tile_batch import auto_tile_batch
 from .tiling import TileGrid, auto_tiling, needs_tiling, shrunk_overlap
-from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, vae_peak_bytes
+from .vae import VaeCodec, cap_vae_tile, choose_vae_tile, untiled, vae_peak_bytes
 from .vae_attention import auto_attention_window
 
 # progress(stage, done, total): stage is "step", "tile" (latent tiles of a step), "encode" or
@@ -155,7 +155,7 @@ class PASDPipeline:
 
     def _encode_scope(self, tile: int, height: int, width: int) -> AbstractContextManager[object]:
         """`compute_scope` for an untiled VAE encode of height x width pixels."""
-        return self.compute_scope() if tile <= 0 or tile >= max(height, width) else nullcontext()
+        return self.compute_scope() if untiled(tile, height, width) else nullcontext()
 
     def _attention(self, settings: UpscaleSettings) -> AbstractContextManager[object]:
         """Blockwise attention for bfloat16 on the CPU, outside --exact (nn/blockwise_attention.py:
@@ -515,7 +515,7 @@ class PASDPipeline:
             if needs_tiling(latent_h, latent_w, latent_tile)
             else 1
         )
-        vae_tile = 0 if vae_tile >= max(height, width) else vae_tile
+        vae_tile = 0 if untiled(vae_tile, height, width) else vae_tile
         return Generated(sr_uint8, latent_tiles, vae_tile, self.dtype, window, min(tile_batch[0], latent_tiles))
 
     def colorize(

@@ -77,9 +77,6 @@ class VaeCodec:
     def factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _covers(self, tile: int, height: int, width: int) -> bool:
-        return tile <= 0 or tile >= max(height, width)
-
     # -- encode --------------------------------------------------------------------------------
 
     def _encoder_stages(self) -> list[Stage]:
@@ -113,7 +110,7 @@ class VaeCodec:
         `strips`: untiled, the down blocks run in row strips (as `decode`'s)."""
         height, width = image.shape[-2:]
         vae = self.vae
-        if self._covers(tile, height, width):
+        if untiled(tile, height, width):
             pixels = _to_pixels(image, None, vae.dtype, vae.device)
             if strips and vae_strips.supports_encoder(vae.encoder):
                 posterior = DiagonalGaussianDistribution(
@@ -203,7 +200,7 @@ class VaeCodec:
         latents = latents.to(device=vae.device, dtype=vae.dtype)
         height, width = latents.shape[-2:]
         factor = self.factor
-        if self._covers(tile, height * factor, width * factor):
+        if untiled(tile, height * factor, width * factor):
             if strips and vae_strips.supports_decoder(vae.decoder):
                 return vae_strips.run_up_blocks(vae.decoder, self._decoder_head(latents)).float()
             return vae.decode(latents).sample.float()
@@ -231,9 +228,15 @@ class VaeCodec:
         )
 
 
+def untiled(tile: int, height: int, width: int) -> bool:
+    """Whether a pass over height x width pixels with tiles of `tile` pixels is one whole pass:
+    no tile (0), or one as large as the image."""
+    return tile <= 0 or tile >= max(height, width)
+
+
 def _tile_pixels(config, height: int, width: int, tile: int = 0) -> int:
     """Pixels one pass covers: the whole image, or a tile of `tile` pixels with its halo."""
-    if tile <= 0 or tile >= max(height, width):
+    if untiled(tile, height, width):
         return height * width
     halo = 16 * 2 ** (len(config.block_out_channels) - 1)  # a little above the SD decoder's 98 px and encoder's 72 px
     return min(height, tile + 2 * halo) * min(width, tile + 2 * halo)
@@ -248,8 +251,7 @@ def vae_peak_bytes(config, height: int, width: int, dtype_bytes: int, tile: int 
     factor = 2 ** (len(channels) - 1)
     mid = channels[-1] * (height // factor) * (width // factor)
     tile_pixels = _tile_pixels(config, height, width, tile)
-    untiled = tile <= 0 or tile >= max(height, width)
-    live = _LIVE_IN_STRIPS if strips and untiled else _LIVE_ACTIVATIONS
+    live = _LIVE_IN_STRIPS if strips and untiled(tile, height, width) else _LIVE_ACTIVATIONS
     full = live * max(channels[0], channels[1] if len(channels) > 1 else 0) * tile_pixels
     return max(_LIVE_MID * mid, full + mid) * dtype_bytes
 
@@ -269,7 +271,7 @@ def cap_vae_tile(config, height: int, width: int, dtype_bytes: int, limits: Devi
     per-tensor limits. Tiling is exact, so this changes the cost, not the result."""
     if vae_tile_fits(config, height, width, dtype_bytes, limits, tile):
         return tile
-    covers = tile <= 0 or tile >= max(height, width)
+    covers = untiled(tile, height, width)
     for candidate in _AUTO_TILES:
         if (covers or candidate < tile) and vae_tile_fits(config, height, width, dtype_bytes, limits, candidate):
             return candidate
